@@ -1,0 +1,171 @@
+"""The `rlhf` command line.
+
+Subcommands are imported lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
+Stage commands are generated from the stage's pydantic config with `stage_command`: every config field
+becomes a `--flag`, `--config recipe.yaml` loads a recipe, flags override the recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+import click
+import yaml
+
+from rlhf_pipeline.config import StageConfig, flag_name
+from rlhf_pipeline.errors import UserError
+
+# name -> (module:attribute, one-line help). Kept here so `rlhf --help` needs no heavy import.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("rlhf_pipeline.data.prepare:command", "Stack Exchange dump -> scored preference pairs."),
+    "sft": ("rlhf_pipeline.training.sft:command", "Supervised fine-tuning with LoRA (step 1)."),
+    "reward": ("rlhf_pipeline.training.reward:command", "Train or evaluate a pairwise reward model (step 2)."),
+    "ppo": ("rlhf_pipeline.training.ppo:command", "PPO against the reward model with a KL penalty (step 3)."),
+    "dpo": ("rlhf_pipeline.training.dpo:command", "DPO / IPO on preference pairs (offline step 3)."),
+    "evaluate": ("rlhf_pipeline.evaluation.evaluate:command", "Compare SFT and aligned policies."),
+    "run": ("rlhf_pipeline.orchestration.local_run:command", "Run the whole pipeline locally via kfp.local."),
+    "compile": ("rlhf_pipeline.orchestration.compile:command", "Compile the Kubeflow pipeline to YAML."),
+    "submit": ("rlhf_pipeline.orchestration.submit:command", "Upload the pipeline to Kubeflow and start a run."),
+    "schedule": ("rlhf_pipeline.ops.schedule:command", "Create, list and delete recurring runs."),
+    "promote": ("rlhf_pipeline.ops.promote:command", "Gate a registered model and move its champion alias."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # the stage itself is not built yet
+                raise UserError(f"command '{name}' is not available in this version") from None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="rlhf-pipeline")
+def cli() -> None:
+    """rlhf-pipeline: align language models with human preferences, the StackLLaMA way."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    prog = "rlhf " + args[0] if args and not args[0].startswith("-") else "rlhf"
+    try:
+        rv = cli.main(args=args, prog_name="rlhf", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"{prog}: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage commands generated from a config class
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _parse_cli_value(annotation: Any, raw: str) -> Any:
+    """Strings from the command line -> what pydantic should validate (it does the type coercion)."""
+    ann = _unwrap_optional(annotation)
+    origin = typing.get_origin(ann)
+    if origin in (list, tuple):
+        return [] if raw.strip() == "" else [part.strip() for part in raw.split(",")]
+    if origin is dict or ann is dict:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw  # pydantic reports it as an invalid dict, naming the flag
+    if raw.lower() in ("none", "null") and ann is not str:
+        return None
+    return raw
+
+
+def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
+    """One click option per config field; defaults stay None so only flags actually given override."""
+    options = []
+    for name, field in config_cls.model_fields.items():
+        ann = _unwrap_optional(field.annotation)
+        default = field.default if field.default is not None else None
+        shown = "" if default is None or callable(default) else f" [default: {default}]"
+        help_ = (field.description or "") + shown
+        if ann is bool:
+            flag = flag_name(name)
+            decl = f"{flag}/--no-{flag[2:]}"
+            options.append(click.Option([decl, name], default=None, help=help_))
+        else:
+            metavar = typing.get_origin(ann) is list and "A,B,..." or None
+            options.append(click.Option([flag_name(name), name], default=None, help=help_, metavar=metavar))
+    return options
+
+
+def stage_command(
+    name: str,
+    config_cls: type[StageConfig],
+    run: Callable[[Any], Any],
+    help: str,
+    extra_options: list[click.Option] | None = None,
+) -> click.Command:
+    """A click command whose options are `config_cls`'s fields, plus --config and --print-config.
+
+    `run(config)` does the work; if it returns a dict, it is printed as JSON on stdout (the stage summary).
+    """
+
+    def callback(config: str | None, print_config: bool, **values: Any) -> int:
+        overrides = {}
+        for key, raw in values.items():
+            if raw is None:
+                continue
+            field = config_cls.model_fields[key]
+            overrides[key] = raw if isinstance(raw, bool) else _parse_cli_value(field.annotation, raw)
+        cfg = config_cls.load(config, overrides)
+        if print_config:
+            click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
+            return 0
+        result = run(cfg)
+        if isinstance(result, dict):
+            click.echo(json.dumps(result, indent=2, default=str))
+        return 0
+
+    params: list[click.Parameter] = [
+        click.Option(["--config", "-c"], type=click.Path(dir_okay=False), default=None,
+                     help="YAML recipe; command-line flags override its values."),
+        click.Option(["--print-config"], is_flag=True, default=False,
+                     help="Print the resolved configuration and exit."),
+        *config_options(config_cls),
+        *(extra_options or []),
+    ]
+    return click.Command(name, callback=callback, params=params, help=help,
+                         context_settings={"max_content_width": 110})
