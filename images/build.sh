@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Build and push every image under one tag and record the pushed digests in images/images.yaml.
+#
+#   images/build.sh push [TAG]     build + push all images, rewrite images/images.yaml (default TAG: git short sha)
+#   images/build.sh pin-bases      resolve the base tags in images/bases.env to digests and write them back
+#   images/build.sh list           print the images that would be built
+#
+# Environment: REGISTRY (default: the registry in images/images.yaml), DOCKER (default: docker),
+# ALLOW_UNPINNED_BASE=1 to build from a base that has no digest in bases.env yet (not for production).
+#
+# Images are built from `git archive HEAD`, not from the working tree: what is tagged is exactly the
+# commit named by the tag, and untracked files (.venv, credentials) can never enter a build context.
+# Needs docker with BuildKit (Docker >= 23) and a prior `docker login` to the registry.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+images_yaml="$here/images.yaml"
+DOCKER=${DOCKER:-docker}
+
+# component dir -> shared base it builds on (python = slim CPU, cuda = GPU). Order matters: ops is
+# built after the pipeline images so that it carries their digests (see images/ops/Dockerfile).
+COMPONENTS="prepare_data:python sft:cuda reward:cuda ppo:cuda dpo:cuda evaluate:cuda report:python"
+
+die() { echo "build.sh: error: $*" >&2; exit 2; }
+
+# shellcheck source=images/bases.env
+. "$here/bases.env"
+
+yaml_value() {  # top-level scalar from images.yaml (flat "key: value" lines; no YAML parser needed)
+  sed -n "s/^$1:[[:space:]]*//p" "$images_yaml" | head -n1
+}
+
+image_name() {  # images.yaml key -> repository name (rlhf-prepare-data for prepare_data)
+  echo "rlhf-$(echo "$1" | tr '_' '-')"
+}
+
+pinned() {  # "image@digest" or, with ALLOW_UNPINNED_BASE=1, the bare tag
+  local ref=$1 digest=$2 var=$3
+  if [ -n "$digest" ]; then echo "$ref@$digest"; return; fi
+  [ "${ALLOW_UNPINNED_BASE:-0}" = 1 ] || die "$var has no digest in images/bases.env; run 'images/build.sh pin-bases' (or ALLOW_UNPINNED_BASE=1)"
+  echo "build.sh: warning: building from unpinned base $ref" >&2
+  echo "$ref"
+}
+
+write_images_yaml() {  # registry tag, then "key name digest" lines on stdin
+  local registry=$1 tag=$2 tmp
+  tmp=$(mktemp)
+  {
+    sed -n '/^#/p' "$images_yaml"   # keep the file's header comment
+    echo "registry: $registry"
+    echo "tag: $tag"
+    echo "images:"
+    while read -r key name digest; do
+      echo "  $key: {name: $name, digest: ${digest:-null}}"
+    done
+  } > "$tmp"
+  mv "$tmp" "$images_yaml"
+}
+
+push_one() {  # dir dockerfile ref [build args...] -> prints the pushed digest
+  local dir=$1 file=$2 ref=$3; shift 3
+  "$DOCKER" build --file "$file" --tag "$ref" "$@" "$dir" >&2
+  "$DOCKER" push "$ref" >&2
+  # RepoDigests is filled in by the push: "<repo>@sha256:...".
+  "$DOCKER" image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$ref" \
+    | sed -n "s|^${ref%:*}@||p" | head -n1
+}
+
+cmd_list() {
+  for entry in $COMPONENTS ops:python; do echo "${entry%%:*} $(image_name "${entry%%:*}") (${entry#*:})"; done
+  echo "mlflow-server rlhf-mlflow-server (python)"
+}
+
+cmd_pin_bases() {
+  local var digest tmp
+  tmp=$(mktemp)
+  cp "$here/bases.env" "$tmp"
+  for var in PYTHON_BASE CUDA_BASE; do
+    digest=$("$DOCKER" buildx imagetools inspect --format '{{.Manifest.Digest}}' "${!var}")
+    [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || die "could not resolve a digest for ${!var} (got '$digest')"
+    sed -i "s|^${var}_DIGEST=.*|${var}_DIGEST=$digest|" "$tmp"
+    echo "$var=${!var}@$digest"
+  done
+  mv "$tmp" "$here/bases.env"
+}
+
+cmd_push() {
+  local tag=${1:-$(git -C "$root" rev-parse --short=12 HEAD)}
+  local registry=${REGISTRY:-$(yaml_value registry)}
+  [[ "$tag" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "invalid tag '$tag'"
+  [ -n "$registry" ] || die "no registry (set REGISTRY or 'registry:' in images/images.yaml)"
+  if [ -n "$(git -C "$root" status --porcelain)" ]; then
+    echo "build.sh: warning: uncommitted changes are NOT in the images (they are built from HEAD)" >&2
+  fi
+
+  local python_base cuda_base
+  python_base=$(pinned "$PYTHON_BASE" "$PYTHON_BASE_DIGEST" PYTHON_BASE)
+  cuda_base=$(pinned "$CUDA_BASE" "$CUDA_BASE_DIGEST" CUDA_BASE)
+  ctx=$(mktemp -d)
+  trap 'rm -rf "$ctx"' EXIT  # ctx is global: the trap runs after cmd_push returns
+  git -C "$root" archive --format=tar HEAD | tar -x -C "$ctx"
+  local common=(--build-arg "RLHF_UID=$RLHF_UID" --build-arg "TORCH_VERSION=$TORCH_VERSION")
+
+  # Shared layers, kept local (they are only FROM-ed by the images below).
+  "$DOCKER" build --file "$ctx/images/base/python.Dockerfile" --tag "rlhf-base-python:$tag" "${common[@]}" \
+    --build-arg "PYTHON_BASE=$python_base" --build-arg "TORCH_CPU_INDEX=$TORCH_CPU_INDEX" "$ctx" >&2
+  "$DOCKER" build --file "$ctx/images/base/cuda.Dockerfile" --tag "rlhf-base-cuda:$tag" "${common[@]}" \
+    --build-arg "CUDA_BASE=$cuda_base" "$ctx" >&2
+  "$DOCKER" build --file "$ctx/images/base/wheel.Dockerfile" --tag "rlhf-wheel:$tag" \
+    --build-arg "PYTHON_BASE=$python_base" "$ctx" >&2
+
+  local records=() entry key base name digest
+  build_component() {
+    key=$1 base=$2 name=$(image_name "$1")
+    digest=$(push_one "$ctx" "$ctx/images/$key/Dockerfile" "$registry/$name:$tag" "${common[@]}" \
+      --build-arg "BASE_IMAGE=rlhf-base-$base:$tag" --build-arg "WHEEL_IMAGE=rlhf-wheel:$tag")
+    [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || die "no digest recorded for $registry/$name:$tag"
+    records+=("$key $name $digest")
+    echo "build.sh: pushed $registry/$name:$tag@$digest" >&2
+  }
+  for entry in $COMPONENTS; do build_component "${entry%%:*}" "${entry#*:}"; done
+
+  # Record the pipeline images first: the ops image copies images.yaml and must see these digests.
+  printf '%s\n' "${records[@]}" "ops $(image_name ops)" "mlflow-server rlhf-mlflow-server" \
+    | write_images_yaml "$registry" "$tag"
+  cp "$images_yaml" "$ctx/images/images.yaml"
+  build_component ops python
+
+  digest=$(push_one "$ctx" "$ctx/images/mlflow-server/Dockerfile" "$registry/rlhf-mlflow-server:$tag" \
+    --build-arg "PYTHON_BASE=$python_base" --build-arg "RLHF_UID=$RLHF_UID")
+  [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || die "no digest recorded for $registry/rlhf-mlflow-server:$tag"
+  records+=("mlflow-server rlhf-mlflow-server $digest")
+  printf '%s\n' "${records[@]}" | write_images_yaml "$registry" "$tag"
+  echo "build.sh: recorded ${#records[@]} images in images/images.yaml (tag $tag); commit it." >&2
+}
+
+case "${1:-}" in
+  push) shift; cmd_push "$@" ;;
+  pin-bases) cmd_pin_bases ;;
+  list) cmd_list ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
