@@ -1,0 +1,38 @@
+"""Config fields shared by the training stages (SFT, reward, PPO, DPO). Stages override defaults by redeclaring."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rlhf_pipeline.modeling.options import ModelOptions
+from rlhf_pipeline.tracking import TrackingOptions
+
+
+class LoRAOptions(ModelOptions):
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters (comma-separated on the CLI).",
+    )
+
+
+class TrainingOptions(LoRAOptions, TrackingOptions):
+    data_dir: str = Field(..., description="Output directory of `rlhf prepare-data` (holds <subset>.parquet).")
+    output_dir: str = Field(..., description="Where checkpoints and the final model go; rerun to resume.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
+    max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation rows.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
