@@ -13,14 +13,14 @@ class LoRAOptions(ModelOptions):
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names that get LoRA adapters (comma-separated on the CLI).",
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module names that get LoRA adapters, comma-separated (StackLLaMA: q_proj,v_proj).",
     )
 
 
 class TrainingOptions(LoRAOptions, TrackingOptions):
-    data_dir: str = Field(..., description="Output directory of `rlhf prepare-data` (holds <subset>.parquet).")
-    output_dir: str = Field(..., description="Where checkpoints and the final model go; rerun to resume.")
+    data: str = Field(..., description="Directory written by `rlhf prepare-data` (holds <subset>.parquet).")
+    output: str = Field(..., description="Stage output directory (checkpoints, model, metrics.json); rerun to resume.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
