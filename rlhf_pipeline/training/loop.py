@@ -1,0 +1,301 @@
+"""The training loop every gradient stage shares: plain PyTorch + accelerate, no HF Trainer.
+
+What a stage does with it (SFT, reward, DPO; PPO uses the pieces):
+
+    accelerator = build_accelerator(cfg)                  # 1 process on CPU, `accelerate launch` for several GPUs
+    with tracked_run(cfg, "sft", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:  # fail fast first
+        set_seed(cfg.seed)
+        module = ...                                      # apply_lora(...) model, or a wrapper whose forward is the loss
+        optimizer = build_optimizer(module.parameters(), cfg)
+        per_epoch = micro_batches_per_epoch(len(train_set), cfg.batch_size, accelerator.num_processes)
+        total = total_optimizer_steps(cfg, per_epoch)
+        scheduler = build_scheduler(optimizer, cfg, total)
+        start = resume_if_possible(cfg.output, module, optimizer, scheduler)   # 0, or the checkpoint's step
+        module, optimizer = accelerator.prepare(module, optimizer)
+        batches = micro_batches(accelerator, train_set, batch_size=..., collate_fn=..., seed=cfg.seed,
+                                start=start * cfg.gradient_accumulation_steps)
+        result = train_loop(accelerator, module, optimizer, scheduler, batches, loss_fn, cfg=cfg,
+                            total_steps=total, start_step=start, prefix="sft", log_metrics=run.log_metrics)
+        save_final(peft_model, tokenizer, cfg.output)     # -> (adapter_dir, merged_dir)
+
+Resume: a rerun with the same `--output` restores weights, optimizer, scheduler and RNG from the newest checkpoint
+and skips the micro-batches already consumed (the data order depends only on seed and epoch), so an interrupted
+run ends at the same step with the same weights as an uninterrupted one.
+
+Multi-GPU: call the PREPARED module's forward inside `loss_fn` (DDP syncs gradients through it). If the loss
+needs more than `model(**batch)`, wrap it in an nn.Module whose forward computes it (see sft.CausalLMLoss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_pipeline.training.lora import apply_lora, count_parameters  # noqa: F401  (re-exported for stages)
+from rlhf_pipeline.training.lora import save_adapter_and_merged as save_final  # noqa: F401
+
+METRICS_FILE = "metrics.json"
+
+# loss_fn(prepared_module, batch) -> (loss to backpropagate, {metric name: float}, items in this micro-batch)
+# "items" feed the throughput metric: tokens for SFT, pairs for the reward model.
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], float]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_accelerator(cfg: Any):
+    """An Accelerator that accumulates exactly `gradient_accumulation_steps` micro-batches per optimizer step.
+
+    `sync_with_dataloader=False`: epochs are a continuous stream here (see `micro_batches`), so an epoch end must not
+    force a short optimizer step; that keeps "step N" = "N x accumulation micro-batches", which resume relies on.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    if getattr(cfg, "num_threads", None):
+        torch.set_num_threads(cfg.num_threads)
+    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=getattr(cfg, "mixed_precision", "no"), gradient_accumulation_plugin=plugin)
+
+
+def build_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only (frozen base weights get no optimizer state)."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("no trainable parameters: was LoRA applied?")
+    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int):
+    """`cfg.lr_scheduler` (cosine by default) with linear warm-up over ceil(warmup_ratio x total_steps) steps."""
+    from transformers import get_scheduler
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    try:
+        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    except ValueError:
+        raise UserError(f"unknown --lr-scheduler {cfg.lr_scheduler!r} (try cosine, linear, constant_with_warmup)") from None
+
+
+def micro_batches_per_epoch(num_items: int, batch_size: int, num_processes: int = 1) -> int:
+    """Micro-batches each process sees per epoch (accelerate pads the last round so all processes get as many)."""
+    return max(1, math.ceil(math.ceil(num_items / batch_size) / num_processes))
+
+
+def total_optimizer_steps(cfg: Any, per_epoch: int) -> int:
+    """`max_steps` if set, else `num_epochs` passes over the data (at least one step)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * per_epoch / cfg.gradient_accumulation_steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order and resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled item order of one epoch: a function of (seed, epoch) only, so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def micro_batches(accelerator, dataset: Sequence, *, batch_size: int, collate_fn: Callable, seed: int,
+                  start: int = 0) -> Iterator[Any]:
+    """Endless stream of this process's micro-batches, epoch after epoch, skipping the first `start` of them."""
+    from torch.utils.data import DataLoader
+
+    per_epoch = micro_batches_per_epoch(len(dataset), batch_size, accelerator.num_processes)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=epoch_order(len(dataset), seed, epoch),
+                            collate_fn=collate_fn)
+        loader = accelerator.prepare_data_loader(loader)  # shards across processes, moves batches to the device
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)  # skips indices, not collated batches
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def resume_if_possible(output: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any = None) -> int:
+    """Load the newest `<output>/checkpoints/step-N` into the (unprepared) module/optimizer/scheduler; return N or 0."""
+    path = latest_checkpoint(output)
+    if path is None:
+        return 0
+    state = load_checkpoint(path, module, optimizer, scheduler)
+    tqdm.write(f"resuming from {path} (step {state['step']})")
+    return int(state["step"])
+
+
+def write_metrics(output: str | Path, metrics: dict[str, Any]) -> Path:
+    """`<output>/metrics.json`, written atomically: its presence marks a finished run."""
+    path = Path(output) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def finished_run(output: str | Path) -> dict[str, Any] | None:
+    """The metrics of a run that already finished in `output` (model written, metrics.json present), else None."""
+    out = Path(output)
+    metrics = out / METRICS_FILE
+    if metrics.is_file() and (out / "merged" / "config.json").is_file():
+        return json.loads(metrics.read_text())
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tracking on the main process only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _NoTracking:
+    """What non-main processes get instead of a StageRun: MLflow is written by the main process only."""
+
+    registered: list = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def register(self, *args, **kwargs) -> None:
+        return None
+
+
+@contextmanager
+def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
+    """`tracking.stage_run` on the main process (fails fast on an unreachable server), a no-op elsewhere."""
+    from rlhf_pipeline.tracking import stage_run
+
+    if accelerator.is_main_process:
+        with stage_run(cfg, stage, **lineage) as run:
+            yield run
+    else:
+        yield _NoTracking()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopResult:
+    steps: int                 # optimizer steps done in total, including those before a resume
+    trained_steps: int         # optimizer steps done by this call
+    train_loss: float | None   # mean loss over this call's steps
+    items_per_s: float | None  # steady-state throughput (first step of this call excluded when there are more)
+    train_seconds: float = 0.0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batches: Iterator[Any], loss_fn: LossFn, *, cfg: Any, total_steps: int, start_step: int = 0,
+               prefix: str, rate_name: str = "tokens", log_metrics: Callable | None = None,
+               on_step: Callable[[int], None] | None = None, desc: str | None = None) -> LoopResult:
+    """Optimizer steps `start_step+1 .. total_steps`, each over `cfg.gradient_accumulation_steps` micro-batches.
+
+    Logs `<prefix>/loss`, `<prefix>/lr`, `<prefix>/grad_norm`, `<prefix>/<rate_name>_per_s` and loss_fn's own
+    metrics every `cfg.logging_steps`; checkpoints every `cfg.save_steps` and at the end. `on_step(step)` runs after
+    each step's checkpoint (tests use it to simulate a crash).
+    """
+    accum = cfg.gradient_accumulation_steps
+    unwrapped = accelerator.unwrap_model(module)
+    module.train()
+    losses: list[float] = []
+    timed_items, timed_seconds, first_step_items, first_step_seconds = 0.0, 0.0, 0.0, 0.0
+    last: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc or prefix, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    step = start_step
+    while step < total_steps:
+        began = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_items = 0.0
+        step_metrics: dict[str, float] = {}
+        for _ in range(accum):
+            batch = next(batches)
+            with accelerator.accumulate(module), accelerator.autocast():
+                loss, metrics, items = loss_fn(module, batch)
+                accelerator.backward(loss)
+            step_loss += loss.detach() / accum
+            step_items += items
+            for key, value in metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
+        assert accelerator.sync_gradients, "accumulation out of step with the accelerator"
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # Throughput over all processes; the reduce also waits for the slowest process, as the step really does.
+        items_all = float(accelerator.reduce(torch.tensor(step_items, device=accelerator.device), "sum"))
+        loss_all = float(accelerator.reduce(step_loss, "mean"))
+        seconds = time.perf_counter() - began
+        if step == start_step + 1:
+            first_step_items, first_step_seconds = items_all, seconds
+        else:
+            timed_items += items_all
+            timed_seconds += seconds
+        losses.append(loss_all)
+        rate = timed_items / timed_seconds if timed_seconds else items_all / seconds
+
+        last = {f"{prefix}/loss": loss_all, f"{prefix}/lr": lr, f"{prefix}/grad_norm": float(grad_norm),
+                f"{prefix}/{rate_name}_per_s": rate, **{f"{prefix}/{k}": v for k, v in step_metrics.items()}}
+        if log_metrics is not None and (step % cfg.logging_steps == 0 or step == total_steps):
+            log_metrics(last, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", **{f"{rate_name}/s": f"{rate:.1f}"})
+
+        if step % cfg.save_steps == 0 or step == total_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(cfg.output, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                else optimizer, scheduler)
+            accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+
+    trained = step - start_step
+    if timed_seconds:
+        items_per_s = timed_items / timed_seconds
+    elif first_step_seconds:
+        items_per_s = first_step_items / first_step_seconds
+    else:
+        items_per_s = None
+    return LoopResult(
+        steps=step, trained_steps=trained, train_loss=sum(losses) / len(losses) if losses else None,
+        items_per_s=items_per_s, train_seconds=timed_seconds + first_step_seconds, last_metrics=last,
+    )
+
+
+def autocast_context(accelerator):
+    """Mixed-precision context for forwards outside train_loop (evaluation)."""
+    return accelerator.autocast() if accelerator is not None else nullcontext()
