@@ -146,3 +146,11 @@ def test_caps_give_small_subsets(beer_posts, tmp_path):
     assert len({r["qid"] for r in tables["evaluation"]}) == 3
     assert stats["questions_skipped"]["over_subset_cap"] > 0
     assert stats["pairs_per_subset"] == {s: len(tables[s]) for s in SUBSETS}
+
+
+def test_smollm2_recipe_gives_the_capped_subsets(beer_posts, tmp_path, run_cli):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "smollm2" / "prepare_data.yaml"
+    result = run_cli("-c", recipe, "--input", beer_posts, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["pairs_per_subset"] == {"finetune": 256, "reward": 256, "rl": 128,
+                                                             "evaluation": 64}
