@@ -40,7 +40,7 @@ def test_truncated_xml(tmp_path, run_cli):
 def test_non_utf8_bytes(tmp_path, run_cli):
     data = posts_xml(small_dump_rows()).encode().replace(b"Answer 3", b"Answer \xff\xfe")
     dump = write(tmp_path / "s" / "Posts.xml", data)
-    assert_one_error_line(run_cli("--input", dump, "--output", tmp_path / "out"), "UTF-8")
+    assert_one_error_line(run_cli("--input", dump, "--output", tmp_path / "out"), "character encoding")
 
 
 def test_rows_missing_score_or_parent_and_orphans_are_counted(tmp_path, run_cli):
