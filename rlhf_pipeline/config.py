@@ -71,8 +71,10 @@ def flag_name(field: str) -> str:
 def format_validation_error(exc: ValidationError, overrides: dict[str, Any], source: str) -> str:
     """One line naming the field (and the flag), the problem and the offending value."""
     err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "config"
-    field = str(err["loc"][0]) if err["loc"] else loc
+    if not err["loc"]:  # a model-level check spanning several fields
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"invalid options: {msg}"
+    field = str(err["loc"][0])
     where = flag_name(field) if field in overrides else f"{field} (from {source})"
     if err["type"] == "extra_forbidden":
         msg = f"unknown option {where}"

@@ -96,3 +96,20 @@ def test_unknown_flag_is_one_line(capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--lora-rank" in err
+
+
+def test_model_level_error_is_one_line():
+    from pydantic import model_validator
+
+    class Fractions(StageConfig):
+        a: float = 0.5
+        b: float = 0.5
+
+        @model_validator(mode="after")
+        def _sum(self):
+            if self.a + self.b > 1:
+                raise ValueError("a + b must be at most 1")
+            return self
+
+    with pytest.raises(UserError, match=r"^invalid options: a \+ b must be at most 1$"):
+        Fractions.load(None, {"a": "0.9"})
