@@ -1,0 +1,93 @@
+"""Small helpers around `kfp.Client` for the ops commands: connect, fail fast, one-line errors.
+
+Authentication comes from the environment only, never a flag (flags end up in shell history, CI logs and
+`ps`): `$KF_PIPELINES_TOKEN` (or `$KFP_TOKEN`, which `rlhf submit` reads) as a bearer token; else, inside a
+pod, the projected service-account token at `$KF_PIPELINES_SA_TOKEN_PATH`
+(default /var/run/secrets/kubeflow/pipelines/token, which the helm Job mounts); else no credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhf_pipeline.errors import UserError
+
+TOKEN_ENVS = ("KF_PIPELINES_TOKEN", "KFP_TOKEN")
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_DEFAULT = "/var/run/secrets/kubeflow/pipelines/token"
+HEALTHZ = "/apis/v2beta1/healthz"
+
+
+def bearer_token() -> str | None:
+    for env in TOKEN_ENVS:
+        if os.environ.get(env):
+            return os.environ[env]
+    path = Path(os.environ.get(SA_TOKEN_PATH_ENV, SA_TOKEN_DEFAULT))
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def check_reachable(host: str, timeout: float = 5.0) -> None:
+    """One line within `timeout` s unless an HTTP server answers at `host` (kfp.Client would retry for
+    half a minute and then print a traceback)."""
+    if not host.startswith(("http://", "https://")):
+        raise UserError(f"--host must be an http(s) URL, got {host!r}")
+    try:
+        with urllib.request.urlopen(host.rstrip("/") + HEALTHZ, timeout=timeout):  # noqa: S310 (user's host)
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (401/403/404 ...): the API call itself reports what is wrong
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+def connect(host: str, namespace: str | None = None):
+    """A kfp.Client for `host` (checked reachable first)."""
+    import kfp
+
+    check_reachable(host)
+    kwargs: dict[str, Any] = {"host": host.rstrip("/"), "existing_token": bearer_token()}
+    if namespace:
+        kwargs["namespace"] = namespace
+    with warnings.catch_warnings(), quiet_stdout():
+        warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2 and later"
+        try:
+            return kfp.Client(**kwargs)
+        except Exception as exc:  # noqa: BLE001 (healthz failures: ApiException, urllib3 errors)
+            raise api_error(exc, f"connecting to {host}") from None
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """kfp.Client prints "Experiment details: <link>" to stdout; keep stdout for our own (JSON) output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def api_error(exc: Exception, what: str) -> UserError:
+    """kfp_server_api.ApiException (or a transport error) -> one line with the server's message."""
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    detail = ""
+    body = getattr(exc, "body", None)
+    if body:
+        try:
+            detail = ": " + str(json.loads(body).get("message") or json.loads(body).get("error", ""))[:200]
+        except (ValueError, AttributeError):
+            detail = ": " + str(body).strip()[:200]
+    code = f"HTTP {status} " if status else ""
+    return UserError(f"{what} failed ({code}{reason}){detail}")
+
+
+def is_api_error(exc: Exception) -> bool:
+    return type(exc).__module__.split(".")[0] in ("kfp_server_api", "urllib3")
