@@ -1,0 +1,40 @@
+"""Kubeflow component: DPO / IPO on preference pairs (`rlhf dpo`, offline step 3)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.images import image_for
+
+
+@dsl.component(base_image=image_for("dpo"), install_kfp_package=False)
+def dpo(
+    data: Input[Dataset],
+    sft_model: Input[Model],
+    config: dict,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    tracking_uri: str = "",
+    experiment_name: str = "rlhf-pipeline",
+    registered_model_prefix: str = "rlhf",
+    kfp_run_id: str = "",
+    work_root: str = "",
+):
+    """Optimize the SFT policy directly on <data>/reward.parquet preference pairs (DPO or IPO).
+
+    Args:
+        sft_model: The SFT step's model (policy and frozen reference start from its merged weights).
+        config: Extra `DPOConfig` fields (beta, loss, steps, ...).
+        tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI.
+        kfp_run_id: Kubeflow run id, recorded as a lineage tag and naming the work directory.
+        work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
+    """
+    from rlhf_pipeline.orchestration import steps
+    from rlhf_pipeline.training.dpo import DPOConfig, run_dpo
+
+    out = steps.work_dir(work_root, kfp_run_id, "dpo")
+    cfg = steps.build_config(
+        DPOConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
+        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    )
+    summary = run_dpo(cfg)
+    steps.publish("dpo", out, model, metrics, summary)

@@ -1,0 +1,43 @@
+"""Kubeflow component: PPO against the reward model with a KL penalty (`rlhf ppo`, step 3)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.images import image_for
+
+
+@dsl.component(base_image=image_for("ppo"), install_kfp_package=False)
+def ppo(
+    data: Input[Dataset],
+    sft_model: Input[Model],
+    reward_model: Input[Model],
+    config: dict,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    tracking_uri: str = "",
+    experiment_name: str = "rlhf-pipeline",
+    registered_model_prefix: str = "rlhf",
+    kfp_run_id: str = "",
+    work_root: str = "",
+):
+    """Optimize the SFT policy on <data>/rl.parquet questions against the reward model (PPO, KL to SFT).
+
+    Args:
+        sft_model: The SFT step's model (policy and reference start from its merged weights).
+        reward_model: The reward step's model (its output dir, with reward mean/std for normalization).
+        config: Extra `PPOConfig` fields (prompts, steps, generation length, KL coefficient, ...).
+        tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI.
+        kfp_run_id: Kubeflow run id, recorded as a lineage tag and naming the work directory.
+        work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
+    """
+    from rlhf_pipeline.orchestration import steps
+    from rlhf_pipeline.training.ppo import PPOConfig, run_ppo
+
+    out = steps.work_dir(work_root, kfp_run_id, "ppo")
+    cfg = steps.build_config(
+        PPOConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
+        reward_model=str(steps.stage_dir(reward_model)),
+        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    )
+    summary = run_ppo(cfg)
+    steps.publish("ppo", out, model, metrics, summary)

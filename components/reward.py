@@ -1,0 +1,41 @@
+"""Kubeflow component: pairwise reward model on top of the SFT model (`rlhf reward`, step 2)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.images import image_for
+
+
+@dsl.component(base_image=image_for("reward"), install_kfp_package=False)
+def reward(
+    data: Input[Dataset],
+    sft_model: Input[Model],
+    config: dict,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    tracking_uri: str = "",
+    experiment_name: str = "rlhf-pipeline",
+    registered_model_prefix: str = "rlhf",
+    kfp_run_id: str = "",
+    work_root: str = "",
+):
+    """Train the reward model on <data>/reward.parquet and evaluate it on held-out pairs (accuracy, margin,
+    reward mean/std, which PPO uses to normalize rewards).
+
+    Args:
+        sft_model: The SFT step's model (its merged weights are the starting point).
+        config: Extra `RewardConfig` fields (steps, sequence length, LoRA, eval split, ...).
+        tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI.
+        kfp_run_id: Kubeflow run id, recorded as a lineage tag and naming the work directory.
+        work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
+    """
+    from rlhf_pipeline.orchestration import steps
+    from rlhf_pipeline.training.reward import RewardConfig, run_reward
+
+    out = steps.work_dir(work_root, kfp_run_id, "reward")
+    cfg = steps.build_config(
+        RewardConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
+        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    )
+    summary = run_reward(cfg)
+    steps.publish("reward", out, model, metrics, summary)

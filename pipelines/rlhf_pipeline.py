@@ -1,0 +1,166 @@
+"""The RLHF pipeline: data preparation -> SFT -> reward model -> PPO or DPO -> evaluation -> report/registration.
+
+    prepare-data ──> SFT ──> reward model ──┬─ alignment == "ppo": PPO ──> evaluate ──> report (+ alias challenger)
+        (cached)                            ├─ alignment == "dpo": DPO ──> evaluate ──> report (+ alias challenger)
+                                            └─ otherwise: fail with one line
+
+`build_pipeline(settings)` returns the pipeline for a `PipelineSettings` (GPU node pool, resources, retries,
+caching, model-cache PVC, secrets, TrainJob mode); `build_pipeline(None)` the same graph without Kubernetes
+configuration, which `rlhf run` executes through `kfp.local`. `rlhf_pipeline` is the default-settings pipeline
+compiled into `pipelines/rlhf_pipeline.yaml`.
+
+Why evaluate/report sit inside each branch rather than after a `dsl.OneOf`: kfp.local 2.17 resolves OneOf only
+for parameters, not artifacts, and the same graph must run locally.
+"""
+
+from pathlib import Path
+from typing import Any, Callable
+
+from kfp import dsl
+
+from components.dpo import dpo
+from components.evaluate import evaluate
+from components.images import image_for
+from components.ppo import ppo
+from components.prepare_data import prepare_data
+from components.report import report
+from components.reward import reward
+from components.sft import sft
+from components.trainjob import trainjob
+from components.unknown_alignment import unknown_alignment
+from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
+from rlhf_pipeline.orchestration.k8s import configure_task
+from rlhf_pipeline.orchestration.settings import DEFAULT_CACHE_MOUNT, PipelineSettings
+
+PIPELINE_NAME = "rlhf-pipeline"
+COMPILED = Path(__file__).with_name("rlhf_pipeline.yaml")
+DEFAULT_INPUT = f"{DEFAULT_CACHE_MOUNT}/datasets/beer.stackexchange.com/Posts.xml"
+DESCRIPTION = ("StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model -> PPO or DPO "
+               "-> evaluation against SFT -> report; every step tracked and registered in MLflow.")
+DISPLAY = {
+    "prepare_data": "Prepare data", "sft": "Supervised fine-tuning", "reward": "Reward model (train + evaluate)",
+    "ppo": "PPO", "dpo": "DPO", "evaluate": "Evaluate policy vs SFT", "report": "Report + alias challenger",
+}
+
+
+def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., Any]:
+    """The pipeline for `settings`; None: the local variant (no Kubernetes config, no step caching)."""
+    k8s = settings is not None
+    s = settings if settings is not None else PipelineSettings()
+    trainjob_mode = k8s and s.distributed == "trainjob"
+    settings_data = s.model_dump(mode="json", exclude_none=True)  # protobuf parameters have no null
+    default_selector = dict(s.gpu.node_selector)
+    default_tolerations = [t.to_k8s() for t in s.gpu.tolerations]
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION, display_name="RLHF pipeline (StackLLaMA)")
+    def rlhf_pipeline(
+        alignment: str = "ppo",
+        input_data: str = DEFAULT_INPUT,
+        base_model: str = EMBEDDED_MODEL,
+        prepare_data_config: dict = {},
+        sft_config: dict = {},
+        reward_config: dict = {},
+        ppo_config: dict = {},
+        dpo_config: dict = {},
+        evaluate_config: dict = {},
+        mlflow_tracking_uri: str = "",
+        experiment_name: str = "rlhf-pipeline",
+        registered_model_prefix: str = "rlhf",
+        work_root: str = "",
+        report_samples: int = 4,
+        gpu_node_selector: dict = default_selector,
+        gpu_tolerations: list = default_tolerations,
+    ):
+        """StackLLaMA-style RLHF on Stack Exchange preferences, tracked in MLflow.
+
+        Args:
+            alignment: Alignment algorithm after the reward model: "ppo" (online, against the reward model) or
+                "dpo" (offline, on the preference pairs). Anything else fails the run.
+            input_data: Stack Exchange dump as the prepare-data step sees it: Posts.xml, a site .7z, H4
+                preference parquet/JSONL, or a directory of them (e.g. on the model-cache PVC).
+            base_model: Model to fine-tune: a Hugging Face id, a path on the model cache, or
+                "smollm2-135m-instruct" (the embedded SmolLM2-135M-Instruct).
+            prepare_data_config: Extra prepare-data options as a JSON object (fractions, caps, seed), e.g.
+                {"finetune_max_questions": 2000}. Field names as in `rlhf prepare-data --help`, with underscores.
+            sft_config: Extra SFT options as a JSON object, e.g. {"max_steps": 500, "max_seq_length": 1024}.
+            reward_config: Extra reward-model options as a JSON object, e.g. {"max_steps": 1000}.
+            ppo_config: Extra PPO options as a JSON object, e.g. {"steps": 200, "batch_size": 32}.
+            dpo_config: Extra DPO options as a JSON object, e.g. {"beta": 0.1}.
+            evaluate_config: Extra evaluation options as a JSON object, e.g. {"max_questions": 200}.
+            mlflow_tracking_uri: MLflow tracking URI; empty uses the steps' $MLFLOW_TRACKING_URI (compile settings).
+            experiment_name: MLflow experiment of the stage runs.
+            registered_model_prefix: Registered models are <prefix>-sft, <prefix>-reward, <prefix>-policy.
+            work_root: Directory for full stage outputs (merged weights, checkpoints); empty: the model-cache PVC
+                ($RLHF_CACHE_DIR/runs). Retries resume from the checkpoints kept there.
+            report_samples: Sample generations shown in the final report.
+            gpu_node_selector: Node selector of the GPU steps (JSON object of label: value).
+            gpu_tolerations: Tolerations of the GPU steps (JSON list of Kubernetes tolerations).
+        """
+        tracking = dict(tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
+                        registered_model_prefix=registered_model_prefix, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        work_root=work_root)
+
+        def step(task: Any, name: str, gpu: bool | None = None, suffix: str = "") -> Any:
+            display = DISPLAY[name] + suffix
+            if k8s:
+                return configure_task(task, name, display, s, gpu_node_selector=gpu_node_selector,
+                                      gpu_tolerations=gpu_tolerations, gpu=gpu)
+            task.set_display_name(display)
+            task.set_caching_options(False)
+            return task
+
+        def train(stage: str, component: Any, **kwargs: Any) -> Any:
+            """The stage in-pod, or (TrainJob mode) a CPU launcher that runs it as a TrainJob."""
+            if not trainjob_mode:
+                return step(component(**kwargs, **tracking), stage)
+            base = kwargs.pop("base_model", "")
+            launcher = trainjob(stage=stage, image=image_for(stage), settings=settings_data,
+                                gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+                                base_model=base, **kwargs, **tracking)
+            return step(launcher, stage, gpu=False, suffix=" (TrainJob)")
+
+        data = step(prepare_data(input_data=input_data, config=prepare_data_config), "prepare_data")
+        sft_task = train("sft", sft, data=data.outputs["data"], base_model=base_model, config=sft_config)
+        rm_task = train("reward", reward, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
+                        config=reward_config)
+
+        def evaluate_and_report(policy_task: Any) -> None:
+            ev = step(evaluate(data=data.outputs["data"], sft_model=sft_task.outputs["model"],
+                               reward_model=rm_task.outputs["model"], policy=policy_task.outputs["model"],
+                               alignment=alignment, config=evaluate_config, **tracking), "evaluate")
+            step(report(sft_model=sft_task.outputs["model"], reward_model=rm_task.outputs["model"],
+                        policy=policy_task.outputs["model"], eval_metrics=ev.outputs["metrics"],
+                        generations=ev.outputs["generations"], eval_report=ev.outputs["report"],
+                        alignment=alignment, tracking_uri=mlflow_tracking_uri,
+                        registered_model_prefix=registered_model_prefix,
+                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, num_samples=report_samples), "report")
+
+        with dsl.If(alignment == "ppo", name="alignment-ppo"):
+            ppo_task = train("ppo", ppo, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
+                             reward_model=rm_task.outputs["model"], config=ppo_config)
+            evaluate_and_report(ppo_task)
+        with dsl.Elif(alignment == "dpo", name="alignment-dpo"):
+            dpo_task = train("dpo", dpo, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
+                             config=dpo_config)
+            evaluate_and_report(dpo_task)
+        with dsl.Else(name="alignment-unknown"):
+            bad = unknown_alignment(alignment=alignment)
+            bad.set_display_name("Unknown alignment")
+            if k8s:
+                bad.set_caching_options(False)
+                bad.set_cpu_request(s.light_resources.cpu).set_memory_request(s.light_resources.memory)
+
+    return rlhf_pipeline
+
+
+rlhf_pipeline = build_pipeline(PipelineSettings())
+
+
+def compile_pipeline(output: str | Path, settings: PipelineSettings | None = None) -> Path:
+    """Compile the pipeline for `settings` (default settings when None) to `output`."""
+    from kfp import compiler
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(settings or PipelineSettings()), package_path=str(out))
+    return out

@@ -1,0 +1,52 @@
+"""Apply `PipelineSettings` to pipeline tasks with kfp-kubernetes: GPU node pool, resources, retries, caching,
+the model-cache PVC, plain env and secret env. Used by pipelines/rlhf_pipeline.py at compile time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kfp import kubernetes
+
+from rlhf_pipeline.orchestration.settings import TRAINING_STEPS, PipelineSettings
+
+
+def configure_task(task: Any, step: str, display_name: str, settings: PipelineSettings, *,
+                   gpu_node_selector: Any = None, gpu_tolerations: Any = None, gpu: bool | None = None) -> Any:
+    """Set display name, caching, resources, GPU scheduling, retries, PVC, env and secrets of one task.
+
+    `step` names the settings entry (sft, reward, ...); `gpu_node_selector` / `gpu_tolerations` are the pipeline
+    parameters (resolved by Kubeflow at run time). `gpu=False` forces a CPU pod (TrainJob launchers).
+    """
+    task.set_display_name(display_name)
+    task.set_caching_options(getattr(settings.caching, step, False))
+
+    on_gpu = (step in settings.gpu.steps and settings.gpu.accelerator_count > 0) if gpu is None else gpu
+    heavy = on_gpu or (step in TRAINING_STEPS and gpu is None)
+    res = settings.training_resources if heavy else settings.light_resources
+    task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
+
+    if on_gpu:
+        task.set_accelerator_type(settings.gpu.accelerator_type)
+        task.set_accelerator_limit(settings.gpu.accelerator_count)
+        if gpu_node_selector is not None:
+            kubernetes.add_node_selector_json(task, gpu_node_selector)
+        if gpu_tolerations is not None:
+            kubernetes.add_toleration_json(task, gpu_tolerations)
+
+    if step in settings.retry.steps:
+        r = settings.retry
+        task.set_retry(num_retries=r.num_retries, backoff_duration=r.backoff_duration,
+                       backoff_factor=r.backoff_factor, backoff_max_duration=r.backoff_max_duration)
+
+    kubernetes.mount_pvc(task, pvc_name=settings.model_cache.pvc_name, mount_path=settings.model_cache.mount_path)
+    for name, value in {**settings.env, **settings.cache_env()}.items():
+        task.set_env_variable(name, value)
+    for secret in settings.secrets.values():
+        if step in secret.steps:
+            kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=dict(secret.keys),
+                                         optional=secret.optional)
+    return task

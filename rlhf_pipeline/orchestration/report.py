@@ -1,0 +1,198 @@
+"""The pipeline's last step: point the `challenger` alias at the evaluated policy version and write the run report
+(Markdown and HTML) with the headline metrics, the registered versions and sample generations."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline.errors import UserError
+
+CHALLENGER = "challenger"
+HEADLINE = ("rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate")
+
+
+def mlflow_client(tracking_uri: str | None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_pipeline.tracking import check_tracking_server, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or None)
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_version(client, name: str, *, version: str | None = None, kfp_run_id: str | None = None):
+    """The registered version: the one named, else the newest of `name` tagged with this Kubeflow run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if version:
+            return client.get_model_version(name, str(version))
+        if kfp_run_id:
+            found = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{kfp_run_id}'")
+            if found:
+                return max(found, key=lambda v: int(v.version))
+    except MlflowException as exc:
+        raise UserError(f"cannot read registered model {name}: {exc.message.splitlines()[0]}") from None
+    return None
+
+
+def point_challenger(client, name: str, version: str, alias: str = CHALLENGER) -> None:
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_generations(path: Path, limit: int) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], versions: list[dict[str, Any]],
+                    generations: list[dict[str, Any]], extra: str = "") -> str:
+    lines = [f"# {title}", "", f"Alignment: **{alignment}**", "", "## Headline metrics", "",
+             "| metric | value |", "|---|---|"]
+    for key in HEADLINE:
+        lines.append(f"| {key} | {_fmt(metrics[key]) if key in metrics else 'n/a'} |")
+    others = sorted(k for k in metrics if k not in HEADLINE)
+    if others:
+        lines += ["", "## All step metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(metrics[k])} |" for k in others]
+    if versions:
+        lines += ["", "## Registered model versions", "", "| model | version | aliases | lineage |", "|---|---|---|---|"]
+        for v in versions:
+            lineage = ", ".join(f"{k}={str(v['tags'][k])[:12]}" for k in
+                                ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
+                                if k in v.get("tags", {}))
+            lines.append(f"| {v['name']} | {v['version']} | {', '.join(v.get('aliases', []))} | {lineage} |")
+    if generations:
+        lines += ["", "## Sample generations", ""]
+        for i, g in enumerate(generations, 1):
+            q = str(g.get("question") or g.get("prompt") or "").strip()
+            lines += [f"### Question {i}", "", "> " + q[:600].replace("\n", "\n> "), ""]
+            for key, value in g.items():
+                if key in ("question", "prompt") or not isinstance(value, str):
+                    continue
+                lines += [f"**{key}**", "", "```text", value.strip()[:800], "```", ""]
+            scores = {k: v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if scores:
+                lines += [", ".join(f"{k}: {_fmt(v)}" for k, v in scores.items()), ""]
+    if extra.strip():
+        lines += ["", "## Evaluation report", "", extra.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_to_html(md: str, title: str) -> str:
+    """A small, dependency-free rendering of the report's Markdown subset (headings, tables, code, quotes)."""
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+           "td,th{border:1px solid #ccc;padding:2px 8px}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}"
+           "blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:8px}</style></head><body>"]
+    in_code, in_table = False, False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith(">"):
+            out.append(f"<blockquote>{html.escape(line[1:].strip())}</blockquote>")
+        elif line.strip():
+            text = html.escape(line)
+            while "**" in text and text.count("**") >= 2:
+                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+            out.append(f"<p>{text}</p>")
+    if in_table:
+        out.append("</table>")
+    if in_code:
+        out.append("</pre>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def version_info(client, mv) -> dict[str, Any]:
+    aliases = list(getattr(mv, "aliases", None) or [])
+    return {"name": mv.name, "version": str(mv.version), "tags": dict(mv.tags or {}), "aliases": aliases,
+            "run_id": mv.run_id}
+
+
+def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: Any, eval_report: Any,
+                    alignment: str, summary: Any, report_md: Any, report_html: Any, tracking_uri: str,
+                    registered_model_prefix: str, kfp_run_id: str, num_samples: int, alias: str) -> dict[str, Any]:
+    """The report component's body (see components/report.py)."""
+    metrics: dict[str, float] = {}
+    for art in models.values():
+        step_file = Path(art.path) / "step.json"
+        if step_file.is_file():
+            metrics.update(json.loads(step_file.read_text()).get("metrics", {}))
+    metrics.update({k: float(v) for k, v in (eval_metrics.metadata or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    client = mlflow_client(tracking_uri)
+    run_id = kfp_run_id if kfp_run_id and not kfp_run_id.startswith("{{") else None
+    versions = []
+    policy_version = None
+    for key, art in models.items():
+        meta = art.metadata or {}
+        name = meta.get("registered_model") or f"{registered_model_prefix}-{key}"
+        mv = find_version(client, name, version=meta.get("registered_version"), kfp_run_id=run_id)
+        if mv is None:
+            continue
+        if key == "policy":
+            policy_version = mv
+            point_challenger(client, mv.name, mv.version, alias)
+            mv = client.get_model_version(mv.name, mv.version)
+        versions.append(version_info(client, mv))
+    if policy_version is None:
+        raise UserError(f"no registered policy version found for this run (model {registered_model_prefix}-policy, "
+                        f"kfp_run_id={run_id}); was the policy step run with --no-register-model?")
+
+    for key in HEADLINE:
+        if key in metrics:
+            summary.log_metric(key, metrics[key])
+    gen_rows = read_generations(Path(generations.path) / "generations.jsonl", num_samples)
+    extra = Path(eval_report.path).read_text(encoding="utf-8") if Path(eval_report.path).is_file() else ""
+    title = f"RLHF pipeline report ({alignment})"
+    md = render_markdown(title=title, alignment=alignment, metrics=metrics, versions=versions,
+                         generations=gen_rows, extra=extra)
+    Path(report_md.path).write_text(md, encoding="utf-8")
+    Path(report_html.path).write_text(markdown_to_html(md, title), encoding="utf-8")
+    report_md.metadata["challenger"] = f"{policy_version.name}/{policy_version.version}"
+    return {"metrics": metrics, "versions": versions, "challenger": report_md.metadata["challenger"]}

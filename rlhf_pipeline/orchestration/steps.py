@@ -1,0 +1,238 @@
+"""What every pipeline component does around its stage: where the stage writes, how its config is built from the
+component's parameters and input artifacts, and how its results become Kubeflow artifacts.
+
+Where stage outputs live: a stage writes its full output directory (checkpoints, `adapter/`, `merged/`,
+`metrics.json`) under the *work root*, `$RLHF_CACHE_DIR/runs/<kfp run id>/<step>/` by default, which on the
+cluster is the shared model-cache PVC. Only the small parts (the LoRA adapter, metrics, reports) are copied into
+the step's output artifact; the artifact's metadata `output_dir` points at the full directory, which the next
+steps read (the reward model trains on top of `<sft output_dir>/merged`). So multi-GB merged weights are never
+copied through the artifact store, and a retried step (same run id) finds its checkpoints and resumes.
+
+Everything here runs inside component processes (imported lazily by the component functions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlhf_pipeline.errors import UserError
+
+# Keys the pipeline wires itself; a stage config dict from the user may not set them.
+WIRED_KEYS = {"data", "output", "input"}
+# What a model artifact carries besides its metadata (the rest stays in output_dir).
+ARTIFACT_PARTS = ("adapter", "metrics.json", "report.md", "generations.jsonl", "stats.json")
+METRIC_NAMESPACE = {"prepare_data": "data", "sft": "sft", "reward": "rm", "ppo": "ppo", "dpo": "dpo",
+                    "evaluate": "eval"}
+
+
+def run_key(kfp_run_id: str) -> str:
+    """A directory-safe name for the pipeline run (Kubeflow's run id; a timestamp when there is none)."""
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "-", (kfp_run_id or "").strip()).strip("-.")
+    if not key or key.startswith("{{"):
+        key = time.strftime("run-%Y%m%d-%H%M%S")
+    return key
+
+
+def work_dir(work_root: str, kfp_run_id: str, step: str) -> Path:
+    """`<work_root or $RLHF_CACHE_DIR/runs>/<run>/<step>`, created."""
+    if work_root:
+        root = Path(work_root).expanduser()
+    else:
+        from rlhf_pipeline.modeling.loading import cache_root
+
+        root = cache_root() / "runs"
+    path = root / run_key(kfp_run_id) / step
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stage_dir(artifact: Any) -> Path:
+    """The full output directory of the step that produced `artifact` (its metadata), else the artifact itself."""
+    meta = getattr(artifact, "metadata", None) or {}
+    out = meta.get("output_dir")
+    if out and Path(out).is_dir():
+        return Path(out)
+    path = Path(artifact.path)
+    if not path.exists():
+        raise UserError(f"input artifact {artifact.path} does not exist (and no output_dir in its metadata)")
+    return path
+
+
+def merged_model(artifact: Any) -> str:
+    """The merged (full) model an upstream training step wrote: `<output_dir>/merged`."""
+    base = stage_dir(artifact)
+    merged = base / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged)
+    if (base / "config.json").is_file():
+        return str(base)
+    raise UserError(f"no merged model in {base} (expected {merged}/config.json)")
+
+
+def tracking_values(tracking_uri: str, experiment_name: str, registered_model_prefix: str,
+                    kfp_run_id: str) -> dict[str, Any]:
+    values: dict[str, Any] = {"experiment_name": experiment_name, "registered_model_prefix": registered_model_prefix}
+    if tracking_uri:
+        values["tracking_uri"] = tracking_uri
+    if kfp_run_id and not kfp_run_id.startswith("{{"):
+        values["kfp_run_id"] = kfp_run_id
+    return values
+
+
+def stage_values(config_cls: type, user_config: dict[str, Any] | None, **wired: Any) -> dict[str, Any]:
+    """The stage config as a dict: the user's dict for the stage plus the pipeline's wiring (paths, models,
+    tracking). Wired values the config class has no field for are dropped, so a stage without e.g.
+    `experiment_name` still builds; a key both wired and in the user's dict is an error (one place per value)."""
+    user = dict(user_config or {})
+    fields = getattr(config_cls, "model_fields", {})
+    wired = {k: (str(v) if isinstance(v, Path) else v) for k, v in wired.items() if v is not None and k in fields}
+    clash = sorted((set(wired) | WIRED_KEYS) & set(user))
+    if clash:
+        raise UserError(f"{config_cls.__name__}: {', '.join(clash)} set by the pipeline (its parameters and "
+                        "the upstream steps); remove them from the stage's config")
+    return {**user, **wired}
+
+
+def build_config(config_cls: type, user_config: dict[str, Any] | None, **wired: Any):
+    """`config_cls.load` of `stage_values` (one-line UserError on a bad value)."""
+    return config_cls.load(None, stage_values(config_cls, user_config, **wired))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    elif src.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def flat_metrics(data: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) dict as `a/b` -> float; booleans, strings, NaN and lists are left out."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}/{key}" if prefix else str(key)
+            out.update(flat_metrics(value, name))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        if math.isfinite(float(data)):
+            out[prefix] = float(data)
+    return out
+
+
+def read_metrics(output_dir: Path) -> dict[str, Any]:
+    path = Path(output_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def namespaced(step: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Prefix metric names with the step's namespace (`rm/accuracy`) unless they already carry one."""
+    ns = METRIC_NAMESPACE.get(step, step)
+    return {(k if k.startswith(ns + "/") else f"{ns}/{k}"): v for k, v in metrics.items()}
+
+
+def log_kfp_metrics(metrics_artifact: Any, values: dict[str, float]) -> None:
+    for name, value in sorted(values.items()):
+        metrics_artifact.log_metric(name, value)
+
+
+def registered_versions(summary: Any) -> list[dict[str, Any]]:
+    """Registered model versions named in a stage summary (any `registered*` entry with name + version)."""
+    found: list[dict[str, Any]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if "name" in node and "version" in node:
+                found.append({"name": str(node["name"]), "version": str(node["version"])})
+                return
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    if isinstance(summary, dict):
+        for key, value in summary.items():
+            if "regist" in str(key):
+                visit(value)
+    return found
+
+
+def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | None, summary: Any,
+            parts: Iterable[str] = ARTIFACT_PARTS) -> dict[str, float]:
+    """Copy the small parts of `output_dir` into `artifact`, point its metadata at `output_dir`, and log the
+    stage's final metrics (its metrics.json, else the numeric part of its summary) to the Metrics artifact."""
+    dest = Path(artifact.path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        _copy(Path(output_dir) / name, dest / name)
+    raw = read_metrics(output_dir) or (summary if isinstance(summary, dict) else {})
+    values = namespaced(step, flat_metrics(raw))
+    artifact.metadata["output_dir"] = str(output_dir)
+    artifact.metadata["stage"] = step
+    versions = registered_versions(summary)
+    if versions:
+        artifact.metadata["registered_model"] = versions[-1]["name"]
+        artifact.metadata["registered_version"] = versions[-1]["version"]
+    if metrics_artifact is not None:
+        log_kfp_metrics(metrics_artifact, values)
+    (dest / "step.json").write_text(json.dumps(
+        {"step": step, "output_dir": str(output_dir), "registered": versions, "metrics": values}, indent=2))
+    return values
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def stage_config_class(stage: str) -> type:
+    """The config class of a training/evaluation stage (imported on demand)."""
+    import importlib
+
+    where = {
+        "prepare_data": ("rlhf_pipeline.data.config", "PrepareDataConfig"),
+        "sft": ("rlhf_pipeline.training.sft", "SFTConfig"),
+        "reward": ("rlhf_pipeline.training.reward", "RewardConfig"),
+        "ppo": ("rlhf_pipeline.training.ppo", "PPOConfig"),
+        "dpo": ("rlhf_pipeline.training.dpo", "DPOConfig"),
+        "evaluate": ("rlhf_pipeline.evaluation.evaluate", "EvaluateConfig"),
+    }
+    if stage not in where:
+        raise UserError(f"unknown stage {stage!r} (known: {', '.join(where)})")
+    module, name = where[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+def evaluate_wiring(config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any,
+                    alignment: str, output: Path) -> dict[str, Any]:
+    """The evaluation stage's inputs from the upstream artifacts, under the names its config uses."""
+    fields = set(getattr(config_cls, "model_fields", {}))
+    wired: dict[str, Any] = {"data": str(stage_dir(data)), "output": str(output)}
+    candidates = {
+        "sft_model": merged_model(sft_model),
+        "reward_model": str(stage_dir(reward_model)),
+        "policy": merged_model(policy),
+        "policy_model": merged_model(policy),
+        "policies": [merged_model(policy)],
+        "policy_names": [alignment],
+        "algorithm": alignment,
+        "alignment": alignment,
+    }
+    meta = getattr(policy, "metadata", None) or {}
+    if meta.get("registered_model") and meta.get("registered_version"):
+        candidates["policy_version"] = str(meta["registered_version"])
+        candidates["policy_versions"] = [f"{meta['registered_model']}/{meta['registered_version']}"]
+        candidates["policy_registered_model"] = str(meta["registered_model"])
+    wired.update({k: v for k, v in candidates.items() if k in fields})
+    return wired

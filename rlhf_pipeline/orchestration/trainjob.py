@@ -1,0 +1,286 @@
+"""Beyond one node: run a training stage as a Kubeflow Trainer `TrainJob` (trainer.kubeflow.org/v1alpha1).
+
+With `rlhf compile --trainjob` (settings `distributed: trainjob`) each training step of the pipeline is a small
+CPU *launcher* pod instead of the training pod. The launcher
+
+1. copies its input data onto the shared model-cache PVC and writes the stage config there (`config.yaml`),
+2. creates a TrainJob referencing the `torch-distributed` runtime whose trainer runs
+   `torchrun --no-python rlhf <stage> --config <config.yaml>` on `num_nodes` nodes (torchrun takes the rendezvous
+   from the `PET_*` variables the runtime sets; the stages' accelerate loop then runs data-parallel),
+3. waits for it (re-attaching to an existing TrainJob of the same name after a launcher retry), and
+4. publishes the stage output from the PVC like the in-pod components do.
+
+The training pods mount the same PVC at the same path, get the GPU node selector and tolerations, the secret
+environment variables (by Secret name and key) and the plain env of the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+TRAINER_GROUP = "trainer.kubeflow.org"
+TRAINER_VERSION = "v1alpha1"
+TRAINJOB_PLURAL = "trainjobs"
+TRAINER_JOB_NAME = "node"  # the runtime's replicated job (and container) that runs the trainer
+MANAGER = "rlhf-pipeline"
+CACHE_VOLUME = "rlhf-model-cache"
+
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def trainjob_name(kfp_run_id: str, stage: str) -> str:
+    """Deterministic per (run, stage), so a retried launcher finds the TrainJob it started (RFC 1035, <= 63)."""
+    digest = hashlib.sha256(f"{kfp_run_id}/{stage}".encode()).hexdigest()[:10]
+    stage_part = re.sub(r"[^a-z0-9-]", "-", stage.lower()).strip("-")[:20] or "stage"
+    return f"rlhf-{stage_part}-{digest}"
+
+
+def launch_command(launcher: str, stage: str, config_path: str, num_proc_per_node: int | None) -> list[str]:
+    """The trainer container's command: the stage CLI under torchrun (or accelerate), rendezvous from PET_*."""
+    cli_stage = stage.replace("_", "-")
+    if launcher == "torchrun":
+        return ["torchrun", "--no-python", "rlhf", cli_stage, "--config", config_path]
+    procs = str(num_proc_per_node) if num_proc_per_node else "${PET_NPROC_PER_NODE}"
+    script = (
+        "exec accelerate launch --num_machines \"${PET_NNODES}\" --machine_rank \"${PET_NODE_RANK}\" "
+        "--main_process_ip \"${PET_MASTER_ADDR}\" --main_process_port \"${PET_MASTER_PORT}\" "
+        f"--num_processes $(( ${{PET_NNODES}} * {procs} )) -m rlhf_pipeline.cli {cli_stage} --config \"$0\""
+    )
+    return ["bash", "-c", script, config_path]
+
+
+def build_manifest(*, name: str, stage: str, image: str, config_path: str, settings: dict[str, Any],
+                   node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
+                   namespace: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The TrainJob for one stage. `settings` is `PipelineSettings.model_dump()` (plain data, so the launcher
+    component can receive it as a parameter)."""
+    tj = settings["trainjob"]
+    gpu = settings["gpu"]
+    res = settings["training_resources"]
+    cache = settings["model_cache"]
+    requests = {"cpu": res["cpu"], "memory": res["memory"]}
+    limits: dict[str, Any] = {}
+    if res.get("cpu_limit"):
+        limits["cpu"] = res["cpu_limit"]
+    if res.get("memory_limit"):
+        limits["memory"] = res["memory_limit"]
+    if gpu["accelerator_count"] > 0:
+        limits[gpu["accelerator_type"]] = str(gpu["accelerator_count"])
+    root = cache["mount_path"].rstrip("/")
+    env = [{"name": k, "value": v} for k, v in sorted(
+        {**settings.get("env", {}), "RLHF_CACHE_DIR": root, "HF_HOME": f"{root}/huggingface"}.items())]
+    for secret in settings.get("secrets", {}).values():
+        if stage not in secret["steps"]:
+            continue
+        for key, var in secret["keys"].items():
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": secret["name"], "key": key, "optional": bool(secret["optional"])}}})
+    trainer: dict[str, Any] = {
+        "image": image,
+        "command": launch_command(tj["launcher"], stage, config_path, tj.get("num_proc_per_node")),
+        "env": env,
+        "numNodes": int(tj["num_nodes"]),
+        "resourcesPerNode": {"requests": requests, **({"limits": limits} if limits else {})},
+    }
+    if tj.get("num_proc_per_node"):
+        trainer["numProcPerNode"] = int(tj["num_proc_per_node"])
+
+    pod_spec: dict[str, Any] = {
+        "volumes": [{"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["pvc_name"]}}],
+        "containers": [{"name": TRAINER_JOB_NAME, "volumeMounts": [
+            {"name": CACHE_VOLUME, "mountPath": cache["mount_path"]}]}],
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = [_k8s_toleration(t) for t in tolerations]
+    if tj.get("service_account"):
+        pod_spec["serviceAccountName"] = tj["service_account"]
+
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": tj["runtime"], "apiGroup": TRAINER_GROUP, "kind": tj["runtime_kind"]},
+        "trainer": trainer,
+    }
+    if tj["overrides_api"] == "podTemplateOverrides":
+        spec["podTemplateOverrides"] = [{"targetJobs": [{"name": TRAINER_JOB_NAME}], "spec": pod_spec}]
+    else:
+        spec["runtimePatches"] = [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
+            "replicatedJobs": [{"name": TRAINER_JOB_NAME, "template": {"spec": {"template": {"spec": pod_spec}}}}],
+        }}}}]
+    metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "rlhf-pipeline",
+                                                          "rlhf-pipeline/stage": stage.replace("_", "-"),
+                                                          **(labels or {})}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}", "kind": "TrainJob", "metadata": metadata,
+            "spec": spec}
+
+
+def _k8s_toleration(t: dict[str, Any]) -> dict[str, Any]:
+    """Accept snake_case (settings) or camelCase (Kubernetes) tolerations; drop unset fields."""
+    out = {"key": t.get("key"), "operator": t.get("operator"), "value": t.get("value"), "effect": t.get("effect"),
+           "tolerationSeconds": t.get("tolerationSeconds", t.get("toleration_seconds"))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def validate_manifest(manifest: dict[str, Any]) -> list[str]:
+    """Structural problems of a TrainJob manifest (empty list: valid), checked against the v1alpha1 API types."""
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    need(manifest.get("apiVersion") == f"{TRAINER_GROUP}/{TRAINER_VERSION}", "apiVersion must be trainer.kubeflow.org/v1alpha1")
+    need(manifest.get("kind") == "TrainJob", "kind must be TrainJob")
+    name = manifest.get("metadata", {}).get("name", "")
+    need(bool(_DNS1035.match(name)) and len(name) <= 63, f"metadata.name {name!r} must be an RFC 1035 label (<= 63)")
+    spec = manifest.get("spec") or {}
+    allowed_spec = {"runtimeRef", "initializer", "trainer", "podTemplateOverrides", "runtimePatches", "suspend",
+                    "managedBy", "labels", "annotations", "activeDeadlineSeconds"}
+    need(not (set(spec) - allowed_spec), f"unknown spec fields {sorted(set(spec) - allowed_spec)}")
+    ref = spec.get("runtimeRef") or {}
+    need(bool(ref.get("name")), "spec.runtimeRef.name is required")
+    need(ref.get("kind", "ClusterTrainingRuntime") in ("ClusterTrainingRuntime", "TrainingRuntime"),
+         "spec.runtimeRef.kind must be ClusterTrainingRuntime or TrainingRuntime")
+    trainer = spec.get("trainer") or {}
+    allowed_trainer = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
+    need(not (set(trainer) - allowed_trainer), f"unknown trainer fields {sorted(set(trainer) - allowed_trainer)}")
+    need(isinstance(trainer.get("command"), list) and all(isinstance(c, str) for c in trainer["command"]),
+         "spec.trainer.command must be a list of strings")
+    need(isinstance(trainer.get("numNodes", 1), int) and trainer.get("numNodes", 1) >= 1, "numNodes must be >= 1")
+    for env in trainer.get("env", []):
+        need(isinstance(env.get("name"), str) and ("value" in env) != ("valueFrom" in env),
+             f"env entry {env} needs a name and exactly one of value / valueFrom")
+        if "valueFrom" in env:
+            ref_ = env["valueFrom"].get("secretKeyRef", {})
+            need(bool(ref_.get("name")) and bool(ref_.get("key")), f"env {env.get('name')}: secretKeyRef needs name and key")
+    res = trainer.get("resourcesPerNode", {})
+    need(not (set(res) - {"requests", "limits", "claims"}), "resourcesPerNode has only requests/limits/claims")
+    if "podTemplateOverrides" in spec:
+        for o in spec["podTemplateOverrides"]:
+            need(bool(o.get("targetJobs")) and all(t.get("name") for t in o["targetJobs"]),
+                 "podTemplateOverrides[].targetJobs[].name is required")
+            problems.extend(_check_pod_spec(o.get("spec", {})))
+    if "runtimePatches" in spec:
+        for p in spec["runtimePatches"]:
+            need(bool(p.get("manager")), "runtimePatches[].manager is required")
+            for rj in p.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", []):
+                need(bool(rj.get("name")), "replicatedJobs[].name is required")
+                problems.extend(_check_pod_spec(rj.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})))
+    return problems
+
+
+def _check_pod_spec(pod: dict[str, Any]) -> list[str]:
+    problems = []
+    allowed = {"serviceAccountName", "nodeSelector", "affinity", "tolerations", "volumes", "initContainers",
+               "containers", "schedulingGates", "imagePullSecrets", "securityContext"}
+    if set(pod) - allowed:
+        problems.append(f"unknown pod override fields {sorted(set(pod) - allowed)}")
+    volumes = {v.get("name") for v in pod.get("volumes", [])}
+    for c in pod.get("containers", []):
+        if not c.get("name"):
+            problems.append("override containers need a name")
+        if set(c) - {"name", "env", "volumeMounts", "securityContext"}:
+            problems.append(f"container override {c.get('name')}: unknown fields {sorted(set(c) - {'name', 'env', 'volumeMounts', 'securityContext'})}")
+        for m in c.get("volumeMounts", []):
+            if m.get("name") not in volumes:
+                problems.append(f"volumeMount {m.get('name')} has no matching volume")
+            if not str(m.get("mountPath", "")).startswith("/"):
+                problems.append(f"volumeMount {m.get('name')} needs an absolute mountPath")
+    for t in pod.get("tolerations", []):
+        if t.get("operator", "Equal") not in ("Equal", "Exists"):
+            problems.append(f"toleration operator {t.get('operator')!r}")
+    if not all(isinstance(v, str) for v in pod.get("nodeSelector", {}).values()):
+        problems.append("nodeSelector values must be strings")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Talking to the cluster (only inside the launcher pod)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def current_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "default"
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and str(cond.get("status")) == "True":
+            return cond
+    return None
+
+
+def run_trainjob(manifest: dict[str, Any], *, poll_seconds: int = 15, timeout_s: float = 48 * 3600,
+                 api: Any = None, log=print) -> dict[str, Any]:
+    """Create the TrainJob (or adopt an existing one of that name), wait until Complete or Failed.
+
+    A TrainJob that already failed (a previous launcher attempt) is deleted and recreated: the stage resumes
+    from its checkpoints on the PVC. Raises RuntimeError on failure or timeout (the TrainJob is deleted on
+    timeout). Returns the final object.
+    """
+    if api is None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.CustomObjectsApi()
+    from kubernetes.client.exceptions import ApiException
+
+    ns = manifest["metadata"].get("namespace") or current_namespace()
+    name = manifest["metadata"]["name"]
+    args = (TRAINER_GROUP, TRAINER_VERSION, ns, TRAINJOB_PLURAL)
+
+    try:
+        existing = api.get_namespaced_custom_object(*args, name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        existing = None
+    if existing is not None and _condition(existing, "Failed"):
+        log(f"TrainJob {ns}/{name} failed before; deleting it to retry (the stage resumes from its checkpoints)")
+        api.delete_namespaced_custom_object(*args, name, propagation_policy="Foreground")
+        while True:
+            try:
+                api.get_namespaced_custom_object(*args, name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    break
+                raise
+            time.sleep(poll_seconds)
+        existing = None
+    if existing is None:
+        api.create_namespaced_custom_object(*args, manifest)
+        log(f"created TrainJob {ns}/{name} ({manifest['spec']['trainer'].get('numNodes', 1)} nodes, "
+            f"runtime {manifest['spec']['runtimeRef']['name']})")
+    else:
+        log(f"attached to existing TrainJob {ns}/{name}")
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        obj = api.get_namespaced_custom_object(*args, name)
+        if _condition(obj, "Complete"):
+            log(f"TrainJob {ns}/{name} complete")
+            return obj
+        failed = _condition(obj, "Failed")
+        if failed:
+            raise RuntimeError(f"TrainJob {ns}/{name} failed: {failed.get('reason')}: {failed.get('message')}")
+        state = [c.get("type") for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+        if state != last:
+            log(f"TrainJob {ns}/{name}: {', '.join(state) or 'pending'}")
+            last = state
+        if time.monotonic() > deadline:
+            api.delete_namespaced_custom_object(*args, name, propagation_policy="Foreground")
+            raise RuntimeError(f"TrainJob {ns}/{name} did not finish within {timeout_s / 3600:.1f} h; deleted it")
+        time.sleep(poll_seconds)

@@ -1,0 +1,121 @@
+"""`rlhf submit`: parameter parsing, one-line errors, and the upload/run calls against a fake kfp.Client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.orchestration import submit as sub
+
+RLHF = str(Path(sys.executable).parent / "rlhf")
+KNOWN = {"alignment": {"parameterType": "STRING"}, "sft_config": {"parameterType": "STRUCT"},
+         "gpu_tolerations": {"parameterType": "LIST"}, "report_samples": {"parameterType": "NUMBER_INTEGER"}}
+
+
+def test_params_are_typed_by_the_pipeline_definition():
+    assert sub.parse_params(["alignment=dpo", 'sft_config={"max_steps": 5}', "report_samples=3",
+                             'gpu_tolerations=[{"key": "a", "operator": "Exists"}]'], KNOWN) == {
+        "alignment": "dpo", "sft_config": {"max_steps": 5}, "report_samples": 3,
+        "gpu_tolerations": [{"key": "a", "operator": "Exists"}]}
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("alignment", "NAME=VALUE"), ("nope=1", "not a pipeline parameter"), ("sft_config=[1]", "expected a JSON struct"),
+    ("sft_config={bad", "expected a JSON struct"), ("report_samples=true", "number_integer"),
+    ("alignment=rlaif", "ppo or dpo"),
+])
+def test_bad_params(pair, message):
+    with pytest.raises(UserError, match=message):
+        sub.parse_params([pair], KNOWN)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_host_is_one_line_error():
+    proc = subprocess.run([RLHF, "submit", "--host", f"http://127.0.0.1:{_closed_port()}", "--param", "alignment=dpo"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf submit: error:") and "unreachable" in lines[0], proc.stderr
+
+
+def test_token_is_not_a_flag():
+    proc = subprocess.run([RLHF, "submit", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--token" not in proc.stdout and "KFP_TOKEN" in proc.stdout
+
+
+class FakeClient:
+    def __init__(self, existing_pipeline_id=None):
+        self.existing = existing_pipeline_id
+        self.calls = []
+
+    def get_pipeline_id(self, name):
+        self.calls.append(("get_pipeline_id", name))
+        return self.existing
+
+    def upload_pipeline(self, path, pipeline_name, namespace=None, description=None):
+        self.calls.append(("upload_pipeline", pipeline_name, Path(path).is_file()))
+        return SimpleNamespace(pipeline_id="p-1")
+
+    def list_pipeline_versions(self, pipeline_id, page_size):
+        return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id="v-1")])
+
+    def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
+        self.calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id))
+        return SimpleNamespace(pipeline_version_id="v-2")
+
+    def create_experiment(self, name, namespace=None):
+        self.calls.append(("create_experiment", name))
+        return SimpleNamespace(experiment_id="e-1")
+
+    def run_pipeline(self, **kwargs):
+        self.calls.append(("run_pipeline", kwargs))
+        return SimpleNamespace(run_id="r-1")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    from pipelines.rlhf_pipeline import COMPILED
+
+    return COMPILED
+
+
+def test_first_submit_uploads_the_pipeline_then_runs(package):
+    client = FakeClient()
+    result = sub.submit(host="http://kfp", package=package, pipeline_name="rlhf-pipeline", version_name="abc",
+                        experiment="exp", run_name="run", params={"alignment": "dpo"}, client=client)
+    assert result["uploaded"] == "pipeline" and result["run_id"] == "r-1"
+    run = client.calls[-1][1]
+    assert run == {"experiment_id": "e-1", "job_name": "run", "params": {"alignment": "dpo"},
+                   "pipeline_id": "p-1", "version_id": "v-1"}
+    assert result["run_url"] == "http://kfp/#/runs/details/r-1"
+
+
+def test_later_submits_upload_a_new_version(package):
+    client = FakeClient(existing_pipeline_id="p-9")
+    result = sub.submit(host="http://kfp", package=package, pipeline_name="rlhf-pipeline", version_name="abc",
+                        experiment="exp", run_name="run", params={}, client=client)
+    assert ("upload_pipeline_version", "abc", "p-9") in client.calls
+    assert result["uploaded"] == "version" and client.calls[-1][1]["version_id"] == "v-2"
+
+
+def test_server_errors_become_one_line(package):
+    from kfp_server_api.exceptions import ApiException
+
+    class Denied(FakeClient):
+        def get_pipeline_id(self, name):
+            raise ApiException(status=403, reason="Forbidden")
+
+    with pytest.raises(UserError, match=r"HTTP 403 Forbidden"):
+        sub.submit(host="http://kfp", package=package, pipeline_name="p", version_name="v", experiment="e",
+                   run_name="r", params={}, client=Denied())

@@ -1,0 +1,159 @@
+"""TrainJob mode: the manifest a launcher would create (structure, against the v1alpha1 API types) and the
+launcher's create / wait / retry logic against a fake Kubernetes API."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_pipeline.orchestration import trainjob as tj
+from rlhf_pipeline.orchestration.settings import PipelineSettings
+
+
+def settings_data(**overrides) -> dict:
+    return PipelineSettings.load(None, overrides).model_dump(mode="json", exclude_none=True)
+
+
+def manifest(stage="sft", **overrides):
+    return tj.build_manifest(
+        name=tj.trainjob_name("0b1c2d3e-run", stage), stage=stage, image="registry/rlhf-sft:dev",
+        config_path="/mnt/rlhf-cache/runs/run/sft/config.yaml", settings=settings_data(**overrides),
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+
+
+def test_manifest_is_a_valid_trainjob():
+    m = manifest()
+    assert tj.validate_manifest(m) == []
+    assert m["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and m["kind"] == "TrainJob"
+    spec = m["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
+                                  "kind": "ClusterTrainingRuntime"}
+    trainer = spec["trainer"]
+    assert trainer["command"] == ["torchrun", "--no-python", "rlhf", "sft", "--config",
+                                  "/mnt/rlhf-cache/runs/run/sft/config.yaml"]
+    assert trainer["numNodes"] == 2
+    assert trainer["resourcesPerNode"] == {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"nvidia.com/gpu": "1"}}
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["RLHF_CACHE_DIR"]["value"] == "/mnt/rlhf-cache"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}
+    assert "value" not in env["MLFLOW_TRACKING_PASSWORD"]
+    override = spec["podTemplateOverrides"][0]
+    assert override["targetJobs"] == [{"name": "node"}]
+    pod = override["spec"]
+    assert pod["volumes"] == [{"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}}]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "rlhf-model-cache",
+                                                                    "mountPath": "/mnt/rlhf-cache"}]}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_runtime_patches_variant_and_options():
+    m = manifest("reward", trainjob={"overrides_api": "runtimePatches", "num_nodes": 4, "num_proc_per_node": 8,
+                                     "launcher": "accelerate", "runtime": "my-torch", "service_account": "trainer"})
+    assert tj.validate_manifest(m) == []
+    spec = m["spec"]
+    assert "podTemplateOverrides" not in spec
+    patch = spec["runtimePatches"][0]
+    assert patch["manager"] == "rlhf-pipeline"
+    job = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert job["name"] == "node"
+    assert job["template"]["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"
+    assert spec["trainer"]["numNodes"] == 4 and spec["trainer"]["numProcPerNode"] == 8
+    assert spec["trainer"]["command"][:2] == ["bash", "-c"] and "accelerate launch" in spec["trainer"]["command"][2]
+    assert "rlhf_pipeline.cli reward" in spec["trainer"]["command"][2]
+    assert spec["runtimeRef"]["name"] == "my-torch"
+
+
+def test_names_are_deterministic_dns_labels():
+    a = tj.trainjob_name("run-1", "reward")
+    assert a == tj.trainjob_name("run-1", "reward") != tj.trainjob_name("run-2", "reward")
+    long = tj.trainjob_name("x" * 300, "prepare_data_with_a_very_long_stage_name")
+    assert len(long) <= 63 and tj._DNS1035.match(long)
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda m: m.update(apiVersion="kubeflow.org/v1"), "apiVersion"),
+    (lambda m: m["metadata"].update(name="Bad_Name"), "RFC 1035"),
+    (lambda m: m["spec"].pop("runtimeRef"), "runtimeRef.name"),
+    (lambda m: m["spec"]["trainer"].update(replicas=2), "unknown trainer fields"),
+    (lambda m: m["spec"]["trainer"]["env"].append({"name": "X", "value": "1", "valueFrom": {}}), "exactly one"),
+    (lambda m: m["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "nope", "mountPath": "/x"}), "no matching volume"),
+    (lambda m: m["spec"].update(podSpec={}), "unknown spec fields"),
+])
+def test_validation_catches_broken_manifests(mutate, problem):
+    m = manifest()
+    mutate(m)
+    assert any(problem in p for p in tj.validate_manifest(m)), tj.validate_manifest(m)
+
+
+class FakeApi:
+    """Just enough of kubernetes.client.CustomObjectsApi: objects progress through `states` on each get."""
+
+    def __init__(self, states, existing=None):
+        self.states = list(states)
+        self.objects = {}
+        self.created = []
+        self.deleted = []
+        if existing is not None:
+            self.objects["existing"] = existing
+
+    def _not_found(self):
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=404, reason="Not Found")
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        if "existing" in self.objects and not self.created:
+            obj = self.objects["existing"]
+            if obj is None:
+                raise self._not_found()
+            return obj
+        if not self.created:
+            raise self._not_found()
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return {"status": {"conditions": [{"type": state, "status": "True", "reason": "r", "message": "m"}]}
+                if state else {}}
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        self.created.append((ns, body))
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
+        self.deleted.append(name)
+        self.objects["existing"] = None
+
+
+def test_run_trainjob_creates_and_waits_for_completion():
+    api = FakeApi([None, "Created", "Complete"])
+    m = manifest()
+    m["metadata"]["namespace"] = "team"
+    tj.run_trainjob(m, poll_seconds=0, api=api, log=lambda *_: None)
+    assert [ns for ns, _ in api.created] == ["team"] and api.created[0][1] is m
+
+
+def test_run_trainjob_raises_on_failure():
+    api = FakeApi(["Failed"])
+    with pytest.raises(RuntimeError, match="failed"):
+        tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
+
+
+def test_retried_launcher_recreates_a_failed_trainjob():
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    api = FakeApi(["Complete"], existing=failed)
+    tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
+    assert api.deleted and len(api.created) == 1
+
+
+def test_retried_launcher_attaches_to_a_running_trainjob():
+    running = {"status": {"conditions": [{"type": "Created", "status": "True"}]}}
+
+    class Attached(FakeApi):
+        def get_namespaced_custom_object(self, *args):
+            self.calls = getattr(self, "calls", 0) + 1
+            return running if self.calls < 3 else {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+
+    api = Attached([])
+    tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
+    assert api.created == [] and api.deleted == []
