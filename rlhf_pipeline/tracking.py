@@ -88,7 +88,9 @@ def data_hash(data_dir: str | Path) -> str:
     stats = Path(data_dir) / "stats.json"
     if stats.is_file():
         try:
-            return str(json.loads(stats.read_text()).get("input_hash", "unknown"))
+            data = json.loads(stats.read_text())
+            # prepare-data writes `input_sha256`; `input_hash` is the older name
+            return str(data.get("input_sha256") or data.get("input_hash") or "unknown")
         except (json.JSONDecodeError, OSError):
             return "unknown"
     return "unknown"
