@@ -105,3 +105,18 @@ def save_adapter_and_merged(model, tokenizer, output: str | Path) -> tuple[Path,
     tokenizer.save_pretrained(str(tmp_merged))
     _replace_dir(tmp_merged, merged_dir)
     return adapter_dir, merged_dir
+
+
+def transformer_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, head) of a transformers CausalLM / SequenceClassification model, through a PeftModel.
+
+    Stages call the backbone and apply the head only where a prediction is needed (labelled positions, the last
+    real token), instead of computing logits for every position, padding included. The LoRA layers live inside the
+    backbone, so they are active either way.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = hf.base_model  # transformers: the module named by `base_model_prefix` ("model" for Llama)
+    head = hf.get_output_embeddings() if hasattr(hf, "lm_head") else getattr(hf, "score", None)
+    if head is None or backbone is hf:
+        raise ValueError(f"{type(hf).__name__}: cannot find the backbone / head (expected .model and .lm_head/.score)")
+    return backbone, head
