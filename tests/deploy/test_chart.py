@@ -229,3 +229,15 @@ def test_schema_rejects_bad_values():
 def test_notes_render():
     notes = render()["rlhf-pipeline/templates/NOTES.txt"]
     assert "Authentication is ON" in notes and "rlhf-retrain" in notes and "0 3 * * 1" in notes
+
+
+def test_job_compile_settings_are_accepted_by_the_pipeline(tmp_path):
+    """The settings.yaml the Job hands to `rlhf compile --settings` validates against the pipeline's own model."""
+    settings_mod = pytest.importorskip("rlhf_pipeline.orchestration.settings")
+    docs = objects(render(VARIANTS["everything-set"]))
+    [cm] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("pipeline-upload")]
+    path = tmp_path / "settings.yaml"
+    path.write_text(cm["data"]["settings.yaml"])
+    settings = settings_mod.PipelineSettings.load(path)
+    assert settings.gpu.accelerator_count == 4 and settings.gpu.node_selector == {"pool": "a100"}
+    assert [t.key for t in settings.gpu.tolerations] == ["dedicated"]
