@@ -1,0 +1,130 @@
+"""Run our stages and the TRL peers side by side (sequentially, one process per side) and print ours / TRL ratios.
+
+    .venv/bin/python bench/run_all.py                     # full run (~35-40 min on 2 cores)
+    .venv/bin/python bench/run_all.py --quick             # few steps, peers' default TRL configs only
+    .venv/bin/python bench/run_all.py --only sft,reward --variants default
+    .venv/bin/python bench/run_all.py --only ppo --skip-ours   # validate the TRL side alone
+
+Needs the TRL venvs from `bash bench/setup_peers.sh` (benchmark-only; TRL is not a project dependency).
+Writes <out>/results.json (every side's raw JSON + machine + load), <out>/table.md and <out>/logs/*.log.
+See docs/benchmarks.md for what is compared and the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+STAGES = ("sft", "reward", "dpo", "ppo")  # ppo last: it reuses the reward model trained by the reward bench
+
+
+def stage_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"bench_{name}")
+
+
+def legacy_checkpoint(model_dir: str) -> str:
+    """transformers-4.46-readable view of OUR embedded checkpoint (symlinks to the same safetensors)."""
+    dst = bl.PEERS_HOME / "smollm2-embedded-legacy"
+    subprocess.run([sys.executable, str(bl.peers_dir() / "make_legacy_checkpoint.py"), "--src", model_dir,
+                    "--dst", str(dst)], check=True, capture_output=True, text=True)
+    return str(dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    ap.add_argument("--quick", action="store_true", help="few steps per side (a smoke run, not a measurement)")
+    ap.add_argument("--variants", choices=["all", "default"], default=None,
+                    help="TRL configurations: all (the best one is the denominator; default for a full run) or "
+                         "default (the peers' default config only; default with --quick)")
+    ap.add_argument("--out", default=None, help="results dir (default outputs/bench/<timestamp>)")
+    ap.add_argument("--data-dir", default=None, help="where the converted peer data is cached "
+                                                        "(default outputs/bench/data)")
+    ap.add_argument("--skip-trl", action="store_true", help="run only our side")
+    ap.add_argument("--skip-ours", action="store_true", help="run only the TRL side")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per side before it is killed")
+    a = ap.parse_args(argv)
+
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in STAGES]
+    if bad:
+        ap.error(f"--only: unknown stage(s) {', '.join(bad)} (choose from {', '.join(STAGES)})")
+    only = [s for s in STAGES if s in only]
+    variants = a.variants or ("default" if a.quick else "all")
+    out = Path(a.out or bl.REPO / "outputs" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not a.skip_trl and not bl.peer_python().exists():
+        sys.exit(f"bench: no TRL venv at {bl.peer_python()}; run `bash bench/setup_peers.sh` (or --skip-trl)")
+
+    from rlhf_pipeline.modeling.loading import ensure_embedded_model
+
+    import peer_data
+
+    model_dir = str(ensure_embedded_model())
+    data_dir, data_info = peer_data.prepare(Path(a.data_dir or bl.REPO / "outputs" / "bench" / "data"), model_dir)
+    legacy = None
+    if "ppo" in only and not a.skip_trl and bl.legacy_python().exists():
+        legacy = legacy_checkpoint(model_dir)
+    ctx = bl.Ctx(out, model_dir, data_dir, a.quick, variants, legacy_model_dir=legacy)
+
+    report = {"machine": bl.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "load_at_start": bl.loadavg(), "quick": a.quick, "variants": variants, "model_dir": model_dir,
+              "legacy_model_dir": legacy, "data": data_info, "stages": {}, "rows": []}
+    if legacy is None and "ppo" in only and not a.skip_trl:
+        report["notes"] = [f"no legacy venv at {bl.legacy_python()}: classic PPOTrainer not measured"]
+    results_path = out / "results.json"
+
+    all_rows = []
+    for stage in only:
+        mod = stage_module(stage)
+        sides = mod.plan(ctx)
+        if a.skip_trl:
+            sides = [s for s in sides if s["role"] != "trl"]
+        if a.skip_ours:
+            sides = [s for s in sides if s["role"] == "trl"]
+        results = bl.run_plan(ctx, sides, timeout=a.timeout)
+        rows = mod.rows(results, ctx)
+        all_rows += rows
+        report["stages"][stage] = results
+        report["rows"] = all_rows
+        results_path.write_text(json.dumps(report, indent=2, default=str) + "\n")  # after every stage
+
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    report["load_at_end"] = bl.loadavg()
+    results_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    table = bl.markdown_table(all_rows)
+    loads = {r["side"]: r["load_before"][0] for st in report["stages"].values() for r in st}
+    missing = {r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st
+               if r.get("missing_knobs")}
+    md = [f"# bench {report['started']} ({'quick' if a.quick else 'full'}, TRL variants: {variants})", "",
+          f"machine: {report['machine'].get('cpu')}, {report['machine']['cpu_count']} cores, "
+          f"{report['machine'].get('mem_total_gib')} GiB, threads {bl.THREADS}; "
+          f"load at start {report['load_at_start']}", "", table, "",
+          "1-min load average before each side: " + ", ".join(f"{k} {v}" for k, v in loads.items())]
+    if missing:
+        md += ["", "knobs our stage configs lack (stage default used): " + json.dumps(missing)]
+    notes = [f"{r['stage']}: {r['note']}" for r in all_rows if r.get("note")]
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"\nresults: {results_path}", file=sys.stderr)
+    failed = [r["side"] for st in report["stages"].values() for r in st if r.get("failed")]
+    if failed:
+        print(f"bench: failed sides: {', '.join(failed)} (see {ctx.log_dir})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
