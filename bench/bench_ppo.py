@@ -1,0 +1,115 @@
+"""PPO samples/s and generated tokens/s: our `run_ppo` vs classic TRL 0.11.4 `PPOTrainer` (trl_ppo_legacy.py, in
+its legacy venv) and vs TRL 1.16 `RLOOTrainer` (trl_online_rl.py --algo rloo; TRL 1.x has no PPOTrainer).
+
+Work per step: 8 prompts from the 256 peer prompts, sampling (temperature 1, top_k 0, top_p 1) of exactly 48 new
+tokens (min_new_tokens = max_new_tokens = 48, as the peers force it), a scalar reward from a SEQ_CLS model on the
+same SmolLM2 backbone, KL to the reference = policy with the adapter off, LoRA r16/alpha32/dropout0.05 on
+q_proj,v_proj, fp32, 2 threads. PPO: 4 PPO epochs over mini-batches of 8 (StackLLaMA), 5 steps (first excluded).
+RLOO needs >= 2 completions per prompt, so its step is 8 prompts x 2 = 16 samples (and one gradient step); that is
+why samples/s and generated tokens/s are compared, not steps/s.
+Reward model: the peers use the base checkpoint with an untrained score head; ours needs a reward-stage output
+dir, so we use the one the reward benchmark just trained (or train a 2-step one, unmeasured) -- the same
+backbone either way, so the same cost per forward.
+
+    python bench/bench_ppo.py [--quick] [--variants all|default]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+STAGE = "ppo"
+GOAL = 1.5
+
+
+def reward_dir(ctx: bl.Ctx) -> Path:
+    return ctx.out / "ours" / "ours_reward"
+
+
+def plan(ctx: bl.Ctx) -> list[dict]:
+    steps = ctx.steps(5, 3)
+    lora = ["--lora-r", 16, "--lora-alpha", 32, "--lora-dropout", 0.05, "--lora-targets", "q_proj,v_proj"]
+    sides = []
+    if bl.legacy_python().exists():
+        sides.append(bl.trl_side(ctx, "trl_ppo_legacy", "trl_ppo_legacy.py",
+                                 ["--steps", steps, "--batch", 8, "--mini-batch", 8, "--ppo-epochs", 4,
+                                  "--new-tokens", 48], legacy=True, peer="ppo_legacy",
+                                 config="TRL 0.11.4 PPOTrainer, 8 samples, mb 8, 4 epochs, fp32"))
+    rloo = ["--algo", "rloo", "--steps", steps, "--prompts", 8, "--num-generations", 2, "--new-tokens", 48, *lora]
+    sides.append(bl.trl_side(ctx, "trl_rloo", "trl_online_rl.py", rloo, peer="rloo",
+                             config="TRL 1.16 RLOOTrainer, 8 prompts x 2, fp32"))
+    if ctx.variants == "all":
+        sides.append(bl.trl_side(ctx, "trl_rloo_bf16_ckpt", "trl_online_rl.py", [*rloo, "--bf16", 1, "--grad-ckpt", 1],
+                                 peer="rloo", config="RLOO, bf16 autocast + grad-ckpt (TRL defaults)"))
+    # our PPO needs a reward-stage output: reuse the measured reward run, else make a tiny unmeasured one
+    setup = bl.ours_side(ctx, "ours_reward_for_ppo", "reward",
+                         {"max_steps": 2, "batch_size": 4, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+                          "precision": "fp32", "save_steps": 100000}, config="setup only (not measured)")
+    setup["role"] = "setup"
+    setup["skip"] = lambda: (reward_dir(ctx) / "metrics.json").is_file()
+    sides.append(setup)
+
+    def rm_dir() -> str:
+        d = reward_dir(ctx)
+        return str(d if (d / "metrics.json").is_file() else ctx.out / "ours" / "ours_reward_for_ppo")
+
+    want = {
+        "steps|ppo_steps|max_steps": steps, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 4,
+        "gradient_accumulation_steps": 1,
+        "max_new_tokens|response_length|new_tokens": 48, "min_new_tokens": 48, "force_length": True,
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+        "learning_rate": 1.41e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "v_proj"],
+        "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
+        "reward_model": rm_dir,  # resolved when the side starts
+    }
+    sides.append(bl.ours_side(ctx, "ours_ppo", STAGE, want,
+                              config="run_ppo, 8 prompts, mb 8, 4 epochs, 48 forced new tokens, fp32"))
+    return sides
+
+
+def _gen_tok(r):
+    if r is None or r.get("failed"):
+        return None
+    if r.get("role") == "ours":
+        # generated (response) tokens over the steady steps' time, as TRL's figure is (total / total, step 1 out)
+        hist = (r.get("metrics") or {}).get("history") or []
+        steady = hist[1:] or hist
+        if steady and all(h.get("samples_per_s") and h.get("response_length") is not None for h in steady):
+            b = r["config_used"]["batch_size"]
+            return round(sum(h["response_length"] * b for h in steady) / sum(b / h["samples_per_s"] for h in steady), 2)
+        for k in ("gen_tokens_per_s", "generated_tokens_per_s", "response_tokens_per_s", "tokens_per_s"):
+            v = bl.metric(r, k, STAGE)
+            if v is not None:
+                return v
+        return None
+    return r.get("gen_tokens_per_s")
+
+
+def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
+    ours = next((r for r in results if r["role"] == "ours"), None)
+    o = bl.metric(ours, "samples_per_s", STAGE)
+    og = _gen_tok(ours)
+    out = []
+    for peer, label in (("ppo_legacy", "TRL 0.11.4 PPOTrainer"), ("rloo", "TRL 1.16 RLOOTrainer")):
+        cands = [r for r in results if r["role"] == "trl" and r.get("peer") == peer]
+        b = bl.best(cands, "samples_per_s")
+        t = b["samples_per_s"] if b else None
+        out.append({"stage": f"PPO vs {label}", "metric": "samples/s", "ours": o, "trl": t,
+                    "trl_side": b["name"] if b else "-", "ratio": bl.ratio(o, t), "goal": GOAL,
+                    "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)})
+        tg = _gen_tok(b)
+        out.append({"stage": f"PPO vs {label}", "metric": "generated tokens/s", "ours": og, "trl": tg,
+                    "trl_side": b["name"] if b else "-", "ratio": bl.ratio(og, tg), "goal": GOAL,
+                    "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)})
+    return out
+
+
+if __name__ == "__main__":
+    import run_all
+
+    run_all.main(["--only", STAGE, *sys.argv[1:]])

@@ -1,0 +1,68 @@
+"""Reward-model pairs/s: our `run_reward` vs TRL 1.16 `RewardTrainer` (shared script trl_reward.py).
+
+Work: the 256 peer pairs (prompt + chosen / prompt + rejected), 4 pairs per step (= 8 sequences), max length 512,
+LoRA r8/alpha32/dropout0.1 on q_proj,v_proj + a trained score head (SEQ_CLS), constant lr 3e-4, fp32, 2 threads,
+24 steps (first excluded from the steady rate). The TRL denominator is the best of fp32 (the peers' default),
+bf16 autocast + gradient checkpointing (TRL's defaults) and bf16 autocast alone. Both sides also report held-out
+accuracy (TRL: the 64 eval pairs after training; ours: whatever its metrics.json reports), so that a faster side
+that learns nothing would show.
+
+    python bench/bench_reward.py [--quick] [--variants all|default]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+STAGE = "reward"
+GOAL = 1.3
+
+
+def plan(ctx: bl.Ctx) -> list[dict]:
+    steps = ctx.steps(24, 6)
+    common = ["--steps", steps, "--batch", 4, "--max-length", 512, "--lr", 3e-4, "--lora-r", 8, "--lora-alpha", 32,
+              "--lora-dropout", 0.1, "--lora-targets", "q_proj,v_proj", "--skip-eval-before"]
+    sides = [bl.trl_side(ctx, "trl_reward", "trl_reward.py", common, config="fp32")]
+    if ctx.variants == "all":
+        sides += [
+            bl.trl_side(ctx, "trl_reward_bf16_ckpt", "trl_reward.py", [*common, "--bf16", 1, "--grad-ckpt", 1],
+                        config="bf16 autocast + grad-ckpt (TRL defaults)"),
+            bl.trl_side(ctx, "trl_reward_bf16", "trl_reward.py", [*common, "--bf16", 1], config="bf16 autocast"),
+        ]
+    want = {
+        "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
+        "max_length|max_seq_length|seq_length": 512,
+        "learning_rate": 3e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "lora_target_modules": ["q_proj", "v_proj"],
+        "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
+    }
+    sides.append(bl.ours_side(ctx, "ours_reward", STAGE, want, config="run_reward, fp32"))
+    return sides
+
+
+def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
+    ours = next((r for r in results if r["role"] == "ours"), None)
+    trl = [r for r in results if r["role"] == "trl"]
+    b = bl.best(trl, "pairs_per_s")
+    o = bl.metric(ours, "pairs_per_s", "rm")
+    t = b["pairs_per_s"] if b else None
+    acc_o = bl.metric(ours, "accuracy", "rm")
+    acc_t = b.get("eval_accuracy") if b else None
+    out = [{"stage": "Reward", "metric": "pairs/s", "ours": o, "trl": t, "trl_side": b["name"] if b else "-",
+            "ratio": bl.ratio(o, t), "goal": GOAL, "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b),
+            "note": f"held-out accuracy ours {bl.fmt(acc_o)} / TRL {bl.fmt(acc_t)}"}]
+    for r in trl:
+        out.append({"stage": "Reward", "metric": f"pairs/s vs {r['name']}", "ours": o, "trl": r.get("pairs_per_s"),
+                    "trl_side": r["name"], "ratio": bl.ratio(o, r.get("pairs_per_s")), "ours_rss": bl.rss(ours),
+                    "trl_rss": bl.rss(r)})
+    return out
+
+
+if __name__ == "__main__":
+    import run_all
+
+    run_all.main(["--only", STAGE, *sys.argv[1:]])
