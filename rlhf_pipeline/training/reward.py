@@ -1,0 +1,231 @@
+"""Step 2: a pairwise reward model (one logit at the last real token), LoRA on the SFT model.
+
+    rlhf reward --model /tmp/sft/merged --data /tmp/beer-data --output /tmp/reward --config recipes/smollm2/reward.yaml
+    rlhf reward --evaluate-only --model models:/rlhf-reward/1 --data /tmp/beer-data --output /tmp/rm-eval
+
+Training reads `<data>/reward.parquet`, holds out `--eval-fraction` of the questions, drops (and counts) pairs longer
+than `--max-length`, and minimises -log sigmoid(r_chosen - r_rejected) with chosen and rejected scored in ONE
+forward. Held-out accuracy, mean margin and the reward mean/std over all held-out responses (PPO normalizes its
+rewards with them) go to `<output>/metrics.json` and MLflow; `<output>/adapter/` holds LoRA + score head,
+`<output>/merged/` the full sequence-classification model; registered as `<prefix>-reward`, tagged `rm/accuracy`.
+
+--evaluate-only scores an existing reward model (a registered `models:/name/version` URI, a reward output
+directory, or a model directory) on `<data>/evaluation.parquet` (questions no training stage saw) when it exists,
+else on the held-out questions of `<data>/reward.parquet` (same split as training) -- see `--eval-subset`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from rlhf_pipeline.cli import stage_command
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.training import loop
+from rlhf_pipeline.training.data import limit, read_subset, split_by_question, tokenize_pairs
+from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.reward_scoring import (
+    RewardScorer, collate_pairs, pairwise_accuracy, pairwise_loss, split_chosen_rejected,
+)
+
+
+class RewardConfig(TrainingOptions):
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    max_length: int = Field(512, ge=8, description="Pairs with a side longer than this many tokens are dropped.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for accuracy/margin.")
+    evaluate_only: bool = Field(False, description="Only score --model on held-out pairs (no training).")
+    eval_subset: Literal["auto", "evaluation", "reward"] = Field(
+        "auto", description="--evaluate-only data: evaluation.parquet, the held-out part of reward.parquet, or "
+        "auto (evaluation.parquet if present).",
+    )
+    register_weights: Literal["merged", "adapter"] = Field(
+        "merged", description="What to register in MLflow: the merged full model, or only adapter + score head."
+    )
+
+
+def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
+    chosen, rejected = split_chosen_rejected(module(**batch))
+    margin = float((chosen - rejected).detach().mean())
+    return pairwise_loss(chosen, rejected), {"train_accuracy": pairwise_accuracy(chosen, rejected),
+                                             "train_margin": margin}, float(chosen.shape[0])
+
+
+@torch.no_grad()
+def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval") -> dict:
+    """Accuracy, mean margin, loss, and reward mean/std over every held-out response (chosen and rejected)."""
+    from torch.utils.data import DataLoader
+
+    if len(pairs) == 0:
+        return {"num_pairs": 0}
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))  # little padding
+    loader = accelerator.prepare_data_loader(DataLoader(
+        [pairs[i] for i in order], batch_size=batch_size, collate_fn=lambda b: collate_pairs(b, pad_token_id)))
+    was_training = module.training
+    module.eval()
+    chosen_all, rejected_all = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
+        with accelerator.autocast():
+            chosen, rejected = split_chosen_rejected(module(**batch))
+        chosen, rejected = accelerator.gather_for_metrics((chosen, rejected))
+        chosen_all.append(chosen.cpu())
+        rejected_all.append(rejected.cpu())
+    module.train(was_training)
+    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    both = torch.cat([chosen, rejected])
+    return {"accuracy": pairwise_accuracy(chosen, rejected), "margin": float((chosen - rejected).mean()),
+            "eval_loss": float(pairwise_loss(chosen, rejected)), "reward_mean": float(both.mean()),
+            "reward_std": float(both.std()) if both.numel() > 1 else 0.0, "num_pairs": int(chosen.numel())}
+
+
+def _log_eval(run, metrics: dict, step: int) -> None:
+    keys = ("accuracy", "margin", "eval_loss", "reward_mean", "reward_std")
+    run.log_metrics({f"rm/{k}": metrics[k] for k in keys if k in metrics}, step=step)
+
+
+def load_reward_model(cfg: RewardConfig, device: str):
+    """Sequence-classification model with ONE logit and a pad token, from --model (base, SFT merged, or RM)."""
+    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
+                           trust_remote_code=cfg.trust_remote_code, device=device,
+                           model_class="AutoModelForSequenceClassification", num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # batches > 1 need it (our pooling does not read it)
+    return model, tokenizer
+
+
+def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
+    """Train (or resume, or report a finished run), or --evaluate-only; `on_step(step)` runs after each step."""
+    if cfg.evaluate_only:
+        return evaluate_reward_model(cfg)
+    done = loop.finished_run(cfg.output)
+    if done is not None:
+        return {"status": "done", "output": cfg.output, **done}
+
+    accelerator = loop.build_accelerator(cfg)
+    # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
+    with loop.tracked_run(cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        rows = read_subset(cfg.data, "reward")
+        train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction)
+        loop.set_seed(cfg.seed)  # also makes the fresh score head's initialisation reproducible
+        model, tokenizer = load_reward_model(cfg, str(accelerator.device))
+        train_pairs = tokenize_pairs(tokenizer, limit(train_rows, cfg.max_train_samples, cfg.seed),
+                                     cfg.prompt_template, cfg.max_length)
+        eval_pairs = tokenize_pairs(tokenizer, limit(eval_rows, cfg.max_eval_samples, cfg.seed),
+                                    cfg.prompt_template, cfg.max_length)
+        if len(train_pairs) == 0:
+            raise UserError(f"all {train_pairs.dropped_too_long} training pairs are longer than --max-length "
+                            f"{cfg.max_length} tokens")
+
+        peft_model = loop.apply_lora(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
+        module = RewardScorer(peft_model)
+        optimizer = loop.build_optimizer(module.parameters(), cfg)
+        per_epoch = loop.micro_batches_per_epoch(len(train_pairs), cfg.batch_size, accelerator.num_processes)
+        total_steps = loop.total_optimizer_steps(cfg, per_epoch)
+        scheduler = loop.build_scheduler(optimizer, cfg, total_steps)
+        start_step = loop.resume_if_possible(cfg.output, module, optimizer, scheduler)
+        module, optimizer = accelerator.prepare(module, optimizer)
+
+        def evaluate(desc: str) -> dict:
+            return evaluate_pairs(accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc)
+
+        # "Before" = adapters and the fresh head copy off: the initial model, also when this run resumed.
+        with accelerator.unwrap_model(module).model.disable_adapter():
+            before = evaluate("eval (initial)")
+        _log_eval(run, before, step=0)
+
+        batches = loop.micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size, seed=cfg.seed,
+                                     collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
+                                     start=start_step * cfg.gradient_accumulation_steps)
+        result = loop.train_loop(accelerator, module, optimizer, scheduler, batches, pair_loss, cfg=cfg,
+                                 total_steps=total_steps, start_step=start_step, prefix="rm", rate_name="pairs",
+                                 log_metrics=run.log_metrics, on_step=on_step)
+        after = evaluate("eval")
+        _log_eval(run, after, step=result.steps)
+
+        metrics: dict[str, Any] = {
+            **after, "accuracy_before": before.get("accuracy"), "margin_before": before.get("margin"),
+            "dropped_too_long": train_pairs.dropped_too_long + eval_pairs.dropped_too_long,
+            "train_pairs": len(train_pairs), "train_questions": len({r["qid"] for r in train_rows}),
+            "eval_questions": len({r["qid"] for r in eval_rows}), "train_loss": result.train_loss,
+            "pairs_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
+            "train_seconds": result.train_seconds, "max_length": cfg.max_length,
+            **loop.count_parameters(accelerator.unwrap_model(module).model),
+        }
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            adapter_dir, merged_dir = loop.save_final(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
+            metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
+            run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
+            run.log_dict(metrics, "reward/metrics.json")
+            accuracy_tag = {"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {}
+            metrics["registered_model"] = run.register(
+                merged_dir if cfg.register_weights == "merged" else adapter_dir,
+                artifact_path=cfg.register_weights, tags=accuracy_tag)
+            loop.write_metrics(cfg.output, metrics)  # last: its presence marks the run finished
+        return {"status": "trained", "output": cfg.output, **metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --evaluate-only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _local_reward_model(model: str, download_to: Path) -> str:
+    """A directory holding config.json for `model`: a models:/ or runs:/ URI is downloaded from MLflow first."""
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = mlflow.artifacts.download_artifacts(model, dst_path=str(download_to))
+        except MlflowException as exc:
+            raise UserError(f"cannot download {model}: {str(exc).splitlines()[0]}") from None
+    path = Path(model)
+    if (path / "merged" / "config.json").is_file():  # a reward stage output directory
+        return str(path / "merged")
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise UserError(f"{model} holds only a LoRA adapter; evaluate the merged model (the stage's merged/)")
+    return model
+
+
+def _eval_rows(cfg: RewardConfig) -> tuple[list[dict], str]:
+    has_evaluation = (Path(cfg.data) / "evaluation.parquet").is_file()
+    subset = cfg.eval_subset if cfg.eval_subset != "auto" else ("evaluation" if has_evaluation else "reward")
+    if subset == "evaluation":
+        return read_subset(cfg.data, "evaluation"), "evaluation"
+    _, held_out = split_by_question(read_subset(cfg.data, "reward"), cfg.eval_fraction or 0.1)
+    return held_out, "reward (held-out questions)"
+
+
+def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
+    accelerator = loop.build_accelerator(cfg)
+    eval_cfg = cfg.model_copy(update={"run_name": cfg.run_name or "reward-evaluate"})
+    with loop.tracked_run(eval_cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        rows, subset = _eval_rows(cfg)
+        rows = limit(rows, cfg.max_eval_samples, cfg.seed)
+        local = _local_reward_model(cfg.model, Path(cfg.output) / "downloaded-model")
+        model, tokenizer = load_reward_model(cfg.model_copy(update={"model": local}), str(accelerator.device))
+        pairs = tokenize_pairs(tokenizer, rows, cfg.prompt_template, cfg.max_length)
+        module = accelerator.prepare(RewardScorer(model))
+        metrics = evaluate_pairs(accelerator, module, pairs, cfg.batch_size, tokenizer.pad_token_id)
+        metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
+        _log_eval(run, metrics, step=0)
+        if accelerator.is_main_process:
+            Path(cfg.output).mkdir(parents=True, exist_ok=True)
+            loop.write_metrics(cfg.output, metrics)
+        return {"status": "evaluated", "output": cfg.output, **metrics}
+
+
+command = stage_command(
+    "reward", RewardConfig, run_reward,
+    help="Train a pairwise reward model on <data>/reward.parquet (LoRA + one-logit head on the SFT model), or "
+    "score one with --evaluate-only. Writes <output>/adapter, merged, metrics.json; registers <prefix>-reward.",
+)
