@@ -118,6 +118,8 @@ def flat_metrics(data: Any, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     if isinstance(data, dict):
         for key, value in data.items():
+            if str(key).startswith("registered"):  # registry entries (version numbers), not measurements
+                continue
             name = f"{prefix}/{key}" if prefix else str(key)
             out.update(flat_metrics(value, name))
     elif isinstance(data, (int, float)) and not isinstance(data, bool):

@@ -1,0 +1,61 @@
+"""`rlhf run` configuration (fast: nothing is trained here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.orchestration import local_run
+
+RLHF = str(Path(sys.executable).parent / "rlhf")
+
+
+def test_recipe_equals_the_built_in_small_sizes():
+    recipe = yaml.safe_load(local_run.DEFAULT_RECIPE.read_text())
+    for section, values in local_run.SMALL_SIZES.items():
+        assert recipe.get(section) == values, section
+    assert recipe["alignment"] == "ppo" and recipe["model"] == "smollm2-135m-instruct"
+
+
+def test_precedence_defaults_recipe_flags_set(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("alignment: dpo\nsft: {max_steps: 7}\nreward: {batch_size: 8}\n")
+    cfg = local_run.load_config(str(recipe), {"alignment": "ppo"}, ("sft.max_steps=9", "ppo.temperature=0.7"))
+    assert cfg.alignment == "ppo"
+    assert cfg.sft["max_steps"] == 9 and cfg.sft["seq_length"] == local_run.SMALL_SIZES["sft"]["seq_length"]
+    assert cfg.reward["batch_size"] == 8 and cfg.ppo["temperature"] == 0.7
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("sft.max_steps",), "SECTION.KEY=VALUE"), (("train.max_steps=3",), "section must be one of"),
+])
+def test_bad_set(sets, message):
+    with pytest.raises(UserError, match=message):
+        local_run.load_config(None, {}, sets)
+
+
+def test_unknown_stage_option_fails_before_anything_runs(tmp_path):
+    proc = subprocess.run([RLHF, "run", "-o", str(tmp_path / "o"), "--set", "sft.max_stepz=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "max_stepz" in proc.stderr
+    assert not (tmp_path / "o" / "kfp").exists()
+
+
+def test_missing_input_is_one_line(tmp_path):
+    proc = subprocess.run([RLHF, "run", "-o", str(tmp_path / "o"), "--input", str(tmp_path / "nope.xml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "input not found" in proc.stderr
+
+
+def test_print_config(tmp_path):
+    proc = subprocess.run([RLHF, "run", "--print-config", "--alignment", "dpo", "--set", "dpo.beta=0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["alignment"] == "dpo" and cfg["dpo"]["beta"] == 0.2
