@@ -1,0 +1,122 @@
+"""The report step: alias `challenger` on this run's policy version, headline metrics, Markdown + HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.orchestration import report as rep
+from rlhf_pipeline.orchestration import steps
+
+
+class Art(SimpleNamespace):
+    """Stands in for a kfp Artifact: path, metadata, log_metric."""
+
+    def __init__(self, path, metadata=None):
+        super().__init__(path=str(path), metadata=dict(metadata or {}))
+
+    def log_metric(self, name, value):
+        self.metadata[name] = value
+
+
+def register(client, name, run_key, tags=None):
+    import mlflow
+
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    with mlflow.start_run() as run:
+        mlflow.log_dict({"x": 1}, "model/x.json")
+    return client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                       tags={"kfp_run_id": run_key, **(tags or {})})
+
+
+@pytest.fixture()
+def store(tmp_path, mlflow_sqlite):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    mlflow.set_experiment("t")
+    return MlflowClient(tracking_uri=mlflow_sqlite)
+
+
+def model_artifact(tmp_path, step, metrics, registered=None):
+    out = tmp_path / "work" / step
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    art = Art(tmp_path / "kfp" / step / "model")
+    summary = {"registered_model": registered} if registered else {}
+    steps.publish(step, out, art, Art(tmp_path / "kfp" / step / "metrics"), summary)
+    return art
+
+
+def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
+    register(store, "rlhf-policy", "older-run")
+    sft_v = register(store, "rlhf-sft", "run-7")
+    rm_v = register(store, "rlhf-reward", "run-7")
+    pol_v = register(store, "rlhf-policy", "run-7", {"algorithm": "ppo"})
+    register(store, "rlhf-policy", "another-run")  # newer, but not this run's
+    sft = model_artifact(tmp_path, "sft", {"train_loss": 2.5}, {"name": "rlhf-sft", "version": sft_v.version})
+    rm = model_artifact(tmp_path, "reward", {"accuracy": 0.75}, {"name": "rlhf-reward", "version": rm_v.version})
+    policy = model_artifact(tmp_path, "ppo", {"kl_last": 0.1, "reward_last": 0.3})  # registry entry unknown
+    gen_dir = tmp_path / "gen"
+    gen_dir.mkdir()
+    (gen_dir / "generations.jsonl").write_text("\n".join(json.dumps(
+        {"question": f"Which beer {i}?", "sft": "An ale.", "ppo": "A stout <b>.", "reward_sft": 0.1, "reward_ppo": 0.4})
+        for i in range(6)))
+    (tmp_path / "eval.md").write_text("Evaluation text")
+    summary = Art(tmp_path / "summary")
+    md, html = Art(tmp_path / "report.md"), Art(tmp_path / "report.html")
+    result = rep.run_report_step(
+        models={"sft": sft, "reward": rm, "policy": policy},
+        eval_metrics=Art(tmp_path / "em", {"eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}),
+        generations=Art(gen_dir), eval_report=Art(tmp_path / "eval.md"), alignment="ppo", summary=summary,
+        report_md=md, report_html=html, tracking_uri=mlflow_sqlite, registered_model_prefix="rlhf",
+        kfp_run_id="run-7", num_samples=2, alias="challenger")
+    assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == pol_v.version
+    assert result["challenger"] == f"rlhf-policy/{pol_v.version}"
+    assert summary.metadata == {"rm/accuracy": 0.75, "eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}
+    text = Path(md.path).read_text()
+    assert "| rm/accuracy | 0.75 |" in text and "Which beer 1?" in text and "Which beer 2?" not in text
+    assert "Evaluation text" in text and "challenger" in text
+    page = Path(html.path).read_text()
+    assert page.startswith("<!doctype html>") and "<table>" in page
+    assert "A stout &lt;b&gt;." in page  # generated text is escaped, never markup
+
+
+def test_no_policy_version_is_an_error(tmp_path, store, mlflow_sqlite):
+    sft = model_artifact(tmp_path, "sft", {})
+    rm = model_artifact(tmp_path, "reward", {})
+    policy = model_artifact(tmp_path, "dpo", {})
+    with pytest.raises(UserError, match="no registered policy version"):
+        rep.run_report_step(
+            models={"sft": sft, "reward": rm, "policy": policy}, eval_metrics=Art(tmp_path / "em"),
+            generations=Art(tmp_path / "none"), eval_report=Art(tmp_path / "none.md"), alignment="dpo",
+            summary=Art(tmp_path / "s"), report_md=Art(tmp_path / "m"), report_html=Art(tmp_path / "h"),
+            tracking_uri=mlflow_sqlite, registered_model_prefix="rlhf", kfp_run_id="run-8", num_samples=2,
+            alias="challenger")
+
+
+def test_publish_keeps_weights_out_of_the_artifact(tmp_path):
+    out = tmp_path / "work"
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "model.safetensors").write_bytes(b"x" * 1000)
+    (out / "merged" / "config.json").write_text("{}")
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"a")
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.6, "status": "x", "registered_model": {"version": 3},
+                                                  "nested": {"a": 1}, "flag": True, "history": [1, 2]}))
+    art, metrics = Art(tmp_path / "art"), Art(tmp_path / "m")
+    values = steps.publish("reward", out, art, metrics, {"registered_model": {"name": "rlhf-reward", "version": 3}})
+    assert values == {"rm/accuracy": 0.6, "rm/nested/a": 1.0}
+    assert metrics.metadata == values
+    assert (Path(art.path) / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (Path(art.path) / "merged").exists()
+    assert art.metadata["output_dir"] == str(out) and art.metadata["registered_version"] == "3"
+    assert steps.merged_model(art) == str(out / "merged")
