@@ -1,0 +1,344 @@
+"""PPO rollouts: prompt encoding, sampling responses with the policy, and scoring them.
+
+Layout of a rollout batch (B sequences):
+    input_ids      [B, P + R]   prompts LEFT-padded to a common length P, then R generated tokens
+    response_mask  [B, R]       1 up to and including the first EOS, 0 after it (generate pads finished rows)
+The prompt padding is outside the response columns and the post-EOS padding is masked, so neither ever enters
+the KL, the advantages or the losses.
+
+Reward sources are pluggable (`RewardSource`): the reward model (read at the last real token of prompt + response)
+for real runs, any function of the decoded texts for tests and toy problems.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.options import format_example, format_prompt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer, template: str, questions: Sequence[str], max_prompt_length: int) -> list[list[int]]:
+    """Token ids of each formatted prompt. A prompt over the limit loses the end of its QUESTION, never the
+    template's tail ("\\n\\nAnswer: "), so the policy is always asked to answer."""
+    tail = template[template.index("{question}") + len("{question}") : template.rindex("{answer}")]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if len(tail_ids) >= max_prompt_length:
+        raise UserError(f"max_prompt_length={max_prompt_length} leaves no room for the question")
+    encoded = []
+    for question in questions:
+        ids = tokenizer(format_prompt(template, question), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            ids = ids[: max_prompt_length - len(tail_ids)] + tail_ids
+        encoded.append(ids)
+    return encoded
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
+    """Left-pad token lists -> (input_ids [B, P], attention_mask [B, P])."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
+    """Right-pad token lists -> (input_ids [B, L], attention_mask [B, L])."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]: prompt mask, then response_mask
+    response_start: int  # P
+    response_mask: torch.Tensor  # [B, R]
+    has_eos: torch.Tensor  # [B] bool: the response ended by itself
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start:]
+
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, R] -> (mask [B, R], has_eos [B]). The first EOS is a real action (the policy chose to stop) and stays
+    in; everything after it is padding. pad == eos for SmolLM2, so the pad id alone cannot tell them apart."""
+    is_eos = response_ids == eos_token_id
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before position t
+    return (eos_before == 0).long(), is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
+                     pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+                     top_k: int = 0, force_length: bool = False) -> Rollout:
+    """Step (1) of PPO: sample one response per prompt with the KV cache (HF generate), left-padded prompts.
+
+    force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
+    """
+    device = next(policy.parameters()).device
+    query_ids, query_mask = left_pad(prompt_ids, pad_token_id, device)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      use_cache=True)
+    if do_sample:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if force_length:
+        gen_kwargs["min_new_tokens"] = max_new_tokens
+    sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
+    start = query_ids.shape[1]
+    response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_token_id)
+    return Rollout(input_ids=sequences, attention_mask=torch.cat([query_mask, response_mask], dim=1),
+                   response_start=start, response_mask=response_mask, has_eos=has_eos)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The response texts, up to (not including) the EOS."""
+    texts = []
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
+        texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reward sources
+# ------------------------------------------------------------------------------------------------------------
+
+
+class RewardSource(Protocol):
+    """Scores [B] (already normalized) for a batch of (question, response text) pairs and their rollout."""
+
+    def __call__(self, questions: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor: ...
+
+
+class FunctionReward:
+    """Wraps `fn(questions, responses, rollout) -> list[float] | Tensor` (toy rewards, rule-based rewards)."""
+
+    def __init__(self, fn: Callable[[list[str], list[str], Rollout], Sequence[float] | torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, questions, responses, rollout):
+        return torch.as_tensor(self.fn(questions, responses, rollout), dtype=torch.float32).reshape(-1)
+
+
+@dataclass
+class RewardModelInfo:
+    merged_dir: Path  # AutoModelForSequenceClassification (num_labels=1) + tokenizer
+    adapter_dir: Path | None  # LoRA SEQ_CLS adapter incl. the score head (base = the SFT model)
+    metrics: dict  # the reward stage's metrics.json (reward_mean, reward_std, accuracy, ...)
+
+    @property
+    def reward_mean(self) -> float:
+        return float(self.metrics.get("reward_mean", 0.0))
+
+    @property
+    def reward_std(self) -> float:
+        std = float(self.metrics.get("reward_std", 1.0))
+        return std if std > 1e-6 else 1.0
+
+
+def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
+    """The reward stage's output dir (merged/, adapter/, metrics.json), or a bare seq-cls model dir."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"reward model not found: {path} (expected the reward stage's output directory)")
+    if (root / "merged" / "config.json").is_file():
+        merged = root / "merged"
+    elif (root / "config.json").is_file():
+        merged = root
+    else:
+        raise UserError(f"{path} holds no reward model (no merged/config.json or config.json)")
+    metrics: dict = {}
+    for candidate in (root / "metrics.json", merged.parent / "metrics.json"):
+        if candidate.is_file():
+            metrics = json.loads(candidate.read_text())
+            break
+    adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else None
+    return RewardModelInfo(merged_dir=merged, adapter_dir=adapter, metrics=metrics)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row [B], for left or right padding. Never HF's 'first pad' pooling:
+    with pad == eos that would read the score at the answer's own EOS or, worse, the first pad."""
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.long().flip(1).argmax(1)
+
+
+@torch.no_grad()
+def last_token_scores(seq_cls_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score head applied to the hidden state of the last real token: [B, L] -> [B]."""
+    hidden = seq_cls_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
+    last = last_token_index(attention_mask)
+    head = getattr(seq_cls_model, "score", None) or getattr(seq_cls_model, "classifier")
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+
+
+class RewardModelScorer:
+    """Step (2) of PPO: the reward model's score, normalized by the reward stage's held-out mean/std.
+
+    The text is re-tokenized with the reward model's own tokenizer in the reward stage's format
+    (template(question, answer) + EOS, `data.tokenize_documents`), so it sees exactly what it was trained on.
+    """
+
+    def __init__(self, info: RewardModelInfo, model, tokenizer, *, template: str, max_length: int = 1024):
+        self.info, self.model, self.tokenizer = info, model.eval(), tokenizer
+        self.template, self.max_length = template, max_length
+
+    @classmethod
+    def load(cls, path: str | Path, *, template: str, precision: str = "auto", quantization: str = "none",
+             device: str | None = None, trust_remote_code: bool = False, max_length: int = 1024):
+        from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
+
+        info = read_reward_model_dir(path)
+        model = load_causal_lm(str(info.merged_dir), model_class="AutoModelForSequenceClassification", num_labels=1,
+                               precision=precision, quantization=quantization, device=device,
+                               trust_remote_code=trust_remote_code)
+        model.requires_grad_(False)
+        tokenizer = load_tokenizer(str(info.merged_dir), padding_side="right", trust_remote_code=trust_remote_code)
+        return cls(info, model, tokenizer, template=template, max_length=max_length)
+
+    def raw_scores(self, questions: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        from rlhf_pipeline.training.data import tokenize_documents
+
+        texts = [format_example(self.template, q, r) for q, r in zip(questions, responses)]
+        # the reward stage's own encoding (special tokens + EOS); an over-long text keeps its END, where the
+        # score is read, rather than being cut before its last token
+        encoded = [ids[-self.max_length:] for ids in tokenize_documents(self.tokenizer, texts)]
+        device = self.score_head().weight.device
+        out = []
+        for i in range(0, len(encoded), batch_size):
+            input_ids, attention_mask = right_pad(encoded[i : i + batch_size], self.tokenizer.pad_token_id, device)
+            out.append(self._score_batch(input_ids, attention_mask).cpu())
+        return torch.cat(out)
+
+    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_token_scores(self.model, input_ids, attention_mask)
+
+    def score_head(self) -> torch.nn.Module:
+        return getattr(self.model, "score", None) or getattr(self.model, "classifier")
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.info.reward_mean) / self.info.reward_std
+
+    def __call__(self, questions, responses, rollout=None) -> torch.Tensor:
+        return self.normalize(self.raw_scores(questions, responses))
+
+
+class SharedBaseRewardModel(RewardModelScorer):
+    """The reward model as a frozen second LoRA adapter ('reward') on the POLICY's base weights + its score head.
+
+    Possible when the reward adapter was trained on the same SFT weights the policy starts from (the pipeline's
+    normal case): one copy of the backbone serves policy, reference and reward model.
+    """
+
+    ADAPTER = "reward"
+
+    def __init__(self, info: RewardModelInfo, policy, head: torch.nn.Linear, tokenizer, *, template: str,
+                 max_length: int):
+        self.info, self.policy, self.head, self.tokenizer = info, policy, head, tokenizer
+        self.template, self.max_length = template, max_length
+
+    @classmethod
+    def try_attach(cls, policy, info: RewardModelInfo, cfg) -> "SharedBaseRewardModel | None":
+        from safetensors.torch import load_file
+
+        from rlhf_pipeline.modeling.loading import load_tokenizer
+
+        if info.adapter_dir is None or not same_backbone(policy.get_base_model(), info):
+            return None
+        weights = load_file(str(info.adapter_dir / "adapter_model.safetensors"))
+        score = [v for k, v in weights.items() if k.endswith(("score.weight", "score.modules_to_save.weight"))]
+        if len(score) != 1 or score[0].shape[0] != 1:
+            return None
+        policy.load_adapter(str(info.adapter_dir), adapter_name=cls.ADAPTER, is_trainable=False)
+        policy.set_adapter("default")
+        device = next(policy.parameters()).device
+        head = torch.nn.Linear(score[0].shape[1], 1, bias=False, device=device, dtype=score[0].dtype)
+        head.weight.data.copy_(score[0])
+        head.requires_grad_(False)
+        tokenizer = load_tokenizer(str(info.merged_dir), padding_side="right", trust_remote_code=cfg.trust_remote_code)
+        return cls(info, policy, head, tokenizer, template=cfg.prompt_template, max_length=cfg.max_reward_length)
+
+    @torch.no_grad()
+    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from rlhf_pipeline.training.value_head import decoder_and_head
+
+        decoder, _ = decoder_and_head(self.policy)
+        self.policy.set_adapter(self.ADAPTER)
+        try:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        finally:
+            self.policy.set_adapter("default")  # also restores requires_grad: only the policy adapter trains
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def score_head(self) -> torch.nn.Module:
+        return self.head
+
+    def detach(self) -> None:
+        self.policy.delete_adapter(self.ADAPTER)
+        self.policy.set_adapter("default")
+
+
+def same_backbone(base_model, info: RewardModelInfo) -> bool:
+    """Whether the reward model's backbone is the policy's base: compare tensors its LoRA adapter cannot have
+    changed (embeddings, final norm, an MLP weight) between its merged checkpoint and the loaded base."""
+    from safetensors import safe_open
+
+    state = base_model.state_dict()
+    probes = [n for n in state if n.endswith(("embed_tokens.weight", "model.norm.weight", "layers.0.mlp.down_proj.weight"))]
+    files = sorted(info.merged_dir.glob("*.safetensors"))
+    if not probes or not files:
+        return False
+    found = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            names = set(fh.keys())
+            for name in probes:
+                if name in names:
+                    theirs, ours = fh.get_tensor(name), state[name]
+                    if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.device, ours.dtype), ours):
+                        return False
+                    found += 1
+    return found == len(probes)
+
+
+def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None,
+                 missing_eos_penalty: float | None) -> torch.Tensor:
+    """Optional clip to [-c, c], then subtract the penalty from responses that never emitted EOS."""
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~has_eos.cpu()).to(scores.dtype)
+    return scores

@@ -1,0 +1,379 @@
+"""PPO on tiny models: masks, reference == SFT, sampling/training log-prob agreement, the NaN guard, the shared
+reward adapter, resume, and a toy-reward run where the reward rises while the KL stays bounded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from rlhf_pipeline.training import ppo_rollout as rollouts
+from rlhf_pipeline.training.ppo import PPOConfig, ppo_update, run_ppo
+from rlhf_pipeline.training.value_head import PolicyWithValue, disable_dropout, response_forward
+
+EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+def write_pairs(data_dir: Path, subset: str, n_questions: int, pairs_per_question: int = 1) -> None:
+    rows = []
+    for q in range(n_questions):
+        for p in range(pairs_per_question):
+            rows.append({"qid": q, "site": "beer", "question": f"Which beer style number {q} goes with cheese {p}?",
+                         "response_j": f"A malty amber ale, served cool, with aged cheddar {q}.",
+                         "response_k": f"No idea {q}.", "score_j": 5, "score_k": 1,
+                         "answer_id_j": 1000 + 2 * q, "answer_id_k": 1001 + 2 * q})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(data_dir / f"{subset}.parquet")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rl-data")
+    write_pairs(root, "rl", 24, pairs_per_question=2)
+    write_pairs(root, "reward", 24)
+    return root
+
+
+@pytest.fixture(scope="module")
+def peaky_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its final norm scaled x10: an LM-like, peaked next-token distribution (entropy ~5 nats
+    instead of uniform ~10.8) while the residual stream stays small enough for LoRA to move it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("peaky") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10.0)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward-stage-shaped output on the tiny base: adapter/ (random LoRA SEQ_CLS + score), merged/, metrics.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    torch.manual_seed(3)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base.config.pad_token_id = EOS
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}))
+    return out
+
+
+def make_policy(model_dir, **overrides) -> PolicyWithValue:
+    from rlhf_pipeline.modeling.loading import load_causal_lm
+
+    cfg = PPOConfig(model=str(model_dir), data="unused", output="unused", lora_r=4, **overrides)
+    model = PolicyWithValue.build(load_causal_lm(str(model_dir), device="cpu"), cfg)
+    disable_dropout(model)
+    return model.eval()
+
+
+def randomize_lora(model) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+
+
+def prompts(tokenizer, n=4):
+    questions = [f"Which hops for beer {i}?" + " really" * i for i in range(n)]  # different lengths -> left padding
+    return questions, rollouts.encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", questions, 64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from rlhf_pipeline.modeling.loading import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir), padding_side="left")
+
+
+# --- masks and padding -------------------------------------------------------------------------------------------
+
+def test_response_mask_keeps_the_first_eos_and_drops_what_follows():
+    ids = torch.tensor([[5, 6, EOS, EOS, EOS], [5, EOS, 7, EOS, 9], [5, 6, 7, 8, 9]])
+    mask, has_eos = rollouts.response_mask_from_ids(ids, EOS)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, False]
+
+
+def test_long_prompts_lose_the_question_end_not_the_template_tail(tokenizer):
+    ids = rollouts.encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", ["hop " * 200], 32)[0]
+    assert len(ids) == 32
+    assert tokenizer.decode(ids).endswith("\n\nAnswer: ")
+
+
+def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_model_dir, tokenizer):
+    """Left prompt padding: each row's log-probs equal those of the row run alone. Post-EOS padding: whatever
+    sits there (other tokens, other log-probs, values) leaves KL, advantages and losses unchanged."""
+    from rlhf_pipeline.training.losses import gae_advantages, kl_penalty, masked_whiten, per_token_rewards, \
+        ppo_policy_loss, ppo_value_loss
+
+    model = make_policy(tiny_model_dir)
+    randomize_lora(model)
+    _, prompt_ids = prompts(tokenizer)
+    torch.manual_seed(0)
+    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=6, eos_token_id=EOS,
+                                        pad_token_id=EOS, force_length=True)
+    with torch.no_grad():
+        batched = model(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
+        for row, prompt in enumerate(prompt_ids):
+            alone = torch.tensor([prompt + rollout.response_ids[row].tolist()])
+            single = model(alone, torch.ones_like(alone), len(prompt)).logprobs[0]
+            assert torch.allclose(batched[row], single, atol=1e-4)
+
+    # post-EOS: two batches equal on the real tokens, different (garbage) on the padding
+    torch.manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    real = {k: torch.randn(2, 5) for k in ("logp", "old", "ref", "values", "new_values")}
+    garbage = {k: torch.where(mask.bool(), v, torch.full_like(v, 1e4)) for k, v in real.items()}
+
+    def losses(t):
+        kl = kl_penalty(t["old"], t["ref"], "k1") * mask
+        rewards = per_token_rewards(torch.tensor([1.0, -1.0]), kl, 0.1, mask)
+        adv, ret = gae_advantages(rewards, t["values"], mask, 1.0, 0.95)
+        adv = masked_whiten(adv, mask)
+        pg = ppo_policy_loss(t["logp"], t["old"], adv, mask, 0.2)
+        vf = ppo_value_loss(t["new_values"], t["values"], ret, mask, 0.2)
+        return torch.stack([kl.sum(), adv.sum(), *pg, *vf])
+
+    assert torch.allclose(losses(real), losses(garbage), atol=1e-5)
+
+
+# --- the reference model and the sampling distribution -----------------------------------------------------------
+
+def test_reference_logprobs_equal_the_sft_model(tiny_model_dir, tokenizer):
+    from rlhf_pipeline.modeling.loading import load_causal_lm
+
+    model = make_policy(tiny_model_dir)
+    randomize_lora(model)  # a trained-looking adapter, so "adapter on" really differs
+    sft = load_causal_lm(str(tiny_model_dir), device="cpu").eval()
+    _, prompt_ids = prompts(tokenizer)
+    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=5, eos_token_id=EOS, pad_token_id=EOS)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    with torch.no_grad():
+        with model.policy.disable_adapter():
+            ref = model(*args).logprobs
+        plain = response_forward(sft, *args).logprobs
+        policy = model(*args).logprobs
+    assert torch.allclose(ref, plain, atol=1e-5)
+    assert not torch.allclose(policy, plain, atol=1e-3)
+
+
+def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, tokenizer):
+    """The log-probs PPO trains on are those generate() sampled from (same positions, same padding)."""
+    model = make_policy(tiny_model_dir)
+    randomize_lora(model)
+    _, prompt_ids = prompts(tokenizer)
+    query, query_mask = rollouts.left_pad(prompt_ids, EOS)
+    torch.manual_seed(0)
+    out = model.policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=6, do_sample=True,
+                                top_k=0, min_new_tokens=6, pad_token_id=EOS, output_logits=True,
+                                return_dict_in_generate=True)
+    response = out.sequences[:, query.shape[1]:]
+    sampled = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)
+    sampled = sampled.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    mask, _ = rollouts.response_mask_from_ids(response, EOS)
+    with torch.no_grad():
+        trained = model(out.sequences, torch.cat([query_mask, mask], 1), query.shape[1]).logprobs
+    assert torch.allclose(sampled, trained, atol=1e-4)
+
+
+# --- NaN guard ---------------------------------------------------------------------------------------------------
+
+def _update_inputs(model, tokenizer):
+    _, prompt_ids = prompts(tokenizer)
+    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS,
+                                        pad_token_id=EOS, force_length=True)
+    with torch.no_grad():
+        old = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True)
+    advantages = torch.randn_like(old.logprobs)
+    return rollout, old.logprobs, old.values, advantages, old.values + advantages
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("where", ["loss", "gradients"])
+def test_nan_guard_skips_the_update_and_keeps_the_weights(tiny_model_dir, tokenizer, where):
+    from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler
+
+    model = make_policy(tiny_model_dir)
+    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=2, ppo_epochs=2,
+                    learning_rate=1e-2)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10)
+    rollout, old_logprobs, old_values, advantages, returns = _update_inputs(model, tokenizer)
+    hook = None
+    if where == "loss":
+        from rlhf_pipeline.training.losses import masked_whiten
+
+        advantages[0, 0] = float("nan")  # e.g. a NaN reward: whitening spreads it over the whole batch
+        advantages = masked_whiten(advantages, rollout.response_mask)
+    else:  # finite loss, NaN gradient on one LoRA weight
+        param = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        hook = param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before = _trainable(model)
+    stats = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
+                       build_accelerator(cfg))
+    if hook is not None:
+        hook.remove()
+    assert stats["skipped_updates"] == 4  # 2 epochs x 2 minibatches, all refused
+    after = _trainable(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert not optimizer.state  # the optimizer never stepped
+
+
+# --- the reward model --------------------------------------------------------------------------------------------
+
+def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_dir, reward_model_dir):
+    """The reward model as a second adapter on the policy's base gives the separate model's scores, read at the
+    last real token; the policy adapter alone stays trainable."""
+    template = "Question: {question}\n\nAnswer: {answer}"
+    separate = rollouts.RewardModelScorer.load(reward_model_dir, template=template, device="cpu")
+    model = make_policy(tiny_model_dir, reward_model=str(reward_model_dir))
+    cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", reward_model=str(reward_model_dir))
+    shared = model.attach_reward_model(cfg)
+    assert isinstance(shared, rollouts.SharedBaseRewardModel)
+    questions = ["Best hops?", "Is lager a beer? " * 3]
+    responses = ["Citra and Mosaic.", "Yes, a bottom-fermented one, usually served cold and crisp."]
+    raw = separate.raw_scores(questions, responses)
+    assert torch.allclose(shared.raw_scores(questions, responses), raw, atol=1e-4)
+    assert torch.allclose(shared(questions, responses), (raw - 0.5) / 2.0, atol=1e-4)  # metrics.json mean/std
+    # padding does not move the score: each text alone scores the same as in the batch
+    assert torch.allclose(separate.raw_scores(questions[1:], responses[1:]), raw[1:], atol=1e-4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n or n.startswith("value_head") for n in trainable)
+    model.detach_reward_model()
+    assert "reward" not in model.policy.peft_config
+
+
+def test_last_token_index_for_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert rollouts.last_token_index(mask).tolist() == [2, 4, 4]
+
+
+# --- whole runs --------------------------------------------------------------------------------------------------
+
+TARGET = 216  # the tiny peaky model's most probable token on these prompts (~20% at the first answer position)
+
+
+def target_share(questions, responses, rollout):
+    """Toy reward: the share of TARGET among the real response tokens."""
+    ids, mask = rollout.response_ids, rollout.response_mask.float()
+    return ((ids == TARGET).float() * mask).sum(1) / mask.sum(1)
+
+
+def ppo_cfg(model_dir, data_dir, output, **overrides) -> PPOConfig:
+    base = dict(model=str(model_dir), data=str(data_dir), output=str(output), batch_size=16, mini_batch_size=8,
+                ppo_epochs=4, min_new_tokens=4, max_new_tokens=4, force_length=True, learning_rate=2e-3,
+                init_kl_coef=0.01, lora_r=8, max_prompt_length=64, register_model=False, save_steps=100,
+                log_generations_every=5, seed=0)
+    base.update(overrides)
+    return PPOConfig(**base)
+
+
+def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, mlflow_sqlite):
+    import mlflow
+
+    cfg = ppo_cfg(peaky_model_dir, data_dir, tmp_path / "ppo", steps=16, register_model=True)
+    summary = run_ppo(cfg, reward_fn=target_share)
+    rewards = [h["reward_mean"] for h in summary["history"]]
+    kls = [h["kl"] for h in summary["history"]]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.05, rewards
+    assert max(kls) < 10.0 and sum(kls[-4:]) / 4 > 0, kls
+    assert summary["skipped_updates"] == 0
+
+    out = tmp_path / "ppo"
+    for path in ("adapter/adapter_config.json", "adapter/value_head.safetensors", "merged/config.json",
+                 "metrics.json"):
+        assert (out / path).is_file(), path
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reward_first"] == rewards[0] and metrics["ppo/samples_per_s"] > 0
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(summary["registered"]["run_id"])
+    for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/approx_kl",
+                "ppo/clipfrac", "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance",
+                "ppo/response_length", "ppo/tokens_per_s", "ppo/samples_per_s", "ppo/skipped_updates"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "ppo/reward_mean")) == 16
+    version = client.get_model_version("rlhf-policy", summary["registered"]["version"])
+    assert version.tags["algorithm"] == "ppo" and version.tags["stage"] == "ppo"
+    tables = [a.path for a in client.list_artifacts(run.info.run_id, "generations")]
+    assert len(tables) >= 3  # steps 1, 5, 10, 15
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path,
+                                                                     mlflow_sqlite):
+    small = dict(steps=4, batch_size=4, mini_batch_size=2, ppo_epochs=1, save_steps=2, min_new_tokens=3,
+                 max_new_tokens=5, force_length=False)
+    straight = run_ppo(ppo_cfg(tiny_model_dir, data_dir, tmp_path / "straight", **small), reward_fn=target_share)
+
+    calls = {"n": 0}
+
+    def crashing(questions, responses, rollout):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3 of 4: the step-2 checkpoint exists
+            raise Interrupted()
+        return target_share(questions, responses, rollout)
+
+    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "resumed", **small)
+    with pytest.raises(Interrupted):
+        run_ppo(cfg, reward_fn=crashing)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = run_ppo(cfg, reward_fn=target_share)
+    assert resumed["steps"] == 4
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"]) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert run_ppo(cfg, reward_fn=target_share)["steps"] == 4  # a finished run is not redone
+
+
+def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,
+                                                  mlflow_sqlite):
+    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "ppo", steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
+                  reward_model=str(reward_model_dir), reward_clip=3.0, missing_eos_penalty=1.0,
+                  value_head_init="reward", force_length=False, kl_estimator="k3")
+    summary = run_ppo(cfg)
+    assert summary["steps"] == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary["history"])
+    assert all(h["kl"] >= 0 for h in summary["history"])  # k3 is never negative
+
+
+def test_cli_reports_a_missing_reward_model_in_one_line(tmp_path, data_dir, capsys):
+    from rlhf_pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["ppo", "--data", str(data_dir), "--output", str(tmp_path / "o"), "--reward-model", str(tmp_path / "nope"),
+              "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reward model not found" in err[0]
