@@ -113,14 +113,17 @@ def run_side(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, 
             res = {}
     res.update({"side": name, "rc": rc, "wall_s": round(wall, 1), "load_before": load_before,
                 "load_after": loadavg(), "peak_rss_mib_wait4": round(rusage.ru_maxrss / 1024.0, 1),
+                # CPU seconds of the process and the mean cores it got: < THREADS means it was starved by load
+                "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1),
+                "mean_cores": round((rusage.ru_utime + rusage.ru_stime) / wall, 2) if wall > 0 else None,
                 "log": str(err_path)})
     if rc != 0 or not lines:
         res["failed"] = True
         res["stderr_tail"] = "".join(err_path.read_text(errors="replace").splitlines(True)[-15:])
         print(f"[bench] {name} FAILED rc={rc} (see {err_path})\n{res['stderr_tail']}", file=sys.stderr, flush=True)
     else:
-        print(f"[bench] {name} ok ({wall:.0f} s, peak RSS {res['peak_rss_mib_wait4']:.0f} MiB)", file=sys.stderr,
-              flush=True)
+        print(f"[bench] {name} ok ({wall:.0f} s, {res['mean_cores']} cores on average, peak RSS "
+              f"{res['peak_rss_mib_wait4']:.0f} MiB)", file=sys.stderr, flush=True)
     return res
 
 
@@ -168,15 +171,16 @@ class Ctx:
     """What every stage plan needs: the model, the data, where to write, quick/full, which TRL variants."""
 
     def __init__(self, out: Path, model_dir: str, data_dir: Path, quick: bool, variants: str,
-                 legacy_model_dir: str | None = None):
+                 legacy_model_dir: str | None = None, scale: float = 1.0):
         self.out, self.model_dir, self.data_dir = Path(out), model_dir, Path(data_dir)
-        self.quick, self.variants = quick, variants
+        self.quick, self.variants, self.scale = quick, variants, scale
         self.legacy_model_dir = legacy_model_dir
         self.log_dir = self.out / "logs"
         self.tracking_uri = f"sqlite:///{self.out / 'mlflow' / 'mlflow.db'}"
 
     def steps(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
+        """The peers' step count (full), or a few (quick); --scale shortens a full run (at least 3 steps)."""
+        return quick if self.quick else max(3, round(full * self.scale))
 
 
 def trl_side(ctx: Ctx, name: str, script: str, args: list, legacy: bool = False, **meta) -> dict:

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", choices=["all", "default"], default=None,
                     help="TRL configurations: all (the best one is the denominator; default for a full run) or "
                          "default (the peers' default config only; default with --quick)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply the peers' step counts (e.g. 0.5 on a busy machine; >= 3 steps each)")
     ap.add_argument("--out", default=None, help="results dir (default outputs/bench/<timestamp>)")
     ap.add_argument("--data-dir", default=None, help="where the converted peer data is cached "
                                                         "(default outputs/bench/data)")
@@ -75,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     legacy = None
     if "ppo" in only and not a.skip_trl and bl.legacy_python().exists():
         legacy = legacy_checkpoint(model_dir)
-    ctx = bl.Ctx(out, model_dir, data_dir, a.quick, variants, legacy_model_dir=legacy)
+    ctx = bl.Ctx(out, model_dir, data_dir, a.quick, variants, legacy_model_dir=legacy, scale=a.scale)
 
     report = {"machine": bl.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "load_at_start": bl.loadavg(), "quick": a.quick, "variants": variants, "model_dir": model_dir,
+              "load_at_start": bl.loadavg(), "quick": a.quick, "scale": a.scale, "variants": variants, "model_dir": model_dir,
               "legacy_model_dir": legacy, "data": data_info, "stages": {}, "rows": []}
     if legacy is None and "ppo" in only and not a.skip_trl:
         report["notes"] = [f"no legacy venv at {bl.legacy_python()}: classic PPOTrainer not measured"]
@@ -103,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     report["load_at_end"] = bl.loadavg()
     results_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     table = bl.markdown_table(all_rows)
-    loads = {r["side"]: r["load_before"][0] for st in report["stages"].values() for r in st}
+    loads = {r["side"]: f"{r['load_before'][0]} ({r.get('mean_cores')} cores)" for st in report["stages"].values()
+             for r in st}
     missing = {r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st
                if r.get("missing_knobs")}
     md = [f"# bench {report['started']} ({'quick' if a.quick else 'full'}, TRL variants: {variants})", "",
           f"machine: {report['machine'].get('cpu')}, {report['machine']['cpu_count']} cores, "
           f"{report['machine'].get('mem_total_gib')} GiB, threads {bl.THREADS}; "
           f"load at start {report['load_at_start']}", "", table, "",
-          "1-min load average before each side: " + ", ".join(f"{k} {v}" for k, v in loads.items())]
+          "1-min load average before each side (mean cores the side got): " + ", ".join(f"{k} {v}" for k, v in loads.items())]
     if missing:
         md += ["", "knobs our stage configs lack (stage default used): " + json.dumps(missing)]
     notes = [f"{r['stage']}: {r['note']}" for r in all_rows if r.get("note")]
