@@ -30,7 +30,9 @@ def plan(ctx: bl.Ctx) -> list[dict]:
                                  config="bf16 autocast + grad-ckpt (TRL defaults)"))
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
-        "max_length|max_seq_length|seq_length": 512, "beta": 0.1,
+        "max_length|max_seq_length|seq_length": 512, "beta": 0.1, "loss|loss_type": "dpo",
+        "precompute_ref": False,  # reference forward every step, like the TRL peer's default
+        "eval_fraction": 0.0,  # all 256 pairs in the training pool, like TRL (which does no eval here)
         "learning_rate": 5e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "v_proj"],
         "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,

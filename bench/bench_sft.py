@@ -39,6 +39,9 @@ def plan(ctx: bl.Ctx) -> list[dict]:
             bl.trl_side(ctx, "trl_sft_wrapped_bf16", "trl_sft.py",
                         [*common, "--packing-strategy", "wrapped", "--bf16", 1],
                         config="packed wrapped, bf16 autocast"),
+            bl.trl_side(ctx, "trl_sft_unpacked_bf16", "trl_sft.py",
+                        [*common[:1], steps * 2, *common[2:], "--packing", 0, "--bf16", 1],
+                        config="unpacked, bf16 autocast"),
         ]
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
@@ -50,22 +53,38 @@ def plan(ctx: bl.Ctx) -> list[dict]:
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "v_proj"],
         "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
     }
-    sides.append(bl.ours_side(ctx, "ours_sft", STAGE, want, config="run_sft, packed dense 4x512, fp32"))
+    sides.append(bl.ours_side(ctx, "ours_sft", STAGE, want, config="run_sft, packed dense 4x512, fp32",
+                              layout="packed"))
+    if ctx.variants == "all":  # our padded mode, against TRL's unpacked run (same steps)
+        sides.append(bl.ours_side(ctx, "ours_sft_unpacked", STAGE, {**want, "packing": False, "max_steps": steps * 2},
+                                  config="run_sft, unpacked (padded batches of 4), fp32", layout="unpacked"))
+        bf16 = bl.bf16_knob(STAGE)
+        if bf16:  # our bf16 autocast, when the stage has the knob
+            sides.append(bl.ours_side(ctx, "ours_sft_bf16", STAGE, {**want, **bf16},
+                                      config="run_sft, packed dense 4x512, bf16 autocast", layout="packed"))
     return sides
 
 
 def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
-    ours = next((r for r in results if r["role"] == "ours"), None)
+    ours = [r for r in results if r["role"] == "ours"]
+    for r in ours:
+        r["tokens_per_s"] = bl.metric(r, "tokens_per_s", STAGE)
     trl = [r for r in results if r["role"] == "trl"]
-    b = bl.best(trl, "tokens_per_s")
-    o = bl.metric(ours, "tokens_per_s", STAGE)
-    t = b["tokens_per_s"] if b else None
-    out = [{"stage": "SFT", "metric": "tokens/s", "ours": o, "trl": t, "trl_side": b["name"] if b else "-",
-            "ratio": bl.ratio(o, t), "goal": GOAL, "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)}]
-    for r in trl:  # every TRL config, for the record
-        out.append({"stage": "SFT", "metric": f"tokens/s vs {r['name']}", "ours": o,
-                    "trl": r.get("tokens_per_s"), "trl_side": r["name"], "ratio": bl.ratio(o, r.get("tokens_per_s")),
-                    "ours_rss": bl.rss(ours), "trl_rss": bl.rss(r)})
+    bo, bt = bl.best(ours, "tokens_per_s"), bl.best(trl, "tokens_per_s")
+    o, t = (bo or {}).get("tokens_per_s"), (bt or {}).get("tokens_per_s")
+    out = [{"stage": "SFT", "metric": f"tokens/s, best vs best ({bo['name'] if bo else '-'})", "ours": o, "trl": t,
+            "trl_side": bt["name"] if bt else "-", "ratio": bl.ratio(o, t), "goal": GOAL, "ours_rss": bl.rss(bo),
+            "trl_rss": bl.rss(bt)}]
+    # same layout: our packed blocks vs TRL's packed runs, our padded batches vs TRL's unpacked run
+    for r in trl:
+        layout = "unpacked" if "unpacked" in r["name"] else "packed"
+        mine = bl.best([x for x in ours if x.get("layout") == layout], "tokens_per_s")
+        if mine is None:
+            continue
+        out.append({"stage": "SFT", "metric": f"tokens/s, {mine['name']} vs {r['name']}", "ours": mine["tokens_per_s"],
+                    "trl": r.get("tokens_per_s"), "trl_side": r["name"],
+                    "ratio": bl.ratio(mine["tokens_per_s"], r.get("tokens_per_s")), "ours_rss": bl.rss(mine),
+                    "trl_rss": bl.rss(r)})
     return out
 
 

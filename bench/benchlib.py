@@ -244,3 +244,27 @@ def metric(res: dict | None, key: str, stage: str | None = None):
 
 def rss(res: dict | None):
     return None if not res else res.get("peak_rss_mib_wait4")
+
+
+def config_fields(stage: str) -> set[str]:
+    """Field names of our stage's config class ({} when the stage cannot be imported yet)."""
+    import importlib
+
+    mod_name, _, cls_name = {"sft": ("rlhf_pipeline.training.sft", "", "SFTConfig"),
+                             "reward": ("rlhf_pipeline.training.reward", "", "RewardConfig"),
+                             "ppo": ("rlhf_pipeline.training.ppo", "", "PPOConfig"),
+                             "dpo": ("rlhf_pipeline.training.dpo", "", "DPOConfig")}[stage]
+    try:
+        return set(getattr(importlib.import_module(mod_name), cls_name).model_fields)
+    except Exception:  # noqa: BLE001 -- a stage still being written must not break the other benchmarks
+        return set()
+
+
+def bf16_knob(stage: str) -> dict | None:
+    """Our config's bf16-autocast knob (fp32 weights, bf16 compute), if the stage has one."""
+    fields = config_fields(stage)
+    if "mixed_precision" in fields:
+        return {"mixed_precision": "bf16"}
+    if "autocast" in fields:
+        return {"autocast": "bf16"}
+    return None

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="results dir (default outputs/bench/<timestamp>)")
     ap.add_argument("--data-dir", default=None, help="where the converted peer data is cached "
                                                         "(default outputs/bench/data)")
+    ap.add_argument("--select", default=None,
+                    help="regex on side names: run only the matching sides (e.g. 'ours_sft$|trl_sft_unpacked')")
     ap.add_argument("--skip-trl", action="store_true", help="run only our side")
     ap.add_argument("--skip-ours", action="store_true", help="run only the TRL side")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per side before it is killed")
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             sides = [s for s in sides if s["role"] != "trl"]
         if a.skip_ours:
             sides = [s for s in sides if s["role"] == "trl"]
+        if a.select:
+            import re
+
+            sides = [s for s in sides if s["role"] == "setup" or re.search(a.select, s["name"])]
         results = bl.run_plan(ctx, sides, timeout=a.timeout)
         rows = mod.rows(results, ctx)
         all_rows += rows
