@@ -1,0 +1,315 @@
+"""`rlhf evaluate`: the SFT model against the aligned policies (online PPO, offline DPO/IPO), judged by the reward model.
+
+    rlhf evaluate --model runs/sft/merged --reward-model runs/reward --data runs/data --output runs/eval \\
+        --policy ppo=runs/ppo --policy dpo=runs/dpo --max-questions 32
+
+Every model answers the same held-out questions (`<data>/evaluation.parquet`) with the same generation settings
+(greedy by default; or sampling with one seed, reset before each model). Per model:
+  reward_mean      the reward model's score, normalized by its held-out mean/std (the PPO training scale)
+  win_rate         share of questions where the policy's answer outscores the SFT answer (ties count 0.5)
+  kl               KL(policy || SFT) along the policy's own answers: the exact per-position KL over the
+                   vocabulary, summed over the answer, mean over answers (>= 0, valid for greedy answers;
+                   0 for SFT itself). `kl_logratio` is the sampled form, sum of log pi(y_t) - log pi_SFT(y_t):
+                   same expectation under sampling, but biased (possibly negative) for greedy answers
+  response_length  answer tokens (up to and including EOS)
+Writes `<output>/metrics.json`, `generations.jsonl` and `report.md`, logs `eval/<name>/...` to MLflow with a
+side-by-side table, and tags each registered policy version with the gate values `rlhf promote` reads
+(`eval/reward_mean`, `eval/win_rate`, `eval/kl`, and `rm/accuracy` from the reward model's metrics.json).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import Field, field_validator
+
+from rlhf_pipeline.cli import stage_command
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.options import ModelOptions
+from rlhf_pipeline.tracking import TrackingOptions
+
+SFT = "sft"
+
+
+class EvaluateConfig(ModelOptions, TrackingOptions):
+    data: str = Field(..., description="Directory written by `rlhf prepare-data` (reads evaluation.parquet).")
+    output: str = Field(..., description="Where metrics.json, generations.jsonl and report.md go.")
+    reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json).")
+    policy: list[str] = Field(default_factory=list, description="Aligned policies as NAME=DIR_OR_URI (a stage "
+                              "output dir, a merged model dir or models:/<name>/<version>); repeat the flag.")
+    ppo_model: str | None = Field(None, description="Shortcut for --policy ppo=...")
+    dpo_model: str | None = Field(None, description="Shortcut for --policy dpo=...")
+    policy_model_uri: str | None = Field(None, description="models:/<prefix>-policy/<N> of the (first) policy: "
+                                         "gets the eval/* and rm/accuracy tags.")
+    max_questions: int = Field(32, gt=0, description="Evaluate on at most this many questions.")
+    max_prompt_length: int = Field(256, gt=8, description="Prompt tokens kept (question cut, template tail kept).")
+    max_new_tokens: int = Field(64, gt=0, description="Answer length limit.")
+    do_sample: bool = Field(False, description="Sample (seeded, same for every model) instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with --do-sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with --do-sample).")
+    batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
+    max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
+    samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
+
+    @field_validator("policy")
+    @classmethod
+    def _named(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            name, sep, target = spec.partition("=")
+            if not sep or not name.strip() or not target.strip():
+                raise ValueError(f"expected NAME=DIR_OR_URI, got {spec!r}")
+            if name.strip() == SFT:
+                raise ValueError("'sft' is the reference model's name; pick another policy name")
+        return value
+
+    def policies(self) -> dict[str, str]:
+        specs = dict(spec.split("=", 1) for spec in self.policy)
+        specs = {k.strip(): v.strip() for k, v in specs.items()}
+        for name, value in (("ppo", self.ppo_model), ("dpo", self.dpo_model)):
+            if value:
+                specs.setdefault(name, value)
+        return specs
+
+
+@dataclass
+class ModelRef:
+    name: str
+    path: str  # a loadable model dir
+    registered_uri: str | None  # models:/name/version to tag, if known
+
+
+def resolve_policy(name: str, spec: str, download_dir: Path) -> ModelRef:
+    """A stage output dir (uses merged/, and its metrics.json registration), a model dir, or a models:/ URI."""
+    if spec.startswith("models:/"):
+        import mlflow
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / name))
+        except Exception as exc:  # MlflowException and friends: one line for the user
+            raise UserError(f"cannot download policy {name}={spec}: {str(exc).splitlines()[0]}") from None
+        return ModelRef(name, local, spec)
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise UserError(f"policy {name}: {spec} not found (expected a stage output dir, a model dir or models:/ URI)")
+    path = root / "merged" if (root / "merged" / "config.json").is_file() else root
+    if not (path / "config.json").is_file():
+        raise UserError(f"policy {name}: {spec} holds no model (no merged/config.json or config.json)")
+    uri = None
+    for metrics in (root / "metrics.json", path.parent / "metrics.json"):
+        if metrics.is_file():
+            registered = json.loads(metrics.read_text()).get("registered") or {}
+            uri = registered.get("uri")
+            break
+    return ModelRef(name, str(path), uri)
+
+
+def read_questions(data_dir: str, max_questions: int, seed: int) -> list[str]:
+    from rlhf_pipeline.training.data import read_subset
+
+    seen, questions = set(), []
+    for row in read_subset(data_dir, "evaluation"):
+        if row["qid"] not in seen:
+            seen.add(row["qid"])
+            questions.append(row["question"])
+    if len(questions) > max_questions:
+        keep = sorted(random.Random(seed).sample(range(len(questions)), max_questions))
+        questions = [questions[i] for i in keep]
+    return questions
+
+
+def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig):
+    """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
+    import torch
+
+    from rlhf_pipeline.training.ppo_rollout import decode_responses, sample_responses
+
+    torch.manual_seed(cfg.seed)  # same sampling noise for every model
+    texts, lengths, rollouts = [], [], []
+    for i in range(0, len(prompt_ids), cfg.batch_size):
+        rollout = sample_responses(model, prompt_ids[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
+        texts.extend(decode_responses(tokenizer, rollout))
+        lengths.extend(rollout.response_lengths().tolist())
+        rollouts.append(rollout)
+    return texts, lengths, rollouts
+
+
+def response_logits(model, rollout):
+    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only)."""
+    from rlhf_pipeline.training.value_head import decoder_and_head, position_ids_from_mask
+
+    decoder, lm_head = decoder_and_head(model)
+    hidden = decoder(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                     position_ids=position_ids_from_mask(rollout.attention_mask), use_cache=False).last_hidden_state
+    return lm_head(hidden[:, rollout.response_start - 1 : -1]).float().log_softmax(-1)
+
+
+def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[float]]:
+    """Per answer, on the policy's own answers: (exact KL, sampled log-ratio).
+
+    exact KL  = sum over answer positions of KL(pi(.|prefix) || pi_ref(.|prefix)), over the whole vocabulary:
+                never negative and valid for greedy answers too.
+    log-ratio = sum over answer tokens of log pi(y_t) - log pi_ref(y_t) (the k1 estimate PPO uses; unbiased only
+                for sampled answers, and can be negative for greedy ones).
+    """
+    import torch
+
+    exact, log_ratio = [], []
+    with torch.no_grad():
+        for r in rollouts:
+            logp, logq = response_logits(policy, r), response_logits(reference, r)  # [B, R, V]
+            mask = r.response_mask.float()
+            per_position = (logp.exp() * (logp - logq)).sum(-1)  # [B, R]
+            exact.extend((per_position * mask).sum(-1).tolist())
+            taken = r.response_ids.unsqueeze(-1)
+            ratio = (logp.gather(-1, taken) - logq.gather(-1, taken)).squeeze(-1)
+            log_ratio.extend((ratio * mask).sum(-1).tolist())
+    return exact, log_ratio
+
+
+def win_rate(policy_scores: list[float], sft_scores: list[float]) -> float:
+    wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(policy_scores, sft_scores)]
+    return sum(wins) / len(wins)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    import tempfile
+
+    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
+    from rlhf_pipeline.tracking import stage_run
+    from rlhf_pipeline.training.ppo_rollout import RewardModelScorer, encode_prompts, read_reward_model_dir
+
+    specs = cfg.policies()
+    rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
+    questions = read_questions(cfg.data, cfg.max_questions, cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.model) as run, \
+            tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp:
+        refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
+        if cfg.policy_model_uri and refs:
+            refs[0].registered_uri = cfg.policy_model_uri
+        tokenizer = load_tokenizer(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
+        prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
+        load = lambda path: load_causal_lm(path, precision=cfg.precision, quantization=cfg.quantization,  # noqa: E731
+                                           trust_remote_code=cfg.trust_remote_code).eval()
+        reference = load(cfg.model)
+        scorer = RewardModelScorer.load(cfg.reward_model, template=cfg.prompt_template, precision=cfg.precision,
+                                        trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_reward_length)
+
+        results: dict[str, dict[str, Any]] = {}
+        for ref in [ModelRef(SFT, cfg.model, None), *refs]:
+            model = reference if ref.name == SFT else load(ref.path)
+            texts, lengths, rollouts = generate_answers(model, tokenizer, prompt_ids, cfg)
+            scores = scorer(questions, texts).tolist()
+            if ref.name == SFT:
+                kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
+            else:
+                kls, log_ratios = kl_to_reference(model, reference, rollouts)
+            results[ref.name] = {"responses": texts, "scores": scores, "lengths": lengths, "kls": kls,
+                                 "log_ratios": log_ratios, "ref": ref}
+            if model is not reference:
+                del model
+
+        sft_scores = results[SFT]["scores"]
+        summary_models: dict[str, dict[str, float]] = {}
+        for name, r in results.items():
+            n = len(r["scores"])
+            summary_models[name] = {
+                "reward_mean": sum(r["scores"]) / n,
+                "win_rate": win_rate(r["scores"], sft_scores),
+                "kl": sum(r["kls"]) / n,
+                "kl_logratio": sum(r["log_ratios"]) / n,
+                "response_length": sum(r["lengths"]) / n,
+            }
+        flat = {f"eval/{name}/{k}": v for name, m in summary_models.items() for k, v in m.items()}
+        run.log_metrics(flat)
+        table: dict[str, list] = {"question": questions}
+        for name, r in results.items():
+            table[f"{name}_response"] = r["responses"]
+            table[f"{name}_reward"] = r["scores"]
+        run.log_table(table, artifact_file="eval/side_by_side.json")
+
+        rm_accuracy = rm_info.metrics.get("accuracy")
+        tagged = []
+        for name, r in results.items():
+            uri = r["ref"].registered_uri
+            if name != SFT and uri:
+                tags = {"eval/reward_mean": summary_models[name]["reward_mean"],
+                        "eval/win_rate": summary_models[name]["win_rate"], "eval/kl": summary_models[name]["kl"]}
+                if rm_accuracy is not None:
+                    tags["rm/accuracy"] = rm_accuracy
+                tag_model_version(uri, tags)
+                tagged.append(uri)
+
+        with open(out / "generations.jsonl", "w", encoding="utf-8") as fh:
+            for i, question in enumerate(questions):
+                for name, r in results.items():
+                    fh.write(json.dumps({"question": question, "model": name, "response": r["responses"][i],
+                                         "reward": r["scores"][i], "length": r["lengths"][i],
+                                         "kl": r["kls"][i]}) + "\n")
+        (out / "report.md").write_text(report_markdown(summary_models, questions, results, cfg, rm_accuracy))
+        summary = {"num_questions": len(questions), "models": summary_models, "rm/accuracy": rm_accuracy,
+                   "tagged_versions": tagged, **flat}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        return summary
+
+
+def tag_model_version(uri: str, tags: dict[str, float]) -> None:
+    """Set tags on `models:/<name>/<version>` (the gate values `rlhf promote` reads)."""
+    from mlflow.tracking import MlflowClient
+
+    parts = uri.removeprefix("models:/").split("/")
+    if len(parts) != 2 or not parts[1].isdigit():
+        raise UserError(f"expected models:/<name>/<version>, got {uri}")
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(parts[0], parts[1], key, str(value))
+
+
+def report_markdown(models: dict[str, dict[str, float]], questions: list[str], results: dict, cfg: EvaluateConfig,
+                    rm_accuracy: float | None) -> str:
+    decoding = f"sampling (T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed})" if cfg.do_sample else "greedy"
+    lines = [
+        "# Evaluation: SFT vs aligned policies", "",
+        f"{len(questions)} held-out questions, {decoding} decoding, at most {cfg.max_new_tokens} new tokens. "
+        f"Reward = reward model score normalized by its held-out mean/std"
+        + (f" (reward model pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "") + ". "
+        "Win-rate is against SFT (ties 0.5); KL = mean over the policy's own answers of the per-position "
+        "KL(pi || pi_SFT), summed over the answer.",
+        "", "| model | reward_mean | win_rate vs SFT | KL to SFT | response length |", "|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        lines.append(f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {m['kl']:.3f} | "
+                     f"{m['response_length']:.1f} |")
+    lines += ["", "## Sample generations", ""]
+    for i in range(min(cfg.samples_in_report, len(questions))):
+        question = questions[i].strip().replace("\n", " ")
+        lines += [f"### Q{i + 1}: {question[:300]}{'...' if len(question) > 300 else ''}", ""]
+        for name, r in results.items():
+            answer = r["responses"][i].strip().replace("\n", " ") or "(empty)"
+            lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {answer[:500]}"]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _join_policies(ctx, param, value):
+    """`--policy a=X --policy b=Y` (repeatable) -> the comma-separated form stage_command parses into a list."""
+    return ",".join(value) if value else None
+
+
+command = stage_command("evaluate", EvaluateConfig, run_evaluate,
+                        help=__doc__.split("\n\n")[0].removeprefix("`rlhf evaluate`: "))
+command.params = [
+    click.Option(["--policy", "policy"], multiple=True, callback=_join_policies, metavar="NAME=DIR_OR_URI",
+                 help=EvaluateConfig.model_fields["policy"].description)
+    if getattr(p, "name", None) == "policy" else p
+    for p in command.params
+]

@@ -1,0 +1,217 @@
+"""`rlhf dpo`: offline preference optimization (DPO or IPO) on the reward pairs, the SFT model as reference.
+
+    rlhf dpo --model runs/sft/merged --data runs/data --output runs/dpo --loss dpo --beta 0.1 --max-steps 100
+
+Per pair: chosen = response_j (the better-voted answer), rejected = response_k, prompt = the template's question.
+Each step runs ONE policy forward over chosen and rejected rows concatenated ([chosen_1..B, rejected_1..B]) and,
+for the reference, one no-grad forward of the same rows with the LoRA adapter disabled (same weights, no second
+copy) -- or reads reference log-probs precomputed once before training (`--precompute-ref`). Only the positions
+that predict response tokens go through the LM head. DPO uses summed response log-probs, IPO length-averaged
+ones (see losses.ipo_loss).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rlhf_pipeline.cli import stage_command
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.training.options import TrainingOptions
+
+
+class DPOConfig(TrainingOptions):
+    loss: Literal["dpo", "ipo"] = Field("dpo", description="dpo (Rafailov et al.) or ipo (Azar et al.).")
+    beta: float = Field(0.1, gt=0, description="DPO beta / IPO tau: strength of the KL regularization.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    max_length: int = Field(512, gt=8, description="Pairs with a side longer than this (tokens) are dropped.")
+    precompute_ref: bool = Field(False, description="Compute reference log-probs once before training "
+                                 "(faster with several epochs) instead of in every step.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for evaluation.")
+
+
+def tokenize_preference_pairs(tokenizer, rows: list[dict], template: str, max_length: int):
+    """[(chosen ids, chosen response start, rejected ids, rejected response start)], number dropped as too long.
+
+    Prompt + answer are tokenized TOGETHER (as the SFT and reward stages do) and end in EOS; the response starts
+    where that joint encoding stops matching the prompt's own encoding (BPE merges across the boundary).
+    """
+    from rlhf_pipeline.modeling.options import format_example, format_prompt
+    from rlhf_pipeline.training.data import tokenize_documents
+
+    if not rows:
+        return [], 0
+    prompts = tokenizer([format_prompt(template, r["question"]) for r in rows], add_special_tokens=True)["input_ids"]
+    chosen = tokenize_documents(tokenizer, [format_example(template, r["question"], r["response_j"]) for r in rows])
+    rejected = tokenize_documents(tokenizer, [format_example(template, r["question"], r["response_k"]) for r in rows])
+
+    def response_start(prompt: list[int], full: list[int]) -> int:
+        n = 0
+        while n < min(len(prompt), len(full) - 1) and prompt[n] == full[n]:
+            n += 1
+        return max(n, 1)
+
+    pairs, dropped = [], 0
+    for prompt, ids_j, ids_k in zip(prompts, chosen, rejected):
+        if len(ids_j) > max_length or len(ids_k) > max_length:
+            dropped += 1
+            continue
+        pairs.append((ids_j, response_start(prompt, ids_j), ids_k, response_start(prompt, ids_k)))
+    return pairs, dropped
+
+
+def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows [chosen_1..B, rejected_1..B], right-padded; label_mask marks response tokens."""
+    rows = [(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    label_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        label_mask[i, start : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "label_mask": label_mask}
+    if len(pairs[0]) > 4:  # precomputed reference log-probs (summed, count) per side
+        batch["ref_logps"] = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def response_logps(model, batch, average: bool) -> torch.Tensor:
+    """Summed (DPO) or length-averaged (IPO) response log-probs per row [2B]."""
+    from rlhf_pipeline.training.value_head import packed_response_logprobs
+
+    summed, counts = packed_response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["label_mask"])
+    return summed / counts.clamp(min=1) if average else summed
+
+
+def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO/IPO loss of one batch and its metrics; the reference is the policy with its adapter disabled."""
+    from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
+
+    average = cfg.loss == "ipo"
+    policy_logps = response_logps(policy, batch, average)  # [2B]
+    if "ref_logps" in batch:
+        ref_logps = batch["ref_logps"].to(policy_logps.device)
+    else:
+        with torch.no_grad(), policy.disable_adapter():
+            ref_logps = response_logps(policy, batch, average)
+    n = policy_logps.shape[0] // 2
+    loss_fn = ipo_loss if cfg.loss == "ipo" else dpo_loss
+    losses, chosen_rewards, rejected_rewards = loss_fn(policy_logps[:n], policy_logps[n:], ref_logps[:n],
+                                                       ref_logps[n:], cfg.beta)
+    metrics = {
+        "reward_accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+        "margin": float((chosen_rewards - rejected_rewards).mean()),
+        "chosen_reward": float(chosen_rewards.mean()),
+        "rejected_reward": float(rejected_rewards.mean()),
+    }
+    return losses.mean(), metrics
+
+
+@torch.no_grad()
+def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> list[tuple]:
+    """Reference log-probs of every pair, once (adapter disabled), appended to each pair tuple."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with policy.disable_adapter():
+        for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", unit="batch"):
+            chunk = pairs[i : i + cfg.batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            logps = response_logps(policy, batch, cfg.loss == "ipo").float().cpu().tolist()
+            n = len(chunk)
+            out.extend((*p, logps[j], logps[n + j]) for j, p in enumerate(chunk))
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> dict[str, float]:
+    """Held-out reward accuracy / margin / loss (means over pairs)."""
+    totals: dict[str, float] = {}
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i : i + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        loss, metrics = preference_loss(policy, batch, cfg)
+        for key, value in {"loss": float(loss), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value * len(chunk)
+    return {f"dpo/eval_{k}": v / len(pairs) for k, v in totals.items()}
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
+    from rlhf_pipeline.training.data import limit, read_subset, split_by_question
+    from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler, finished_run, \
+        micro_batches, micro_batches_per_epoch, resume_if_possible, save_final, set_seed, total_optimizer_steps, \
+        tracked_run, train_loop, write_metrics
+    from rlhf_pipeline.training.lora import apply_lora
+
+    done = finished_run(cfg.output)
+    if done is not None:
+        return done
+    rows = read_subset(cfg.data, "reward")
+    train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction) if cfg.eval_fraction else (rows, [])
+    train_rows = limit(train_rows, cfg.max_train_samples, cfg.seed)
+    eval_rows = limit(eval_rows, cfg.max_eval_samples, cfg.seed)
+    accelerator = build_accelerator(cfg)
+
+    with tracked_run(cfg, "dpo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        set_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        train_pairs, dropped = tokenize_preference_pairs(tokenizer, train_rows, cfg.prompt_template, cfg.max_length)
+        eval_pairs, _ = tokenize_preference_pairs(tokenizer, eval_rows, cfg.prompt_template, cfg.max_length)
+        if not train_pairs:
+            raise UserError(f"no preference pair fits --max-length {cfg.max_length} ({dropped} dropped)")
+        base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
+                              trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
+        policy = apply_lora(base, cfg, "CAUSAL_LM")
+        pad_id = tokenizer.pad_token_id
+        if cfg.precompute_ref:
+            with accelerator.autocast():
+                train_pairs = precompute_reference(policy, train_pairs, cfg, pad_id, accelerator.device)
+        optimizer = build_optimizer(policy.parameters(), cfg)
+        per_epoch = micro_batches_per_epoch(len(train_pairs), cfg.batch_size, accelerator.num_processes)
+        total = total_optimizer_steps(cfg, per_epoch)
+        scheduler = build_scheduler(optimizer, cfg, total)
+        start = resume_if_possible(cfg.output, policy, optimizer, scheduler)
+        module, optimizer = accelerator.prepare(policy, optimizer)
+        batches = micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size,
+                                collate_fn=lambda chunk: collate_pairs(chunk, pad_id), seed=cfg.seed,
+                                start=start * cfg.gradient_accumulation_steps)
+        unwrapped = accelerator.unwrap_model(module)
+
+        def loss_fn(prepared, batch):
+            loss, metrics = preference_loss(unwrapped, batch, cfg)
+            return loss, metrics, batch["input_ids"].shape[0] / 2
+
+        history: list[dict] = []
+
+        def log_metrics(metrics, step):
+            history.append({"step": step, **metrics})
+            run.log_metrics(metrics, step=step)
+
+        result = train_loop(accelerator, module, optimizer, scheduler, batches, loss_fn, cfg=cfg, total_steps=total,
+                            start_step=start, prefix="dpo", rate_name="pairs", log_metrics=log_metrics)
+        summary = {"loss_type": cfg.loss, "beta": cfg.beta, "steps": result.steps, "num_pairs": len(train_pairs),
+                   "dropped_too_long": dropped, "dpo/pairs_per_s": result.items_per_s,
+                   **result.last_metrics}
+        if history:
+            summary.update(first_step={k: v for k, v in history[0].items()},
+                           first_reward_accuracy=history[0].get("dpo/reward_accuracy"),
+                           first_margin=history[0].get("dpo/margin"))
+        unwrapped.eval()
+        if eval_pairs:
+            with accelerator.autocast():
+                eval_metrics = evaluate_pairs(unwrapped, eval_pairs, cfg, pad_id, accelerator.device)
+            run.log_metrics(eval_metrics, step=result.steps)
+            summary.update(eval_metrics)
+        adapter_dir, merged_dir = save_final(unwrapped, tokenizer, cfg.output)
+        entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
+        summary.update(adapter=str(adapter_dir), merged=str(merged_dir), registered=entry)
+        write_metrics(cfg.output, summary)
+        return summary
+
+
+command = stage_command("dpo", DPOConfig, run_dpo, help=__doc__.split("\n\n")[0].removeprefix("`rlhf dpo`: "))

@@ -1,0 +1,56 @@
+"""Fixtures for the evaluation tests: an evaluation subset, a reward-stage-shaped output, a changed policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def eval_data_dir(tmp_path_factory) -> Path:
+    rows = [{"qid": q, "site": "beer", "question": f"What glass suits a Belgian tripel number {q}?",
+             "response_j": "A tulip glass.", "response_k": "Any.", "score_j": 3, "score_k": 0,
+             "answer_id_j": 100 + q, "answer_id_k": 200 + q} for q in range(6)]
+    root = tmp_path_factory.mktemp("eval-data")
+    pd.DataFrame(rows).to_parquet(root / "evaluation.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    torch.manual_seed(5)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base.config.pad_token_id = 2
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "reward_mean": 0.0, "reward_std": 1.0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def changed_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A 'stage output' whose merged/ model differs from the tiny SFT model (random LoRA merged in)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("policy") / "ppo"
+    torch.manual_seed(6)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
+    return out

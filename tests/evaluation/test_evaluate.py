@@ -1,0 +1,88 @@
+"""rlhf evaluate on tiny models: per-model metrics, SFT-vs-itself sanity (KL 0, win-rate 0.5), outputs, MLflow
+metrics, and the gate tags on registered policy versions (by models:/ URI and by a stage dir's registration)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_pipeline.cli import main
+from rlhf_pipeline.evaluation.evaluate import win_rate
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+
+def _register(name: str, local_dir) -> str:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(local_dir), "model")
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            pass
+        version = client.create_model_version(name, source=mlflow.get_artifact_uri("model"), run_id=run.info.run_id)
+    return f"models:/{name}/{version.version}"
+
+
+def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_policy_dir, eval_data_dir, tmp_path,
+                                       mlflow_sqlite, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    ppo_uri = _register("rlhf-policy", changed_policy_dir / "merged")
+    # a stage output dir that records its own registration, as `rlhf dpo` writes it
+    dpo_uri = _register("rlhf-policy", changed_policy_dir / "merged")
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    (dpo_dir / "merged").symlink_to(changed_policy_dir / "merged")
+    (dpo_dir / "metrics.json").write_text(json.dumps({"registered": {"uri": dpo_uri}}))
+
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--data",
+              str(eval_data_dir), "--output", str(out), "--policy", f"ppo={ppo_uri}", "--policy", f"dpo={dpo_dir}",
+              "--policy", f"same={tiny_model_dir}", "--max-questions", "4", "--max-new-tokens", "8",
+              "--batch-size", "3"])
+    assert exc.value.code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    models = metrics["models"]
+    assert set(models) == {"sft", "ppo", "dpo", "same"}
+    assert models["sft"]["kl"] == 0.0 and models["sft"]["win_rate"] == 0.5
+    # the SFT model evaluated as a "policy": same answers (greedy), so KL 0 and only ties
+    assert models["same"]["kl"] == pytest.approx(0.0, abs=1e-4) and models["same"]["win_rate"] == 0.5
+    assert models["same"]["reward_mean"] == pytest.approx(models["sft"]["reward_mean"], abs=1e-5)
+    # a changed policy drifts from SFT: positive KL on its own greedy answers
+    assert models["ppo"]["kl"] > 0.0
+    assert models["ppo"] == pytest.approx(models["dpo"])  # same weights, same settings, same numbers
+    assert metrics["eval/ppo/win_rate"] == models["ppo"]["win_rate"]
+
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 * 4 and {line["model"] for line in lines} == set(models)
+    report = (out / "report.md").read_text()
+    assert "| ppo |" in report and "## Sample generations" in report
+
+    client = MlflowClient()
+    for uri in (ppo_uri, dpo_uri):
+        name, version = uri.removeprefix("models:/").split("/")
+        tags = client.get_model_version(name, version).tags
+        assert float(tags["eval/reward_mean"]) == pytest.approx(models["ppo"]["reward_mean"])
+        assert float(tags["eval/kl"]) == pytest.approx(models["ppo"]["kl"])
+        assert float(tags["rm/accuracy"]) == 0.75 and "eval/win_rate" in tags
+    runs = mlflow.search_runs(experiment_names=["rlhf-pipeline"], filter_string="tags.`rlhf.stage` = 'evaluate'")
+    assert runs.iloc[0]["metrics.eval/ppo/kl"] == pytest.approx(models["ppo"]["kl"])
+
+
+def test_bad_policy_spec_is_one_line(tiny_model_dir, reward_dir, eval_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--data",
+              str(eval_data_dir), "--output", str(tmp_path / "e"), "--policy", "no-equals-sign"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NAME=DIR_OR_URI" in err[0]
