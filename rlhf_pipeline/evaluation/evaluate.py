@@ -40,8 +40,10 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
     data: str = Field(..., description="Directory written by `rlhf prepare-data` (reads evaluation.parquet).")
     output: str = Field(..., description="Where metrics.json, generations.jsonl and report.md go.")
     reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json).")
+    sft_model: str | None = Field(None, description="The SFT model (the reference); overrides --model.")
     policy: list[str] = Field(default_factory=list, description="Aligned policies as NAME=DIR_OR_URI (a stage "
-                              "output dir, a merged model dir or models:/<name>/<version>); repeat the flag.")
+                              "output dir, a merged model dir or models:/<name>/<version>); repeat the flag. "
+                              "A bare DIR_OR_URI is named 'policy'.")
     ppo_model: str | None = Field(None, description="Shortcut for --policy ppo=...")
     dpo_model: str | None = Field(None, description="Shortcut for --policy dpo=...")
     policy_model_uri: str | None = Field(None, description="models:/<prefix>-policy/<N> of the (first) policy: "
@@ -56,20 +58,29 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
     max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
     samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     @field_validator("policy")
     @classmethod
     def _named(cls, value: list[str]) -> list[str]:
         for spec in value:
             name, sep, target = spec.partition("=")
-            if not sep or not name.strip() or not target.strip():
+            if sep and (not name.strip() or not target.strip()) or not spec.strip():
                 raise ValueError(f"expected NAME=DIR_OR_URI, got {spec!r}")
             if name.strip() == SFT:
                 raise ValueError("'sft' is the reference model's name; pick another policy name")
         return value
 
     def policies(self) -> dict[str, str]:
-        specs = dict(spec.split("=", 1) for spec in self.policy)
-        specs = {k.strip(): v.strip() for k, v in specs.items()}
+        specs: dict[str, str] = {}
+        for spec in self.policy:
+            name, sep, target = spec.partition("=")
+            if not sep or spec.startswith("models:/"):  # a bare dir or URI
+                name, target = "policy" if "policy" not in specs else f"policy{len(specs) + 1}", spec
+            specs[name.strip()] = target.strip()
         for name, value in (("ppo", self.ppo_model), ("dpo", self.dpo_model)):
             if value:
                 specs.setdefault(name, value)
@@ -191,21 +202,22 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    with stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.model) as run, \
+    with stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run, \
             tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp:
         refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
         if cfg.policy_model_uri and refs:
             refs[0].registered_uri = cfg.policy_model_uri
-        tokenizer = load_tokenizer(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.sft_model or cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
         load = lambda path: load_causal_lm(path, precision=cfg.precision, quantization=cfg.quantization,  # noqa: E731
                                            trust_remote_code=cfg.trust_remote_code).eval()
-        reference = load(cfg.model)
+        sft_path = cfg.sft_model or cfg.model
+        reference = load(sft_path)
         scorer = RewardModelScorer.load(cfg.reward_model, template=cfg.prompt_template, precision=cfg.precision,
                                         trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_reward_length)
 
         results: dict[str, dict[str, Any]] = {}
-        for ref in [ModelRef(SFT, cfg.model, None), *refs]:
+        for ref in [ModelRef(SFT, sft_path, None), *refs]:
             model = reference if ref.name == SFT else load(ref.path)
             texts, lengths, rollouts = generate_answers(model, tokenizer, prompt_ids, cfg)
             scores = scorer(questions, texts).tolist()
@@ -258,6 +270,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         (out / "report.md").write_text(report_markdown(summary_models, questions, results, cfg, rm_accuracy))
         summary = {"num_questions": len(questions), "models": summary_models, "rm/accuracy": rm_accuracy,
                    "tagged_versions": tagged, **flat}
+        if refs:  # the gate values of the first (primary) policy, as the flat names `rlhf promote` uses
+            primary = summary_models[refs[0].name]
+            summary.update({"policy": refs[0].name, "eval/reward_mean": primary["reward_mean"],
+                            "eval/win_rate": primary["win_rate"], "eval/kl": primary["kl"]})
+            run.log_metrics({k: summary[k] for k in ("eval/reward_mean", "eval/win_rate", "eval/kl")})
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         return summary
 

@@ -62,6 +62,7 @@ def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_polic
     assert models["ppo"]["kl"] > 0.0
     assert models["ppo"] == pytest.approx(models["dpo"])  # same weights, same settings, same numbers
     assert metrics["eval/ppo/win_rate"] == models["ppo"]["win_rate"]
+    assert metrics["policy"] == "ppo" and metrics["eval/kl"] == models["ppo"]["kl"]  # the primary policy, flat
 
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 4 * 4 and {line["model"] for line in lines} == set(models)
@@ -79,10 +80,19 @@ def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_polic
     assert runs.iloc[0]["metrics.eval/ppo/kl"] == pytest.approx(models["ppo"]["kl"])
 
 
+def test_pipeline_wiring_bare_policy_dir_and_sft_model_field(tiny_model_dir, changed_policy_dir):
+    """What the pipeline passes (orchestration.steps.evaluate_wiring): sft_model and one bare policy path."""
+    from rlhf_pipeline.evaluation.evaluate import EvaluateConfig
+
+    cfg = EvaluateConfig(data="d", output="o", reward_model="r", sft_model=str(tiny_model_dir),
+                         policy=str(changed_policy_dir / "merged"))
+    assert cfg.policies() == {"policy": str(changed_policy_dir / "merged")}
+
+
 def test_bad_policy_spec_is_one_line(tiny_model_dir, reward_dir, eval_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--data",
-              str(eval_data_dir), "--output", str(tmp_path / "e"), "--policy", "no-equals-sign"])
+              str(eval_data_dir), "--output", str(tmp_path / "e"), "--policy", "=nameless"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NAME=DIR_OR_URI" in err[0]
