@@ -214,7 +214,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         sft_path = cfg.sft_model or cfg.model
         reference = load(sft_path)
         scorer = RewardModelScorer.load(cfg.reward_model, template=cfg.prompt_template, precision=cfg.precision,
-                                        trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_reward_length)
+                                        quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
+                                        max_length=cfg.max_reward_length)
 
         results: dict[str, dict[str, Any]] = {}
         for ref in [ModelRef(SFT, sft_path, None), *refs]:

@@ -312,26 +312,52 @@ class SharedBaseRewardModel(RewardModelScorer):
 
 
 def same_backbone(base_model, info: RewardModelInfo) -> bool:
-    """Whether the reward model's backbone is the policy's base: compare tensors its LoRA adapter cannot have
-    changed (embeddings, final norm, an MLP weight) between its merged checkpoint and the loaded base."""
-    from safetensors import safe_open
+    """Whether the reward adapter was trained on exactly the policy's base weights.
 
-    state = base_model.state_dict()
-    probes = [n for n in state if n.endswith(("embed_tokens.weight", "model.norm.weight", "layers.0.mlp.down_proj.weight"))]
-    files = sorted(info.merged_dir.glob("*.safetensors"))
-    if not probes or not files:
+    Compares, between the loaded base and the reward model's merged checkpoint, the embeddings, the final norm, an
+    MLP weight and the reward adapter's own target modules in the first and last layers, the latter after
+    subtracting the adapter's merged delta (scale * B @ A). That catches a reward model trained on the raw base
+    when the policy starts from an SFT model whose LoRA changed only q/v. Quantized weights cannot be compared:
+    then the answer is no (and the reward model is loaded separately).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adapter_cfg = json.loads((info.adapter_dir / "adapter_config.json").read_text())
+    targets = adapter_cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    scale = float(adapter_cfg.get("lora_alpha", 1)) / float(adapter_cfg.get("r", 1))
+    lora = load_file(str(info.adapter_dir / "adapter_model.safetensors"))
+    ours = {k.replace(".base_layer", ""): v for k, v in base_model.state_dict().items()}
+    layers = sorted({int(k.split("layers.")[1].split(".")[0]) for k in ours if "layers." in k})
+    if not layers:
         return False
+    probes = [k for k in ours if k.endswith(("embed_tokens.weight", "model.norm.weight"))
+              or k.endswith(f"layers.{layers[0]}.mlp.down_proj.weight")
+              or any(k.endswith(f"layers.{i}.{part}.weight") for i in (layers[0], layers[-1]) for part in
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+                     if part.split(".")[-1] in targets)]
+    files = sorted(info.merged_dir.glob("*.safetensors"))
     found = 0
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             names = set(fh.keys())
             for name in probes:
-                if name in names:
-                    theirs, ours = fh.get_tensor(name), state[name]
-                    if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.device, ours.dtype), ours):
-                        return False
-                    found += 1
-    return found == len(probes)
+                if name not in names:
+                    continue
+                mine = ours[name]
+                if not mine.is_floating_point() or mine.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    return False  # quantized: not comparable
+                theirs = fh.get_tensor(name).float()
+                module = name.removesuffix(".weight")
+                lora_a = lora.get(f"base_model.model.{module}.lora_A.weight")
+                lora_b = lora.get(f"base_model.model.{module}.lora_B.weight")
+                if lora_a is not None and lora_b is not None:
+                    theirs = theirs - scale * (lora_b.float() @ lora_a.float())
+                if theirs.shape != mine.shape or not torch.allclose(theirs, mine.float().cpu(), rtol=1e-3, atol=1e-4):
+                    return False
+                found += 1
+    return found == len(probes) and found > 0
 
 
 def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None,

@@ -130,8 +130,7 @@ class PolicyWithValue(nn.Module):
         from rlhf_pipeline.training.lora import apply_lora
 
         policy = apply_lora(base_model, cfg, "CAUSAL_LM")
-        dtype = next(p for p in base_model.parameters() if p.is_floating_point()).dtype
-        head = ValueHead(base_model.config.hidden_size, dtype=torch.float32 if dtype.itemsize < 2 else dtype)
+        head = ValueHead(base_model.config.hidden_size, dtype=torch.float32)  # fp32 even on a bf16/4-bit base
         head.to(next(base_model.parameters()).device)
         return cls(policy, head, temperature=getattr(cfg, "temperature", 1.0))
 

@@ -267,6 +267,25 @@ def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_
     assert "reward" not in model.policy.peft_config
 
 
+def test_reward_adapter_from_another_base_is_not_shared(tiny_model_dir, reward_model_dir, tmp_path):
+    """An SFT model that differs from the reward model's base only in q/v (what LoRA SFT changes) must not get
+    the reward adapter on top of its weights: the scorer falls back to the separate reward model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(9)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    randomize_lora(sft)
+    sft.merge_and_unload().save_pretrained(tmp_path / "sft", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sft")
+    model = make_policy(tmp_path / "sft")
+    cfg = PPOConfig(model=str(tmp_path / "sft"), data="x", output="x", reward_model=str(reward_model_dir))
+    scorer = model.attach_reward_model(cfg)
+    assert not isinstance(scorer, rollouts.SharedBaseRewardModel)
+    assert isinstance(scorer, rollouts.RewardModelScorer)
+
+
 def test_last_token_index_for_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert rollouts.last_token_index(mask).tolist() == [2, 4, 4]
