@@ -137,7 +137,7 @@ def fmt(v, nd=2):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{nd}f}"
+        return f"{v:.3f}" if abs(v) < 10 and nd >= 2 else f"{v:.{nd}f}"
     return str(v)
 
 

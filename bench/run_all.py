@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-trl", action="store_true", help="run only our side")
     ap.add_argument("--skip-ours", action="store_true", help="run only the TRL side")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per side before it is killed")
+    ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
+                    help="only print the tables of an earlier (possibly interrupted) run's results.json")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render(json.loads(Path(a.render).read_text())))
+        return 0
 
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in only if s not in STAGES]
@@ -112,33 +117,79 @@ def main(argv: list[str] | None = None) -> int:
         report["stages"][stage] = results
         report["rows"] = all_rows
         results_path.write_text(json.dumps(report, indent=2, default=str) + "\n")  # after every stage
+        (out / "table.md").write_text(render(report) + "\n")
 
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report["load_at_end"] = bl.loadavg()
     results_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    table = bl.markdown_table(all_rows)
-    loads = {r["side"]: f"{r['load_before'][0]} ({r.get('mean_cores')} cores)" for st in report["stages"].values()
-             for r in st}
-    missing = {r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st
-               if r.get("missing_knobs")}
-    md = [f"# bench {report['started']} ({'quick' if a.quick else 'full'}, TRL variants: {variants})", "",
-          f"machine: {report['machine'].get('cpu')}, {report['machine']['cpu_count']} cores, "
-          f"{report['machine'].get('mem_total_gib')} GiB, threads {bl.THREADS}; "
-          f"load at start {report['load_at_start']}", "", table, "",
-          "1-min load average before each side (mean cores the side got): " + ", ".join(f"{k} {v}" for k, v in loads.items())]
-    if missing:
-        md += ["", "knobs our stage configs lack (stage default used): " + json.dumps(missing)]
-    notes = [f"{r['stage']}: {r['note']}" for r in all_rows if r.get("note")]
-    if notes:
-        md += [""] + [f"- {n}" for n in notes]
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = render(report)
+    (out / "table.md").write_text(md + "\n")
+    print(md)
     print(f"\nresults: {results_path}", file=sys.stderr)
     failed = [r["side"] for st in report["stages"].values() for r in st if r.get("failed")]
     if failed:
         print(f"bench: failed sides: {', '.join(failed)} (see {ctx.log_dir})", file=sys.stderr)
         return 1
     return 0
+
+
+RATE_KEYS = ("tokens_per_s", "pairs_per_s", "samples_per_s")
+
+
+def side_rate(r: dict) -> str:
+    if r.get("failed"):
+        return "FAILED"
+    if r["role"] == "ours":
+        m = r.get("metrics") or {}
+        for k in RATE_KEYS:
+            for key in (k, f"{r.get('stage')}/{k}", f"rm/{k}", f"ppo/{k}", f"dpo/{k}"):
+                if m.get(key) is not None:
+                    return f"{m[key]:.3f} {k.removesuffix('_per_s')}/s"
+        return "-"
+    for k in ("samples_per_s", "pairs_per_s", "tokens_per_s"):
+        if r.get(k) is not None:
+            return f"{r[k]} {k.removesuffix('_per_s')}/s"
+    return "-"
+
+
+def side_steps(r: dict) -> str:
+    if r["role"] == "ours":
+        m = r.get("metrics") or {}
+        times = [1 / h["samples_per_s"] * (r.get("config_used") or {}).get("batch_size", 1)
+                 for h in m.get("history") or [] if h.get("samples_per_s")]  # PPO keeps a per-step history
+        steps = m.get("steps")
+        if times:
+            return f"{len(times)} steps, {sum(times[1:]) / max(len(times) - 1, 1):.1f} s/step"
+        if m.get("train_seconds") and steps:
+            return f"{steps} steps, {m['train_seconds'] / steps:.1f} s/step incl. warmup"
+        return str(steps or "-")
+    return f"{r.get('steps')} steps, {r.get('s_per_step')} s/step"
+
+
+def render(report: dict) -> str:
+    rows = report["rows"]
+    m = report["machine"]
+    mode = "quick" if report["quick"] else f"full, step scale {report.get('scale', 1.0)}"
+    md = [f"# bench {report['started']} ({mode}, TRL variants: {report['variants']})", "",
+          f"machine: {m.get('cpu')}, {m['cpu_count']} cores, {m.get('mem_total_gib')} GiB, torch threads "
+          f"{m['threads']}; load average at start {report['load_at_start']}"
+          + (f", at end {report['load_at_end']}" if report.get("load_at_end") else ""), "",
+          bl.markdown_table(rows), "",
+          "| side | config | steady rate | steps | load before (1/5/15 min) | mean cores | peak RSS MiB | wall s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for stage, results in report["stages"].items():
+        for r in results:
+            md.append(f"| {r['side']} | {r.get('config', '')} | {side_rate(r)} | {side_steps(r)} | "
+                      f"{'/'.join(str(x) for x in r['load_before'])} | {r.get('mean_cores')} | "
+                      f"{bl.fmt(r.get('peak_rss_mib_wait4'), 0)} | {r.get('wall_s')} |")
+    missing = {r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st
+               if r.get("missing_knobs")}
+    if missing:
+        md += ["", "knobs our stage configs lack (stage default used): " + json.dumps(missing)]
+    notes = [f"{r['stage']}: {r['note']}" for r in rows if r.get("note")] + report.get("notes", [])
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
