@@ -48,7 +48,8 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     # our PPO needs a reward-stage output: reuse the measured reward run, else make a tiny unmeasured one
     setup = bl.ours_side(ctx, "ours_reward_for_ppo", "reward",
                          {"max_steps": 2, "batch_size": 4, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
-                          "precision": "fp32", "save_steps": 100000, "eval_fraction": 0.02},
+                          "precision": "fp32", "save_steps": 100000, "eval_fraction": 0.02,
+                          **({"eval_before": False} if "eval_before" in bl.config_fields("reward") else {})},
                          config="setup only (not measured)")
     setup["role"] = "setup"
     setup["skip"] = lambda: (reward_dir(ctx) / "metrics.json").is_file()

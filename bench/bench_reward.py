@@ -43,6 +43,8 @@ def plan(ctx: bl.Ctx) -> list[dict]:
         "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "lora_target_modules": ["q_proj", "v_proj"],
         "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
     }
+    if "eval_before" in bl.config_fields(STAGE):  # TRL side runs with --skip-eval-before (untimed either way)
+        want["eval_before"] = False
     sides.append(bl.ours_side(ctx, "ours_reward", STAGE, want, config="run_reward, fp32"))
     return sides
 

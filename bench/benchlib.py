@@ -174,12 +174,17 @@ class Ctx:
                  legacy_model_dir: str | None = None, scale: float = 1.0):
         self.out, self.model_dir, self.data_dir = Path(out), model_dir, Path(data_dir)
         self.quick, self.variants, self.scale = quick, variants, scale
+        self.steps_override: dict[str, int] = {}
+        self.stage: str | None = None  # set by run_all before each stage's plan()
         self.legacy_model_dir = legacy_model_dir
         self.log_dir = self.out / "logs"
         self.tracking_uri = f"sqlite:///{self.out / 'mlflow' / 'mlflow.db'}"
 
     def steps(self, full: int, quick: int) -> int:
-        """The peers' step count (full), or a few (quick); --scale shortens a full run (at least 3 steps)."""
+        """The peers' step count (full), or a few (quick); --scale shortens a full run (at least 3 steps);
+        --steps STAGE=N sets it outright (N >= 2: the first step is always left out of the steady rate)."""
+        if self.stage in self.steps_override:
+            return self.steps_override[self.stage]
         return quick if self.quick else max(3, round(full * self.scale))
 
 

@@ -39,6 +39,16 @@ def legacy_checkpoint(model_dir: str) -> str:
     return str(dst)
 
 
+def git_state() -> dict:
+    """The commit measured, and whether the library had uncommitted changes (stages still being edited)."""
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=bl.REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "rlhf_pipeline")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "library_dirty": sorted(dirty.splitlines()) if dirty else []}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(STAGES),
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                          "default (the peers' default config only; default with --quick)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the peers' step counts (e.g. 0.5 on a busy machine; >= 3 steps each)")
+    ap.add_argument("--steps", default="", metavar="STAGE=N,...",
+                    help="step count per stage, e.g. 'ppo=2,sft=3' (overrides --quick/--scale; N >= 2)")
     ap.add_argument("--out", default=None, help="results dir (default outputs/bench/<timestamp>)")
     ap.add_argument("--data-dir", default=None, help="where the converted peer data is cached "
                                                         "(default outputs/bench/data)")
@@ -61,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="only print the tables of an earlier (possibly interrupted) run's results.json")
     a = ap.parse_args(argv)
     if a.render:
-        print(render(json.loads(Path(a.render).read_text())))
+        report = json.loads(Path(a.render).read_text())
+        rows = []
+        for stage, results in report["stages"].items():  # recomputed: picks up fixes to the summaries
+            rows += stage_module(stage).rows(results, None)
+        report["rows"] = rows
+        print(render(report))
         return 0
 
     only = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -91,10 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     if "ppo" in only and not a.skip_trl and bl.legacy_python().exists():
         legacy = legacy_checkpoint(model_dir)
     ctx = bl.Ctx(out, model_dir, data_dir, a.quick, variants, legacy_model_dir=legacy, scale=a.scale)
+    for item in filter(None, a.steps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in STAGES or not n.isdigit() or int(n) < 2:
+            ap.error(f"--steps: expected STAGE=N with N >= 2, got {item!r}")
+        ctx.steps_override[name] = int(n)
 
     report = {"machine": bl.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "load_at_start": bl.loadavg(), "quick": a.quick, "scale": a.scale, "variants": variants, "model_dir": model_dir,
-              "legacy_model_dir": legacy, "data": data_info, "stages": {}, "rows": []}
+              "legacy_model_dir": legacy, "data": data_info, "stages": {}, "rows": [],
+              "git": git_state(), "steps_override": dict(ctx.steps_override)}
     if legacy is None and "ppo" in only and not a.skip_trl:
         report["notes"] = [f"no legacy venv at {bl.legacy_python()}: classic PPOTrainer not measured"]
     results_path = out / "results.json"
@@ -102,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     all_rows = []
     for stage in only:
         mod = stage_module(stage)
+        ctx.stage = stage
         sides = mod.plan(ctx)
         if a.skip_trl:
             sides = [s for s in sides if s["role"] != "trl"]
@@ -112,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
             sides = [s for s in sides if s["role"] == "setup" or re.search(a.select, s["name"])]
         results = bl.run_plan(ctx, sides, timeout=a.timeout)
-        rows = mod.rows(results, ctx)
+        try:
+            rows = mod.rows(results, ctx)
+        except Exception as exc:  # noqa: BLE001 -- a summary bug must not lose the remaining stages
+            print(f"[bench] {stage}: summary failed ({exc!r}); raw results kept", file=sys.stderr)
+            rows = []
         all_rows += rows
         report["stages"][stage] = results
         report["rows"] = all_rows
