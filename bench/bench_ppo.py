@@ -71,7 +71,8 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     }
     sides.append(bl.ours_side(ctx, "ours_ppo", STAGE, want,
                               config="run_ppo, 8 prompts, mb 8, 4 epochs, 48 forced new tokens, fp32"))
-    return sides
+    # ours first, then classic PPO, then RLOO: on a busy machine the most important pairs finish first
+    return [s for s in sides if s["role"] != "trl"] + [s for s in sides if s["role"] == "trl"]
 
 
 def _gen_tok(r):
