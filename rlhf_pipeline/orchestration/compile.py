@@ -66,6 +66,10 @@ def summary(path: Path) -> dict[str, Any]:
                 tasks.append(task["taskInfo"]["name"])
 
     walk(spec["root"])
+    from pipelines.rlhf_pipeline import DISPLAY
+
+    order = list(DISPLAY.values())
+    tasks.sort(key=lambda t: next((i for i, d in enumerate(order) if t.startswith(d)), len(order)))
     return {"tasks": tasks, "parameters": sorted(spec["root"].get("inputDefinitions", {}).get("parameters", {}))}
 
 

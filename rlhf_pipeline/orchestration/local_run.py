@@ -41,12 +41,13 @@ STAGE_SECTIONS = ("prepare_data", "sft", "reward", "ppo", "dpo", "evaluate")
 SMALL_SIZES: dict[str, dict[str, Any]] = {
     "prepare_data": {"finetune_max_pairs": 256, "reward_max_pairs": 256, "rl_max_pairs": 64,
                      "evaluation_max_pairs": 64},
-    "sft": {"max_steps": 20, "seq_length": 256, "batch_size": 2},
-    "reward": {"max_steps": 30, "batch_size": 2, "max_length": 256, "eval_fraction": 0.2},
-    "ppo": {"steps": 5, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 2, "min_new_tokens": 32,
-            "max_new_tokens": 32, "max_prompt_length": 128},
-    "dpo": {"max_steps": 10, "batch_size": 2},
-    "evaluate": {},
+    "sft": {"max_steps": 20, "seq_length": 256, "batch_size": 1, "max_eval_samples": 8},
+    "reward": {"max_steps": 30, "batch_size": 2, "max_length": 256, "eval_fraction": 0.2, "max_eval_samples": 32,
+               "eval_before": False},
+    "ppo": {"steps": 5, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "min_new_tokens": 32,
+            "max_new_tokens": 32, "max_prompt_length": 128, "learning_rate": 1.0e-4},
+    "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 256, "max_eval_samples": 16},
+    "evaluate": {"max_questions": 16, "max_new_tokens": 32, "max_prompt_length": 128, "batch_size": 8},
 }
 
 # task name prefix (kfp names tasks after components) -> label shown in progress and the summary
@@ -162,6 +163,8 @@ class StepTimer:
         self.verbose = verbose
         self.started: dict[str, float] = {}
         self.durations: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds (user + system) of the step's processes
+        self._cpu0: dict[str, float] = {}
         self.status: dict[str, str] = {}
         self.output: dict[str, list[str]] = {}
         self.current: str | None = None
@@ -177,6 +180,7 @@ class StepTimer:
         if m := _START.search(clean):
             self.current = m.group(1)
             self.started[self.current] = time.monotonic()
+            self._cpu0[self.current] = children_cpu()
             self.output[self.current] = []
             self.console.print(f"[bold cyan]▶[/] {self.label(self.current)} started")
             if self.live is not None:
@@ -186,6 +190,7 @@ class StepTimer:
             task, status = m.group(1), m.group(2)
             took = time.monotonic() - self.started.get(task, time.monotonic())
             self.durations[task] = took
+            self.cpu[task] = children_cpu() - self._cpu0.get(task, children_cpu())
             self.status[task] = status
             ok = status == "SUCCESS"
             mark = "[bold green]✓[/]" if ok else "[bold red]✗[/]"
@@ -242,6 +247,12 @@ def captured_stdout(log_path: Path, timer: StepTimer, verbose: bool) -> Iterator
             sys.stdout = real
 
 
+def children_cpu() -> float:
+    """CPU seconds of finished child processes (kfp.local waits for each step's process before reporting it)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def fmt_seconds(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
 
@@ -271,10 +282,16 @@ def step_environment(cfg: LocalRunConfig) -> Iterator[None]:
 
 
 def pipeline_arguments(cfg: LocalRunConfig, work_root: Path) -> dict[str, Any]:
+    from rlhf_pipeline.orchestration import steps
+
     def section(name: str) -> dict[str, Any]:
         values = dict(getattr(cfg, name))
-        if cfg.num_threads and name in ("sft", "reward", "ppo", "dpo", "evaluate"):
-            values.setdefault("num_threads", cfg.num_threads)
+        if cfg.num_threads and name != "prepare_data":
+            try:
+                if "num_threads" in steps.stage_config_class(name).model_fields:
+                    values.setdefault("num_threads", cfg.num_threads)
+            except ModuleNotFoundError:  # a stage this version lacks; not run unless it is the alignment
+                pass
         return values
 
     return {
@@ -391,9 +408,10 @@ def collect_summary(cfg: LocalRunConfig, out: Path, run_dir: Path | None, pipeli
         paths["report_html"] = str(out / "report.html")
     versions = registered_versions(cfg, run_dir.name if run_dir else None)
     timings = {timer.label(t): round(d, 1) for t, d in timer.durations.items()}
+    cpu = {timer.label(t): round(c, 1) for t, c in timer.cpu.items()}
     return {
         "alignment": cfg.alignment, "run": run_dir.name if run_dir else None, "total_seconds": round(total, 1),
-        "step_seconds": timings, "metrics": metrics, "registered": versions, "tracking_uri": cfg.tracking(),
+        "step_seconds": timings, "step_cpu_seconds": cpu, "metrics": metrics, "registered": versions, "tracking_uri": cfg.tracking(),
         "work_dir": str(run_dir) if run_dir else None, "log": str(log_path), **paths,
     }
 
@@ -426,10 +444,12 @@ def print_summary(summary: dict[str, Any], console) -> None:
 
     t = Table(title="Step times", show_header=True)
     t.add_column("step")
-    t.add_column("seconds", justify="right")
+    t.add_column("wall s", justify="right")
+    t.add_column("CPU s", justify="right")
+    cpu = summary.get("step_cpu_seconds", {})
     for step, secs in summary["step_seconds"].items():
-        t.add_row(step, f"{secs:.1f}")
-    t.add_row("[bold]total (wall)[/]", f"[bold]{summary['total_seconds']:.1f}[/]")
+        t.add_row(step, f"{secs:.1f}", f"{cpu[step]:.1f}" if step in cpu else "")
+    t.add_row("[bold]total[/]", f"[bold]{summary['total_seconds']:.1f}[/]", f"{sum(cpu.values()):.1f}")
     console.print(t)
 
     m = summary["metrics"]

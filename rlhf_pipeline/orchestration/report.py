@@ -11,6 +11,7 @@ from typing import Any
 from rlhf_pipeline.errors import UserError
 
 CHALLENGER = "challenger"
+FENCE = "`" * 3
 HEADLINE = ("rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate")
 
 
@@ -53,17 +54,31 @@ def _fmt(value: Any) -> str:
 
 
 def read_generations(path: Path, limit: int) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-            if len(rows) >= limit:
-                break
-    return rows
+    """Up to `limit` questions with every model's answer: the evaluation writes one row per (question, model)
+    with `question, model, response, reward, kl`; rows are grouped back by question, in file order."""
+    grouped: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        q = str(row.get("question") or row.get("prompt") or "")
+        if q not in grouped:
+            if len(grouped) >= limit:
+                continue
+            grouped[q] = {"question": q, "answers": []}
+        if "model" in row:
+            grouped[q]["answers"].append({"model": str(row["model"]), "response": str(row.get("response", "")),
+                                          "reward": row.get("reward"), "kl": row.get("kl")})
+        else:  # one row per question with a column per model
+            for key, value in row.items():
+                if key not in ("question", "prompt") and isinstance(value, str):
+                    grouped[q]["answers"].append({"model": key, "response": value, "reward": None, "kl": None})
+    return list(grouped.values())
 
 
 def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], versions: list[dict[str, Any]],
@@ -86,15 +101,12 @@ def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], ve
     if generations:
         lines += ["", "## Sample generations", ""]
         for i, g in enumerate(generations, 1):
-            q = str(g.get("question") or g.get("prompt") or "").strip()
+            q = g["question"].strip()
             lines += [f"### Question {i}", "", "> " + q[:600].replace("\n", "\n> "), ""]
-            for key, value in g.items():
-                if key in ("question", "prompt") or not isinstance(value, str):
-                    continue
-                lines += [f"**{key}**", "", "```text", value.strip()[:800], "```", ""]
-            scores = {k: v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if scores:
-                lines += [", ".join(f"{k}: {_fmt(v)}" for k, v in scores.items()), ""]
+            for a in g["answers"]:
+                score = ", ".join(f"{k} {_fmt(a[k])}" for k in ("reward", "kl") if isinstance(a.get(k), (int, float)))
+                text = a["response"].strip()[:800].replace(FENCE, "'" * 3)
+                lines += [f"**{a['model']}**" + (f" ({score})" if score else ""), "", FENCE + "text", text, FENCE, ""]
     if extra.strip():
         lines += ["", "## Evaluation report", "", extra.strip()]
     return "\n".join(lines) + "\n"

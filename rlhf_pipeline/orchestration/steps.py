@@ -218,23 +218,14 @@ def stage_config_class(stage: str) -> type:
 
 def evaluate_wiring(config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any,
                     alignment: str, output: Path) -> dict[str, Any]:
-    """The evaluation stage's inputs from the upstream artifacts, under the names its config uses."""
-    fields = set(getattr(config_cls, "model_fields", {}))
-    wired: dict[str, Any] = {"data": str(stage_dir(data)), "output": str(output)}
-    candidates = {
-        "sft_model": merged_model(sft_model),
-        "reward_model": str(stage_dir(reward_model)),
-        "policy": merged_model(policy),
-        "policy_model": merged_model(policy),
-        "policies": [merged_model(policy)],
-        "policy_names": [alignment],
-        "algorithm": alignment,
-        "alignment": alignment,
+    """The evaluation stage's inputs from the upstream artifacts (EvaluateConfig: data, output, sft_model,
+    reward_model, policy NAME=DIR, policy_model_uri of the registered policy version it tags)."""
+    wired: dict[str, Any] = {
+        "data": str(stage_dir(data)), "output": str(output), "sft_model": merged_model(sft_model),
+        "reward_model": str(stage_dir(reward_model)), "policy": [f"{alignment}={stage_dir(policy)}"],
     }
     meta = getattr(policy, "metadata", None) or {}
     if meta.get("registered_model") and meta.get("registered_version"):
-        candidates["policy_version"] = str(meta["registered_version"])
-        candidates["policy_versions"] = [f"{meta['registered_model']}/{meta['registered_version']}"]
-        candidates["policy_registered_model"] = str(meta["registered_model"])
-    wired.update({k: v for k, v in candidates.items() if k in fields})
-    return wired
+        wired["policy_model_uri"] = f"models:/{meta['registered_model']}/{meta['registered_version']}"
+    fields = set(getattr(config_cls, "model_fields", {}))
+    return {k: v for k, v in wired.items() if k in fields}

@@ -67,9 +67,9 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     policy = model_artifact(tmp_path, "ppo", {"kl_last": 0.1, "reward_last": 0.3})  # registry entry unknown
     gen_dir = tmp_path / "gen"
     gen_dir.mkdir()
-    (gen_dir / "generations.jsonl").write_text("\n".join(json.dumps(
-        {"question": f"Which beer {i}?", "sft": "An ale.", "ppo": "A stout <b>.", "reward_sft": 0.1, "reward_ppo": 0.4})
-        for i in range(6)))
+    (gen_dir / "generations.jsonl").write_text("\n".join(json.dumps(row) for i in range(6) for row in (
+        {"question": f"Which beer {i}?", "model": "sft", "response": "An ale.", "reward": 0.1, "kl": 0.0},
+        {"question": f"Which beer {i}?", "model": "ppo", "response": "A stout <b>.", "reward": 0.4, "kl": 0.3})))
     (tmp_path / "eval.md").write_text("Evaluation text")
     summary = Art(tmp_path / "summary")
     md, html = Art(tmp_path / "report.md"), Art(tmp_path / "report.html")
@@ -85,6 +85,7 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     text = Path(md.path).read_text()
     assert "| rm/accuracy | 0.75 |" in text and "Which beer 1?" in text and "Which beer 2?" not in text
     assert "Evaluation text" in text and "challenger" in text
+    assert "**ppo** (reward 0.4, kl 0.3)" in text and "An ale." in text
     page = Path(html.path).read_text()
     assert page.startswith("<!doctype html>") and "<table>" in page
     assert "A stout &lt;b&gt;." in page  # generated text is escaped, never markup
