@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         only.remove("ppo")
         only.insert(only.index("reward") + 1, "ppo")
     variants = a.variants or ("default" if a.quick else "all")
-    out = Path(a.out or bl.REPO / "outputs" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    # absolute: our stages get a sqlite:/// tracking URI under it (a relative one breaks MLflow's artifact URI)
+    out = Path(a.out or bl.REPO / "outputs" / "bench" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     if not a.skip_trl and not bl.peer_python().exists():
