@@ -74,6 +74,8 @@ class PPOConfig(TrainingOptions):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError("PPO takes one optimizer step per minibatch: set --mini-batch-size instead")
         return self
 
 
@@ -292,14 +294,15 @@ def summarize(history: list[dict], cfg: PPOConfig) -> dict:
     """metrics.json: first/last step reward and KL, steady-state throughput (step 1 = warm-up, excluded)."""
     steady = history[1:] or history
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    steady_seconds = sum(cfg.batch_size / r["samples_per_s"] for r in steady)
     return {
         "steps": len(history), "samples": len(history) * cfg.batch_size,
         "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
         "kl_first": history[0]["kl"], "kl_last": history[-1]["kl"], "kl_coef_last": history[-1]["kl_coef"],
         "reward_mean_last5": mean("reward_mean", history[-5:]), "kl_mean_last5": mean("kl", history[-5:]),
         "skipped_updates": history[-1]["skipped_updates"],
-        "ppo/samples_per_s": len(steady) * cfg.batch_size / sum(1 / r["samples_per_s"] * cfg.batch_size for r in steady),
-        "ppo/tokens_per_s": mean("tokens_per_s", steady),
+        "ppo/samples_per_s": len(steady) * cfg.batch_size / steady_seconds,
+        "ppo/tokens_per_s": sum(r["tokens_per_s"] * cfg.batch_size / r["samples_per_s"] for r in steady) / steady_seconds,
         "history": history,
     }
 
