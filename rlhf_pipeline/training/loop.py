@@ -207,9 +207,9 @@ def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
 class LoopResult:
     steps: int                 # optimizer steps done in total, including those before a resume
     trained_steps: int         # optimizer steps done by this call
-    train_loss: float | None   # mean loss over this call's steps
-    items_per_s: float | None  # steady-state throughput (first step of this call excluded when there are more)
-    train_seconds: float = 0.0
+    train_loss: float | None   # mean loss over all steps, including those before a resume
+    items_per_s: float | None  # steady-state throughput over all steps (each process's first step excluded)
+    train_seconds: float = 0.0  # wall time of this call's steps
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -226,6 +226,11 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
     accum = cfg.gradient_accumulation_steps
     unwrapped = accelerator.unwrap_model(module)
     module.train()
+    # Running totals survive a resume through the checkpoint's `extra`, so a resumed run still reports the mean
+    # loss and the steady rate of ALL its steps (each process segment's first step excluded from the rate).
+    totals = {"loss_sum": 0.0, "loss_steps": 0, "timed_items": 0.0, "timed_seconds": 0.0}
+    if start_step > 0:
+        totals.update(_checkpoint_extra(cfg.output).get("totals", {}))
     losses: list[float] = []
     timed_items, timed_seconds, first_step_items, first_step_seconds = 0.0, 0.0, 0.0, 0.0
     last: dict[str, float] = {}
@@ -276,24 +281,34 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
         if step % cfg.save_steps == 0 or step == total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                so_far = _merge_totals(totals, losses, timed_items, timed_seconds)
                 save_checkpoint(cfg.output, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                else optimizer, scheduler)
+                                else optimizer, scheduler, extra={"totals": so_far})
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
     bar.close()
 
-    trained = step - start_step
-    if timed_seconds:
-        items_per_s = timed_items / timed_seconds
-    elif first_step_seconds:
-        items_per_s = first_step_items / first_step_seconds
-    else:
-        items_per_s = None
+    if not timed_seconds and first_step_seconds:  # a single step: its own rate is all there is
+        timed_items, timed_seconds = first_step_items, first_step_seconds
+    all_steps = _merge_totals(totals, losses, timed_items, timed_seconds)
     return LoopResult(
-        steps=step, trained_steps=trained, train_loss=sum(losses) / len(losses) if losses else None,
-        items_per_s=items_per_s, train_seconds=timed_seconds + first_step_seconds, last_metrics=last,
+        steps=step, trained_steps=step - start_step,
+        train_loss=all_steps["loss_sum"] / all_steps["loss_steps"] if all_steps["loss_steps"] else None,
+        items_per_s=all_steps["timed_items"] / all_steps["timed_seconds"] if all_steps["timed_seconds"] else None,
+        train_seconds=timed_seconds + first_step_seconds, last_metrics=last,
     )
+
+
+def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_seconds: float) -> dict:
+    return {"loss_sum": before["loss_sum"] + sum(losses), "loss_steps": before["loss_steps"] + len(losses),
+            "timed_items": before["timed_items"] + timed_items,
+            "timed_seconds": before["timed_seconds"] + timed_seconds}
+
+
+def _checkpoint_extra(output: str | Path) -> dict:
+    path = latest_checkpoint(output)
+    return json.loads((path / "state.json").read_text()).get("extra", {}) if path else {}
 
 
 def autocast_context(accelerator):

@@ -40,6 +40,7 @@ class RewardConfig(TrainingOptions):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     max_length: int = Field(512, ge=8, description="Pairs with a side longer than this many tokens are dropped.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for accuracy/margin.")
+    eval_before: bool = Field(True, description="Also evaluate the initial model (accuracy_before); costs one eval pass.")
     evaluate_only: bool = Field(False, description="Only score --model on held-out pairs (no training).")
     eval_subset: Literal["auto", "evaluation", "reward"] = Field(
         "auto", description="--evaluate-only data: evaluation.parquet, the held-out part of reward.parquet, or "
@@ -137,9 +138,11 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             return evaluate_pairs(accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc)
 
         # "Before" = adapters and the fresh head copy off: the initial model, also when this run resumed.
-        with accelerator.unwrap_model(module).model.disable_adapter():
-            before = evaluate("eval (initial)")
-        _log_eval(run, before, step=0)
+        before = {}
+        if cfg.eval_before:
+            with accelerator.unwrap_model(module).model.disable_adapter():
+                before = evaluate("eval (initial)")
+            _log_eval(run, before, step=0)
 
         batches = loop.micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size, seed=cfg.seed,
                                      collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),

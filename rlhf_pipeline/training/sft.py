@@ -1,7 +1,7 @@
 """Step 1: supervised fine-tuning with LoRA on question + preferred answer.
 
     rlhf sft --data /tmp/beer-data --output /tmp/sft --config recipes/smollm2/sft.yaml
-    accelerate launch -m rlhf_pipeline.cli sft --data DIR --output OUT --config recipes/llama-7b/sft.yaml  # GPUs
+    accelerate launch --num_processes 8 $(which rlhf) sft --config recipes/llama-7b/sft.yaml --data DIR --output OUT
 
 Reads `<data>/finetune.parquet` (one text per (question, preferred answer)), holds out `--eval-fraction` of the
 QUESTIONS, trains LoRA adapters on packed blocks (see packing.py) or padded documents, and writes

@@ -194,3 +194,9 @@ def test_reward_through_a_real_mlflow_server(tiny_model_dir, tmp_path, mlflow_se
     evaluated = run_reward(RewardConfig(model=f"models:/server-test-reward/{version.version}", data=str(tmp_path / "data"), output=str(tmp_path / "ev"), evaluate_only=True,
                                         tracking_uri=mlflow_server, max_length=64))
     assert evaluated["num_pairs"] == 16 and Path(tmp_path / "ev" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["recipes/smollm2/reward.yaml", "recipes/llama-7b/reward.yaml"])
+def test_reward_recipes_are_valid(recipe):
+    cfg = RewardConfig.load(Path(__file__).resolve().parents[2] / recipe)
+    assert cfg.lora_r == 8 and cfg.lora_dropout == 0.1 and cfg.model.endswith("merged")

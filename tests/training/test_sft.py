@@ -166,7 +166,7 @@ def test_sft_without_packing(tiny_model_dir, tmp_path, mlflow_sqlite):
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path, mlflow_sqlite):
     full = sft_config(tiny_model_dir, tmp_path, output=str(tmp_path / "full"), register_model=False,
                       gradient_accumulation_steps=2)
-    run_sft(full)
+    uninterrupted = run_sft(full)
 
     interrupted = full.model_copy(update={"output": str(tmp_path / "interrupted")})
 
@@ -181,6 +181,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_pat
 
     resumed = run_sft(interrupted)
     assert resumed["steps"] == 4 and resumed["trained_steps"] == 2
+    # the mean train loss covers all 4 steps (the 2 before the crash come from the checkpoint) and matches
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert resumed["tokens_per_s"] > 0
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -228,3 +231,9 @@ def test_missing_data_is_one_line_error(tiny_model_dir, tmp_path, mlflow_sqlite)
     cfg = sft_config(tiny_model_dir, tmp_path, data=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="data directory not found"):
         run_sft(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/smollm2/sft.yaml", "recipes/llama-7b/sft.yaml"])
+def test_sft_recipes_are_valid(recipe):
+    cfg = SFTConfig.load(Path(__file__).resolve().parents[2] / recipe)
+    assert cfg.lora_r == 16 and cfg.packing
