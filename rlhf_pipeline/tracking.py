@@ -174,7 +174,8 @@ def stage_run(cfg: TrackingOptions, stage: str, *, data_dir: str | Path | None =
         if experiment is None:
             artifact_location = None
             if uri.startswith("sqlite:///"):  # keep local artifacts next to the database, not in the cwd
-                artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+                db_path = Path(uri.removeprefix("sqlite:///")).resolve()  # relative to the cwd, as SQLAlchemy reads it
+                artifact_location = (db_path.parent / "mlartifacts").as_uri()
             try:
                 experiment_id = mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_location)
             except mlflow.exceptions.MlflowException:  # created concurrently by another stage

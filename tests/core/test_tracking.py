@@ -84,3 +84,16 @@ def test_unreachable_server_fails_fast(tmp_path):
         with stage_run(cfg, "sft"):
             pytest.fail("the stage body must not run")
     assert time.time() - t0 < 10
+
+
+def test_relative_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "w.txt").write_text("x")
+    cfg = TrackingOptions(tracking_uri="sqlite:///runs/mlflow.db", experiment_name="rel")
+    with stage_run(cfg, "sft") as run:
+        run.register(tmp_path / "out")
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+    assert list((tmp_path / "runs" / "mlartifacts").rglob("w.txt"))
