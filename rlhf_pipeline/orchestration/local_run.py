@@ -23,7 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TextIO
+from typing import Any, Iterator, Literal, TextIO
 
 import click
 import yaml
@@ -304,8 +304,7 @@ def pipeline_arguments(cfg: LocalRunConfig, work_root: Path) -> dict[str, Any]:
     }
 
 
-def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> dict[str, Any]:
     """Run the pipeline through kfp.local; returns the summary (timings, metrics, versions, paths)."""
     from rich.console import Console
 

@@ -1,0 +1,135 @@
+"""The FULL pipeline through kfp.local (each step in its own process, exactly the component code a cluster runs)
+with the tiny model on small subsets of the beer sample: every step's artifacts, the Kubeflow metrics, the MLflow
+runs, the registered versions with their lineage, the challenger alias and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_pipeline.orchestration import local_run
+
+pytestmark = pytest.mark.slow
+
+LINEAGE = ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
+
+
+def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[str, ...] = ()):
+    return local_run.load_config(None, {"model": str(model), "input": str(beer), "output": str(out),
+                                        "alignment": alignment, "num_threads": 2}, (
+        "prepare_data.finetune_max_pairs=48", "prepare_data.reward_max_pairs=64", "prepare_data.rl_max_pairs=16",
+        "prepare_data.evaluation_max_pairs=16",
+        "sft.max_steps=2", "sft.seq_length=128", "sft.batch_size=2", "sft.max_eval_samples=4",
+        "reward.max_steps=3", "reward.batch_size=2", "reward.max_length=256", "reward.max_eval_samples=8",
+        "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.min_new_tokens=8",
+        "ppo.max_new_tokens=8", "ppo.max_prompt_length=64",
+        "dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_eval_samples=4",
+        "evaluate.max_questions=4", "evaluate.max_new_tokens=8", "evaluate.batch_size=4",
+        *sets,
+    ))
+
+
+def executor_output(task_dir: Path) -> dict:
+    return json.loads((task_dir / "executor_output.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory, tiny_model_dir, beer_posts):
+    out = tmp_path_factory.mktemp("e2e") / "outputs"
+    cfg = tiny_sizes(tiny_model_dir, beer_posts, out, "ppo")
+    summary = local_run.run_local(cfg)
+    return cfg, out, summary
+
+
+def test_every_step_ran_and_was_timed(ppo_run):
+    _, _, summary = ppo_run
+    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "PPO", "evaluate", "report"]
+    assert all(s > 0 for s in summary["step_seconds"].values())
+
+
+def test_every_stage_wrote_its_artifacts(ppo_run):
+    _, out, summary = ppo_run
+    [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
+    data = root / "prepare-data" / "data"
+    for name in ("finetune.parquet", "reward.parquet", "rl.parquet", "evaluation.parquet", "stats.json"):
+        assert (data / name).is_file(), name
+    for step in ("sft", "reward", "ppo"):
+        model = root / step / "model"
+        assert (model / "adapter").is_dir() and (model / "metrics.json").is_file(), step
+        step_info = json.loads((model / "step.json").read_text())
+        # full outputs (merged weights) stay in the work dir, not in the artifact
+        assert not (model / "merged").exists()
+        assert (Path(step_info["output_dir"]) / "merged" / "config.json").is_file(), step
+    assert (root / "evaluate" / "generations" / "generations.jsonl").is_file()
+    assert (root / "evaluate" / "report").is_file()
+    assert "Sample generations" in (root / "report" / "report_md").read_text()
+    assert (root / "report" / "report_html").read_text().startswith("<!doctype html>")
+    assert Path(summary["report_md"]).is_file() and Path(summary["report_html"]).is_file()
+
+
+def test_kubeflow_metrics_were_logged(ppo_run):
+    _, out, _ = ppo_run
+    [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
+
+    def metrics_of(task, name="metrics"):
+        artifacts = executor_output(root / task)["artifacts"][name]["artifacts"]
+        return artifacts[0]["metadata"]
+
+    assert metrics_of("prepare-data")["data/pairs/finetune"] > 0
+    assert "sft/train_loss" in metrics_of("sft")
+    rm = metrics_of("reward")
+    assert 0.0 <= rm["rm/accuracy"] <= 1.0 and "rm/reward_std" in rm
+    assert {"ppo/kl_last", "ppo/reward_last"} <= set(metrics_of("ppo"))
+    ev = metrics_of("evaluate")
+    assert {"eval/reward_mean", "eval/kl", "eval/win_rate"} <= set(ev)
+    headline = metrics_of("report", "summary")
+    assert {"rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate"} <= set(headline)
+
+
+def test_mlflow_runs_hold_metrics(ppo_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, _, _ = ppo_run
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    exp = client.get_experiment_by_name(cfg.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags.get("rlhf.stage"): r for r in runs}
+    assert {"sft", "reward", "ppo", "evaluate"} <= set(by_stage)
+    assert any(k.startswith("sft/") for k in by_stage["sft"].data.metrics)
+    assert "rm/accuracy" in by_stage["reward"].data.metrics
+    assert any(k.startswith("ppo/") for k in by_stage["ppo"].data.metrics)
+    assert any(k.startswith("eval/") for k in by_stage["evaluate"].data.metrics)
+
+
+def test_registered_versions_carry_lineage(ppo_run, beer_posts):
+    from mlflow.tracking import MlflowClient
+
+    cfg, out, summary = ppo_run
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
+    input_sha = json.loads((root / "prepare-data" / "data" / "stats.json").read_text())["input_sha256"]
+    names = {v["name"] for v in summary["registered"]}
+    assert names == {"rlhf-sft", "rlhf-reward", "rlhf-policy"}
+    for name in names:
+        [mv] = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{summary['run']}'")
+        tags = mv.tags
+        assert all(tags.get(k) for k in LINEAGE), (name, tags)
+        assert tags["data_hash"] == input_sha
+        assert tags["git_commit"] != "unknown"
+    policy = client.get_model_version_by_alias("rlhf-policy", "challenger")
+    assert policy.tags["kfp_run_id"] == summary["run"] and policy.tags.get("algorithm") == "ppo"
+    # the evaluation's gate values, which `rlhf promote` reads
+    for gate in ("eval/reward_mean", "eval/win_rate", "eval/kl", "rm/accuracy"):
+        assert gate in policy.tags, gate
+
+
+def test_dpo_branch(tmp_path, tiny_model_dir, beer_posts):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_sizes(tiny_model_dir, beer_posts, tmp_path / "outputs", "dpo")
+    summary = local_run.run_local(cfg)
+    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "DPO", "evaluate", "report"]
+    policy = MlflowClient(tracking_uri=cfg.tracking()).get_model_version_by_alias("rlhf-policy", "challenger")
+    assert policy.tags.get("algorithm") == "dpo" and policy.tags["kfp_run_id"] == summary["run"]
