@@ -199,10 +199,16 @@ def render(report: dict) -> str:
     rows = report["rows"]
     m = report["machine"]
     mode = "quick" if report["quick"] else f"full, step scale {report.get('scale', 1.0)}"
+    if report.get("steps_override"):
+        mode += ", steps " + ",".join(f"{k}={v}" for k, v in report["steps_override"].items())
+    git = report.get("git") or {}
     md = [f"# bench {report['started']} ({mode}, TRL variants: {report['variants']})", "",
           f"machine: {m.get('cpu')}, {m['cpu_count']} cores, {m.get('mem_total_gib')} GiB, torch threads "
           f"{m['threads']}; load average at start {report['load_at_start']}"
-          + (f", at end {report['load_at_end']}" if report.get("load_at_end") else ""), "",
+          + (f", at end {report['load_at_end']}" if report.get("load_at_end") else "")
+          + (f"; commit {git.get('commit')}" if git.get("commit") else "")
+          + (f" (uncommitted library files: {', '.join(git['library_dirty'])})" if git.get("library_dirty") else ""),
+          "",
           bl.markdown_table(rows), "",
           "| side | config | steady rate | steps | load before (1/5/15 min) | mean cores | peak RSS MiB | wall s |",
           "|---|---|---|---|---|---|---|---|"]
