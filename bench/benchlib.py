@@ -217,6 +217,22 @@ def ours_side(ctx: Ctx, name: str, stage: str, want: dict, **meta) -> dict:
     return {"name": name, "role": "ours", "cmd": cmd, "cwd": REPO, "prepare": prepare, "output": output, **meta}
 
 
+def refine_trl_rates(res: dict) -> dict:
+    """The peer scripts round rates to 2 decimals (0.06 pairs/s under load = +-8 %). Where the count per step is
+    constant (pairs, samples, forced-length generated tokens), recompute the steady rate from the totals and the
+    steady seconds: count/step x steady steps / steady_s. The reported value stays under `<key>_reported`."""
+    n, w, st = res.get("steps"), res.get("warmup_steps_excluded"), res.get("steady_s")
+    if res.get("failed") or not n or w is None or not st:
+        return res
+    for base in ("pairs", "samples", "gen_tokens"):
+        total, key = res.get(f"{base}_total"), f"{base}_per_s"
+        if total is None or res.get(key) is None or f"{key}_reported" in res:
+            continue
+        res[f"{key}_reported"] = res[key]
+        res[key] = round(total / n * (n - w) / st, 5)
+    return res
+
+
 def run_plan(ctx: Ctx, sides: list[dict], timeout: float | None = None) -> list[dict]:
     results = []
     for side in sides:
@@ -230,6 +246,8 @@ def run_plan(ctx: Ctx, sides: list[dict], timeout: float | None = None) -> list[
         res.update({k: v for k, v in side.items()
                     if k not in ("cmd", "cwd", "prepare", "name", "role", "skip", "output") and not callable(v)})
         res["output"] = str(side["output"]) if side.get("output") else None
+        if side["role"] == "trl":
+            refine_trl_rates(res)
         results.append(res)
     return results
 

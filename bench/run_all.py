@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(Path(a.render).read_text())
         rows = []
         for stage, results in report["stages"].items():  # recomputed: picks up fixes to the summaries
+            for r in results:
+                if r.get("role") == "trl":
+                    bl.refine_trl_rates(r)
             rows += stage_module(stage).rows(results, None)
         report["rows"] = rows
         print(render(report))
