@@ -171,8 +171,12 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
             # (2) Score: reward model at the last real token (normalized), optional clip and no-EOS penalty.
             tic = time.perf_counter()
             with accelerator.autocast():
-                raw_scores = reward(batch_questions, responses, rollout).float().cpu()
-            scores = rollouts.shape_scores(raw_scores, rollout.has_eos, reward_clip=cfg.reward_clip,
+                if isinstance(reward, rollouts.RewardModelScorer):  # keep the raw score too, for the logs
+                    raw_scores = reward.raw_scores(batch_questions, responses).float()
+                    normalized = reward.normalize(raw_scores)
+                else:
+                    raw_scores = normalized = reward(batch_questions, responses, rollout).float().cpu()
+            scores = rollouts.shape_scores(normalized, rollout.has_eos, reward_clip=cfg.reward_clip,
                                            missing_eos_penalty=cfg.missing_eos_penalty).to(mask.device)
             timings["score"] = time.perf_counter() - tic
 

@@ -156,12 +156,15 @@ class PolicyWithValue(nn.Module):
                                             quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
                                             device=str(next(self.policy.parameters()).device),
                                             max_length=cfg.max_reward_length)
+        from tqdm.auto import tqdm
+
+        shared = isinstance(scorer, SharedBaseRewardModel)
+        tqdm.write(f"reward model {info.merged_dir.parent if info.adapter_dir else info.merged_dir}: "
+                   + ("second adapter on the policy's base" if shared else "loaded separately"))
         self.reward_scorer = scorer
         if cfg.value_head_init == "reward":
             head = scorer.score_head()
             if not self.value_head.init_from_score_head(head.weight, getattr(head, "bias", None)):
-                from tqdm.auto import tqdm
-
                 tqdm.write("value head: reward score head shape differs, starting from zeros")
         return scorer
 
