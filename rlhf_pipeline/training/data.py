@@ -90,6 +90,8 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text (with the tokenizer's own BOS, if it adds one) followed by EOS, the document end."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; packing needs one to separate documents")
+    if not texts:  # e.g. --eval-fraction 0: the tokenizer rejects an empty batch
+        return []
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     return [ids + [eos] if not ids or ids[-1] != eos else ids for ids in encoded]

@@ -163,6 +163,13 @@ def test_sft_without_packing(tiny_model_dir, tmp_path, mlflow_sqlite):
     assert metrics["registered_model"] is None
 
 
+def test_sft_without_held_out_questions(tiny_model_dir, tmp_path, mlflow_sqlite):
+    cfg = sft_config(tiny_model_dir, tmp_path, eval_fraction=0.0, register_model=False)
+    metrics = run_sft(cfg)
+    assert metrics["eval_documents"] == 0 and metrics["eval_perplexity"] is None
+    assert metrics["steps"] == 4 and metrics["train_loss"] == metrics["train_loss"]  # trained, loss not NaN
+
+
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path, mlflow_sqlite):
     full = sft_config(tiny_model_dir, tmp_path, output=str(tmp_path / "full"), register_model=False,
                       gradient_accumulation_steps=2)
