@@ -41,12 +41,12 @@ STAGE_SECTIONS = ("prepare_data", "sft", "reward", "ppo", "dpo", "evaluate")
 SMALL_SIZES: dict[str, dict[str, Any]] = {
     "prepare_data": {"finetune_max_pairs": 256, "reward_max_pairs": 256, "rl_max_pairs": 64,
                      "evaluation_max_pairs": 64},
-    "sft": {"max_steps": 20, "seq_length": 256, "batch_size": 1, "max_eval_samples": 8},
-    "reward": {"max_steps": 30, "batch_size": 2, "max_length": 256, "eval_fraction": 0.2, "max_eval_samples": 32,
-               "eval_before": False},
+    "sft": {"max_steps": 20, "seq_length": 256, "batch_size": 1, "max_eval_samples": 4, "mixed_precision": "bf16"},
+    "reward": {"max_steps": 30, "batch_size": 2, "max_length": 384, "eval_fraction": 0.2, "max_eval_samples": 48,
+               "eval_before": False, "mixed_precision": "bf16"},
     "ppo": {"steps": 5, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "min_new_tokens": 32,
-            "max_new_tokens": 32, "max_prompt_length": 128, "learning_rate": 1.0e-4},
-    "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 256, "max_eval_samples": 16},
+            "max_new_tokens": 32, "max_prompt_length": 128, "learning_rate": 1.0e-4, "mixed_precision": "bf16"},
+    "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 256, "max_eval_samples": 16, "mixed_precision": "bf16"},
     "evaluate": {"max_questions": 16, "max_new_tokens": 32, "max_prompt_length": 128, "batch_size": 8},
 }
 
@@ -324,6 +324,9 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
     timer = StepTimer(console, verbose)
     t0 = time.monotonic()
 
+    console.print(f"[bold]rlhf run[/]: {cfg.alignment.upper()} pipeline on {inp} with {cfg.model}; "
+                  f"log: {log_path}")
+
     # Keep one run's stage outputs: merged models are ~0.5 GB each for SmolLM2 (MLflow keeps registered copies).
     for old in before:
         shutil.rmtree(work_root / old, ignore_errors=True)
@@ -344,8 +347,6 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
 
     pipeline = build_pipeline(None)
     args = pipeline_arguments(cfg, work_root)
-    console.print(f"[bold]rlhf run[/]: {cfg.alignment.upper()} pipeline on {inp} with {cfg.model}; "
-                  f"log: {log_path}")
     failure: str | None = None
     with step_environment(cfg), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -429,6 +430,7 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
         except Exception:  # noqa: BLE001 (a missing model is just not listed)
             found = []
         for mv in sorted(found, key=lambda v: int(v.version)):
+            mv = client.get_model_version(mv.name, mv.version)  # search results carry no aliases
             rows.append({"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []),
                          "tags": dict(mv.tags or {})})
     return rows
