@@ -141,7 +141,9 @@ def read_metrics(output_dir: Path) -> dict[str, Any]:
 def namespaced(step: str, metrics: dict[str, float]) -> dict[str, float]:
     """Prefix metric names with the step's namespace (`rm/accuracy`) unless they already carry one."""
     ns = METRIC_NAMESPACE.get(step, step)
-    return {(k if k.startswith(ns + "/") else f"{ns}/{k}"): v for k, v in metrics.items()}
+    # the evaluation reports every model twice (nested `models/<name>/...` and flat `eval/<name>/...`)
+    return {(k if k.startswith(ns + "/") else f"{ns}/{k}"): v for k, v in metrics.items()
+            if not (step == "evaluate" and k.startswith("models/"))}
 
 
 def log_kfp_metrics(metrics_artifact: Any, values: dict[str, float]) -> None:
