@@ -54,8 +54,7 @@ def mlflow_server(tmp_path_factory) -> str:
     """URI of a real MLflow tracking server (SQLite backend, local artifacts), killed at teardown."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
            "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"]
     log = open(tmp / "server.log", "wb")
