@@ -47,6 +47,15 @@ def point_challenger(client, name: str, version: str, alias: str = CHALLENGER) -
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def _short(value: str) -> str:
+    """Hashes to 12 characters; paths to their last two components."""
+    if "/" in value:
+        return "…/" + "/".join(value.rstrip("/").split("/")[-2:])
+    if len(value) > 12 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return value
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -94,7 +103,7 @@ def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], ve
     if versions:
         lines += ["", "## Registered model versions", "", "| model | version | aliases | lineage |", "|---|---|---|---|"]
         for v in versions:
-            lineage = ", ".join(f"{k}={str(v['tags'][k])[:12]}" for k in
+            lineage = ", ".join(f"{k}={_short(str(v['tags'][k]))}" for k in
                                 ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
                                 if k in v.get("tags", {}))
             lines.append(f"| {v['name']} | {v['version']} | {', '.join(v.get('aliases', []))} | {lineage} |")
