@@ -19,7 +19,7 @@ KUBE_VERSION = "1.31.0"
 BUILTIN_GROUPS = {"", "apps", "batch", "rbac.authorization.k8s.io", "networking.k8s.io", "policy"}
 
 # Contents of the existing Secrets the chart is pointed at. None of them may ever appear in a manifest.
-FAKE_SECRETS = {"pg-password": "PgFake-Pa55w0rd-7731", "s3-key-id": "AKIAFAKE00000000X1Y2",
+FAKE_SECRETS = {"pg-password": "PgFake-Pa55w0rd-7731", "s3-key-id": "FAKEKEYID0000000X1Y2",
                 "s3-secret": "fAkE/S3cr3t+K3y/0000000000000000000000", "admin-password": "AdminFake-Pw-5521",
                 "flask-key": "FlaskFake-Key-0192837465"}
 
