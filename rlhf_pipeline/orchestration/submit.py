@@ -2,15 +2,14 @@
 the existing one) and start a run in an experiment.
 
 Authentication comes from the environment only (never a flag, so it stays out of shell history and CI logs):
-`KFP_TOKEN` (a bearer token, e.g. a service-account token), else whatever kfp.Client itself picks up (its
-context file, in-cluster credentials). An unreachable host fails in seconds with one line.
+`KFP_TOKEN` or `KF_PIPELINES_TOKEN` (a bearer token), else the projected service-account token
+(`ops.kfp_client.bearer_token`), else whatever kfp.Client itself picks up (its context file). An unreachable host fails in seconds with one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import tempfile
 import time
@@ -22,8 +21,8 @@ from typing import Any
 import click
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ops.kfp_client import api_error, bearer_token
 
-TOKEN_ENV = "KFP_TOKEN"
 HEALTH_PATH = "/apis/v2beta1/healthz"
 TIMEOUT_S = 5.0
 
@@ -76,20 +75,6 @@ def check_reachable(host: str, timeout: float = TIMEOUT_S) -> None:
         raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({reason})") from None
 
 
-def _api_error(exc: Exception, what: str) -> UserError:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
-    body = getattr(exc, "body", None)
-    detail = ""
-    if body:
-        try:
-            detail = ": " + str(json.loads(body).get("message", ""))[:200]
-        except (ValueError, AttributeError):
-            detail = ": " + str(body)[:200]
-    code = f"HTTP {status} " if status else ""
-    return UserError(f"{what} failed ({code}{reason}){detail}")
-
-
 def make_client(host: str, namespace: str | None):
     import warnings
 
@@ -97,7 +82,7 @@ def make_client(host: str, namespace: str | None):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        kwargs: dict[str, Any] = {"host": host, "existing_token": os.environ.get(TOKEN_ENV) or None}
+        kwargs: dict[str, Any] = {"host": host, "existing_token": bearer_token()}
         if namespace:
             kwargs["namespace"] = namespace
         return kfp.Client(**kwargs)
@@ -131,7 +116,7 @@ def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, e
         raise
     except Exception as exc:  # kfp_server_api.ApiException, urllib3 errors: one line, no traceback
         if type(exc).__module__.startswith(("kfp_server_api", "urllib3")) or isinstance(exc, (ValueError, OSError)):
-            raise _api_error(exc, f"talking to {host}") from None
+            raise api_error(exc, f"talking to {host}") from None
         raise
     finally:
         logging.disable(logging.NOTSET)
