@@ -20,6 +20,9 @@ from pydantic import Field
 from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.shared_prefix import (
+    collate_shared_prefix, is_shared_prefix_batch, shared_prefix_response_logprobs, supports_shared_prefix,
+)
 
 
 class DPOConfig(TrainingOptions):
@@ -30,6 +33,10 @@ class DPOConfig(TrainingOptions):
     precompute_ref: bool = Field(False, description="Compute reference log-probs once before training "
                                  "(faster with several epochs) instead of in every step.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for evaluation.")
+    shared_prefix: bool = Field(
+        True, description="Run chosen and rejected in one row that computes their common prefix (the prompt) once "
+        "(see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
+    )
 
 
 def tokenize_preference_pairs(tokenizer, rows: list[dict], template: str, max_length: int):
@@ -62,8 +69,14 @@ def tokenize_preference_pairs(tokenizer, rows: list[dict], template: str, max_le
     return pairs, dropped
 
 
-def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows [chosen_1..B, rejected_1..B], right-padded; label_mask marks response tokens."""
+def collate_pairs(pairs, pad_id: int, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """B shared-prefix rows (see shared_prefix.py), or 2B rows [chosen_1..B, rejected_1..B] right-padded with a
+    label_mask on the response tokens. Either way response_logps returns [chosen..., rejected...]."""
+    if shared_prefix:
+        batch = collate_shared_prefix([(p[0], p[2]) for p in pairs], pad_id, [(p[1], p[3]) for p in pairs])
+        if len(pairs[0]) > 4:
+            batch["ref_logps"] = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs], dtype=torch.float32)
+        return batch
     rows = [(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -83,7 +96,11 @@ def response_logps(model, batch, average: bool) -> torch.Tensor:
     """Summed (DPO) or length-averaged (IPO) response log-probs per row [2B]."""
     from rlhf_pipeline.training.value_head import packed_response_logprobs
 
-    summed, counts = packed_response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["label_mask"])
+    if is_shared_prefix_batch(batch):
+        summed, counts = shared_prefix_response_logprobs(model, batch)
+    else:
+        summed, counts = packed_response_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["label_mask"])
     return summed / counts.clamp(min=1) if average else summed
 
 
@@ -112,7 +129,8 @@ def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[s
 
 
 @torch.no_grad()
-def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> list[tuple]:
+def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
+                         shared_prefix: bool = False) -> list[tuple]:
     """Reference log-probs of every pair, once (adapter disabled), appended to each pair tuple."""
     from tqdm.auto import tqdm
 
@@ -120,7 +138,7 @@ def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> 
     with policy.disable_adapter():
         for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", unit="batch"):
             chunk = pairs[i : i + cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, shared_prefix).items()}
             logps = response_logps(policy, batch, cfg.loss == "ipo").float().cpu().tolist()
             n = len(chunk)
             out.extend((*p, logps[j], logps[n + j]) for j, p in enumerate(chunk))
@@ -128,12 +146,13 @@ def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> 
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device) -> dict[str, float]:
+def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device,
+                   shared_prefix: bool = False) -> dict[str, float]:
     """Held-out reward accuracy / margin / loss (means over pairs)."""
     totals: dict[str, float] = {}
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, shared_prefix).items()}
         loss, metrics = preference_loss(policy, batch, cfg)
         for key, value in {"loss": float(loss), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value * len(chunk)
@@ -166,11 +185,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
             raise UserError(f"no preference pair fits --max-length {cfg.max_length} ({dropped} dropped)")
         base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
                               trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
+        shared = cfg.shared_prefix and supports_shared_prefix(base)
         policy = apply_lora(base, cfg, "CAUSAL_LM")
         pad_id = tokenizer.pad_token_id
         if cfg.precompute_ref:
             with accelerator.autocast():
-                train_pairs = precompute_reference(policy, train_pairs, cfg, pad_id, accelerator.device)
+                train_pairs = precompute_reference(policy, train_pairs, cfg, pad_id, accelerator.device, shared)
         optimizer = build_optimizer(policy.parameters(), cfg)
         per_epoch = micro_batches_per_epoch(len(train_pairs), cfg.batch_size, accelerator.num_processes)
         total = total_optimizer_steps(cfg, per_epoch)
@@ -178,13 +198,14 @@ def run_dpo(cfg: DPOConfig) -> dict:
         start = resume_if_possible(cfg.output, policy, optimizer, scheduler)
         module, optimizer = accelerator.prepare(policy, optimizer)
         batches = micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size,
-                                collate_fn=lambda chunk: collate_pairs(chunk, pad_id), seed=cfg.seed,
+                                collate_fn=lambda chunk: collate_pairs(chunk, pad_id, shared), seed=cfg.seed,
                                 start=start * cfg.gradient_accumulation_steps)
         unwrapped = accelerator.unwrap_model(module)
 
         def loss_fn(prepared, batch):
             loss, metrics = preference_loss(unwrapped, batch, cfg)
-            return loss, metrics, batch["input_ids"].shape[0] / 2
+            pairs_in_batch = batch["input_ids"].shape[0] if shared else batch["input_ids"].shape[0] / 2
+            return loss, metrics, pairs_in_batch
 
         history: list[dict] = []
 
@@ -204,7 +225,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         unwrapped.eval()
         if eval_pairs:
             with accelerator.autocast():
-                eval_metrics = evaluate_pairs(unwrapped, eval_pairs, cfg, pad_id, accelerator.device)
+                eval_metrics = evaluate_pairs(unwrapped, eval_pairs, cfg, pad_id, accelerator.device, shared)
             run.log_metrics(eval_metrics, step=result.steps)
             summary.update(eval_metrics)
         adapter_dir, merged_dir = save_final(unwrapped, tokenizer, cfg.output)

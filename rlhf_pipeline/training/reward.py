@@ -28,6 +28,7 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.data import limit, read_subset, split_by_question, tokenize_pairs
 from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.shared_prefix import supports_shared_prefix
 from rlhf_pipeline.training.reward_scoring import (
     RewardScorer, collate_pairs, pairwise_accuracy, pairwise_loss, split_chosen_rejected,
 )
@@ -49,6 +50,10 @@ class RewardConfig(TrainingOptions):
     register_weights: Literal["merged", "adapter"] = Field(
         "merged", description="What to register in MLflow: the merged full model, or only adapter + score head."
     )
+    shared_prefix: bool = Field(
+        True, description="Score chosen and rejected in one row that computes their common prefix (the prompt) "
+        "once (see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
+    )
 
 
 def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
@@ -59,7 +64,8 @@ def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
 
 
 @torch.no_grad()
-def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval") -> dict:
+def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval",
+                   shared_prefix: bool = False) -> dict:
     """Accuracy, mean margin, loss, and reward mean/std over every held-out response (chosen and rejected)."""
     from torch.utils.data import DataLoader
 
@@ -67,7 +73,8 @@ def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: in
         return {"num_pairs": 0}
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))  # little padding
     loader = accelerator.prepare_data_loader(DataLoader(
-        [pairs[i] for i in order], batch_size=batch_size, collate_fn=lambda b: collate_pairs(b, pad_token_id)))
+        [pairs[i] for i in order], batch_size=batch_size,
+        collate_fn=lambda b: collate_pairs(b, pad_token_id, shared_prefix)))
     was_training = module.training
     module.eval()
     chosen_all, rejected_all = [], []
@@ -125,6 +132,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             raise UserError(f"all {train_pairs.dropped_too_long} training pairs are longer than --max-length "
                             f"{cfg.max_length} tokens")
 
+        shared = cfg.shared_prefix and supports_shared_prefix(model)
         peft_model = loop.apply_lora(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
         module = RewardScorer(peft_model)
         optimizer = loop.build_optimizer(module.parameters(), cfg)
@@ -135,7 +143,8 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def evaluate(desc: str) -> dict:
-            return evaluate_pairs(accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc)
+            return evaluate_pairs(accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc,
+                                  shared_prefix=shared)
 
         # "Before" = adapters and the fresh head copy off: the initial model, also when this run resumed.
         before = {}
@@ -145,7 +154,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             _log_eval(run, before, step=0)
 
         batches = loop.micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
+                                     collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id, shared),
                                      start=start_step * cfg.gradient_accumulation_steps)
         result = loop.train_loop(accelerator, module, optimizer, scheduler, batches, pair_loss, cfg=cfg,
                                  total_steps=total_steps, start_step=start_step, prefix="rm", rate_name="pairs",
@@ -218,7 +227,8 @@ def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         model, tokenizer = load_reward_model(cfg.model_copy(update={"model": local}), str(accelerator.device))
         pairs = tokenize_pairs(tokenizer, rows, cfg.prompt_template, cfg.max_length)
         module = accelerator.prepare(RewardScorer(model))
-        metrics = evaluate_pairs(accelerator, module, pairs, cfg.batch_size, tokenizer.pad_token_id)
+        metrics = evaluate_pairs(accelerator, module, pairs, cfg.batch_size, tokenizer.pad_token_id,
+                                 shared_prefix=cfg.shared_prefix and supports_shared_prefix(model))
         metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
         _log_eval(run, metrics, step=0)
         if accelerator.is_main_process:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_pipeline.training.lora import transformer_parts
+from rlhf_pipeline.training.shared_prefix import collate_shared_prefix, shared_prefix_hidden
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,17 +35,35 @@ def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_
                       position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pooled = hidden[rows, last_token_index(attention_mask)]
-    return score_head(pooled).squeeze(-1).float()
+    return _score(score_head, pooled)
+
+
+def _score(score_head: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """[N, H] -> [N] fp32; the head may be fp32 (trained) on a bf16 backbone."""
+    return score_head(pooled.to(next(score_head.parameters()).dtype)).squeeze(-1).float()
+
+
+def shared_prefix_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """[2B] fp32 rewards (chosen 1..B, rejected 1..B) of a shared-prefix pair batch (see shared_prefix.py)."""
+    backbone, score_head = transformer_parts(model)
+    hidden = shared_prefix_hidden(backbone, batch, getattr(model.config, "_attn_implementation", None))
+    return _score(score_head, hidden[batch["last_index"]])
 
 
 class RewardScorer(torch.nn.Module):
-    """forward(input_ids, attention_mask) -> [batch] rewards. A module, so accelerate/DDP can wrap the scoring."""
+    """forward(batch) -> [rows] rewards: padded sequences, or a shared-prefix pair batch ([2B], chosen first).
+
+    A module, so accelerate/DDP can wrap the scoring.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model  # the PeftModel (saved and merged by the stage)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared_prefix) -> torch.Tensor:
+        if shared_prefix:
+            return shared_prefix_rewards(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                      **shared_prefix})
         return sequence_rewards(self.model, input_ids, attention_mask)
 
 
@@ -58,8 +77,12 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return float((chosen > rejected).float().mean())
 
 
-def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded batch of 2B sequences, chosen first then rejected: a single forward scores both sides."""
+def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_token_id: int,
+                  shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One batch scoring both sides in a single forward: B shared-prefix rows (see shared_prefix.py), or 2B
+    right-padded sequences, chosen first then rejected. Either way the model returns [chosen..., rejected...]."""
+    if shared_prefix:
+        return collate_shared_prefix(pairs, pad_token_id)
     sequences = [c for c, _ in pairs] + [r for _, r in pairs]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)

@@ -1,0 +1,138 @@
+"""Chosen and rejected in ONE row that computes their common prefix (the prompt) once.
+
+A preference pair is two sequences that begin with the same tokens: the prompt, sometimes a few response tokens
+too. Under causal attention those shared tokens have the same hidden states in both sequences, so computing them
+twice is waste. The reward and DPO stages therefore lay a pair out as one row
+
+    [ shared prefix (S) | rest of chosen (C) | rest of rejected (K) | padding ]
+    positions 0..S-1      S..S+C-1            S..S+K-1              0
+
+with a custom attention mask: prefix tokens attend causally to the prefix; a chosen token to the prefix and the
+earlier chosen tokens; a rejected token to the prefix and the earlier rejected tokens (never to chosen); padding
+only to itself (a row of the mask must not be empty, or sdpa returns NaN). Positions restart at S for the rejected
+part, so every token sees exactly the keys and RoPE positions it would see in its own unpadded sequence: the
+scores and log-probs equal those of the two-row layout up to float rounding (tested), for about a third less
+compute on StackExchange-like pairs (prompt ~ as long as an answer) and half the rows.
+
+Needs an attention implementation that accepts a custom 4-D mask: sdpa (boolean mask) and eager (additive float
+mask). `supports_shared_prefix(model)` says whether the model has one; the stages fall back to two rows otherwise.
+
+A batch is a dict of tensors (so DataLoader/accelerate move it to the device as usual):
+    input_ids        [B, L]
+    attention_mask   [B, 1, L, L] bool, True = may attend
+    position_ids     [B, L]
+    last_index       [2B]  flat index (row * L + column) of each side's last token, chosen 1..B then rejected 1..B
+and, when response starts are given (DPO), for the N response tokens of all 2B sides:
+    label_index      [N]  flat index of the token to predict
+    predictor_index  [N]  flat index of the hidden state that predicts it (the previous token OF THAT SIDE)
+    label_side       [N]  which side (0..2B-1, same order as last_index) the token belongs to
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+
+
+def supports_shared_prefix(model) -> bool:
+    """Whether `model` (plain or peft-wrapped) runs an attention implementation that takes a custom 4-D mask."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in SHARED_PREFIX_ATTENTION
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared prefix, capped so that each side keeps at least one token of its own (its last
+    token, where the reward model reads the score, must belong to that side)."""
+    limit = min(len(a), len(b)) - 1
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                          response_starts: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """One row per (chosen ids, rejected ids) pair; see the module docstring for the layout and the keys.
+
+    response_starts[i] = (first response token of chosen, of rejected) in each side's own sequence; with them the
+    batch also holds the label/predictor gather indices for response log-probs.
+    """
+    layouts = []
+    for chosen, rejected in pairs:
+        shared = common_prefix_length(chosen, rejected)
+        layouts.append((shared, len(chosen) - shared, len(rejected) - shared))
+    width = max(s + c + k for s, c, k in layouts)
+    batch = len(pairs)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.full((batch, width), 3, dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected, 3 padding
+    last_chosen, last_rejected = [], []
+    label_index, predictor_index, label_side = [], [], []
+    for row, ((chosen, rejected), (s, c, k)) in enumerate(zip(pairs, layouts)):
+        input_ids[row, : s + c] = torch.as_tensor(chosen, dtype=torch.long)
+        input_ids[row, s + c : s + c + k] = torch.as_tensor(rejected[s:], dtype=torch.long)
+        position_ids[row, : s + c] = torch.arange(s + c)
+        position_ids[row, s + c : s + c + k] = torch.arange(s, s + k)
+        segment[row, :s], segment[row, s : s + c], segment[row, s + c : s + c + k] = 0, 1, 2
+        base = row * width
+        last_chosen.append(base + s + c - 1)
+        last_rejected.append(base + s + c + k - 1)
+        if response_starts is not None:
+            # column of token j of a side's own sequence: the shared prefix, then that side's own block
+            for side, (offset, length, start) in enumerate(((s, c, response_starts[row][0]),
+                                                            (s + c, k, response_starts[row][1]))):
+                column = lambda j, offset=offset: j if j < s else offset + (j - s)  # noqa: E731
+                for j in range(max(start, 1), s + length):
+                    label_index.append(base + column(j))
+                    predictor_index.append(base + column(j - 1))
+                    label_side.append(row + side * batch)
+
+    q_segment, k_segment = segment.unsqueeze(2), segment.unsqueeze(1)  # [B, L, 1], [B, 1, L]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_or_prefix = (k_segment == 0) | (k_segment == q_segment)
+    mask = causal & same_or_prefix & (q_segment != 3)
+    mask |= torch.eye(width, dtype=torch.bool) & (q_segment == 3)  # padding attends to itself only
+    out = {"input_ids": input_ids, "attention_mask": mask.unsqueeze(1), "position_ids": position_ids,
+           "last_index": torch.tensor(last_chosen + last_rejected, dtype=torch.long)}
+    if response_starts is not None:
+        out.update(label_index=torch.tensor(label_index, dtype=torch.long),
+                   predictor_index=torch.tensor(predictor_index, dtype=torch.long),
+                   label_side=torch.tensor(label_side, dtype=torch.long))
+    return out
+
+
+def is_shared_prefix_batch(batch: dict) -> bool:
+    return "last_index" in batch
+
+
+def shared_prefix_hidden(backbone, batch: dict, attn_implementation: str | None) -> torch.Tensor:
+    """Last hidden states of a shared-prefix batch, flattened to [B * L, H] (index with the batch's flat indices)."""
+    mask = batch["attention_mask"]
+    if attn_implementation == "eager":  # eager ADDS the mask to the scores: 0 where allowed, -inf-ish elsewhere
+        dtype = next(backbone.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                      use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def shared_prefix_response_logprobs(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs [2B], response token counts [2B]) of a shared-prefix batch built with
+    response starts; chosen 1..B then rejected 1..B. Only the N predicting states go through the LM head."""
+    from rlhf_pipeline.training.lora import transformer_parts
+    from rlhf_pipeline.training.losses import logprobs_from_logits
+
+    backbone, lm_head = transformer_parts(causal_lm)
+    hidden = shared_prefix_hidden(backbone, batch, getattr(causal_lm.config, "_attn_implementation", None))
+    logits = lm_head(hidden[batch["predictor_index"]]).float()  # [N, V]
+    token_logps = logprobs_from_logits(logits, batch["input_ids"].reshape(-1)[batch["label_index"]])  # [N]
+    sides = batch["last_index"].shape[0]
+    summed = torch.zeros(sides, dtype=token_logps.dtype, device=token_logps.device)
+    summed = summed.index_add(0, batch["label_side"], token_logps)
+    counts = torch.zeros(sides, dtype=token_logps.dtype, device=token_logps.device)
+    counts = counts.index_add(0, batch["label_side"], torch.ones_like(token_logps))
+    return summed, counts
