@@ -46,7 +46,13 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
         bias="none",
         task_type=task_type,
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    # Trainable weights in fp32 on a bf16/fp16 base (peft already does it for the LoRA matrices; this also covers
+    # the score head in modules_to_save): AdamW updates of 1e-5 relative size vanish in bf16's 8-bit mantissa.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return peft_model
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
