@@ -23,7 +23,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from pydantic import Field, field_validator
@@ -55,6 +55,8 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with --do-sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with --do-sample).")
     batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
+    generation_backend: Literal["cache-loop", "hf"] = Field(
+        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate.")
     max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
     samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
 
@@ -144,7 +146,8 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
     for i in range(0, len(prompt_ids), cfg.batch_size):
         rollout = sample_responses(model, prompt_ids[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
+                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   backend=cfg.generation_backend)
         texts.extend(decode_responses(tokenizer, rollout))
         lengths.extend(rollout.response_lengths().tolist())
         rollouts.append(rollout)

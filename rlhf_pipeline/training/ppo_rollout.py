@@ -99,22 +99,34 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tup
 @torch.no_grad()
 def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
                      pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                     top_k: int = 0, force_length: bool = False) -> Rollout:
-    """Step (1) of PPO: sample one response per prompt with the KV cache (HF generate), left-padded prompts.
+                     top_k: int = 0, force_length: bool = False, backend: str = "cache-loop") -> Rollout:
+    """Step (1) of PPO: sample one response per prompt with the KV cache, left-padded prompts.
 
+    backend "cache-loop" = sampling.sample_with_cache (ours, faster), "hf" = `policy.generate`.
     force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
     """
+    from rlhf_pipeline.training.sampling import sample_with_cache
+
     device = next(policy.parameters()).device
     query_ids, query_mask = left_pad(prompt_ids, pad_token_id, device)
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      use_cache=True)
-    if do_sample:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    min_new_tokens = max_new_tokens if force_length else 0
+    if backend == "cache-loop":
+        sequences = sample_with_cache(policy, query_ids, query_mask, max_new_tokens=max_new_tokens,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_new_tokens=min_new_tokens)
+    elif backend == "hf":
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                          use_cache=True)
+        if do_sample:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:
+            gen_kwargs["min_new_tokens"] = min_new_tokens
+        sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
     else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if force_length:
-        gen_kwargs["min_new_tokens"] = max_new_tokens
-    sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
+        raise ValueError(f"unknown generation backend {backend!r} (cache-loop or hf)")
     start = query_ids.shape[1]
     response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_token_id)
     return Rollout(input_ids=sequences, attention_mask=torch.cat([query_mask, response_mask], dim=1),
