@@ -47,6 +47,8 @@ class PPOConfig(TrainingOptions):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the log-probs).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off).")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    generation_backend: Literal["cache-loop", "hf"] = Field(
+        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate.")
     reward_clip: float | None = Field(None, gt=0, description="Clip normalized rewards to [-c, c].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from responses without EOS.")
     max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
@@ -163,7 +165,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
                 rollout = rollouts.sample_responses(
                     model.policy, [prompt_ids[i] for i in batch_idx], max_new_tokens=max_new, eos_token_id=eos_id,
                     pad_token_id=pad_id, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    force_length=cfg.force_length)
+                    force_length=cfg.force_length, backend=cfg.generation_backend)
             responses = rollouts.decode_responses(tokenizer, rollout)
             mask = rollout.response_mask.float()  # [B, R]
             timings["generate"] = time.perf_counter() - began
@@ -180,14 +182,19 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
                                            missing_eos_penalty=cfg.missing_eos_penalty).to(mask.device)
             timings["score"] = time.perf_counter() - tic
 
-            # (3) Reference log-probs (adapter disabled) and old log-probs + values: one no-grad pass each.
+            # (3) Reference log-probs (adapter disabled, no grad) and old log-probs + values. With one minibatch
+            # per epoch the old pass IS the first update's forward (same weights, no dropout: pi_old = pi_theta
+            # bit for bit), so it keeps its graph and ppo_update reuses it instead of running it again.
             tic = time.perf_counter()
             with torch.no_grad(), accelerator.autocast():
                 with model.policy.disable_adapter():
                     ref_logprobs = model(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
+            reuse_old_pass = cfg.mini_batch_size >= cfg.batch_size
+            model.train(reuse_old_pass)  # train mode only matters for gradient checkpointing
+            with torch.set_grad_enabled(reuse_old_pass), accelerator.autocast():
                 old = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True,
                             with_entropy=True)
-            old_logprobs, old_values = old.logprobs, old.values.float()
+            old_logprobs, old_values = old.logprobs.detach(), old.values.detach().float()
             timings["forward"] = time.perf_counter() - tic
 
             # (4) Per-token KL penalty; the score is added at the last real token.
@@ -200,7 +207,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
             # (6) Clipped policy and value losses over minibatches and epochs.
             tic = time.perf_counter()
             update = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns,
-                                cfg, accelerator)
+                                cfg, accelerator, first_forward=old if reuse_old_pass else None)
             timings["update"] = time.perf_counter() - tic
             skipped += update.pop("skipped_updates")
             sequence_kl = float(kl.sum(-1).mean())
@@ -242,8 +249,11 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
 
 
 def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
-               accelerator) -> dict:
+               accelerator, first_forward=None) -> dict:
     """Step (6): `ppo_epochs` passes of shuffled minibatches over one step's rollouts.
+
+    `first_forward`: the old pass's outputs WITH their graph, used as the forward of the first minibatch when it
+    covers the whole batch (the weights have not changed since, so recomputing it would give the same tensors).
 
     A minibatch whose loss or gradients are not finite is skipped (counted; the optimizer never sees it), so a
     NaN never reaches the weights. An epoch whose mean approx-KL passes `early_stop_kl` ends the update.
@@ -251,6 +261,7 @@ def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, a
     import torch
 
     from rlhf_pipeline.training.losses import explained_variance, ppo_policy_loss, ppo_value_loss
+    from rlhf_pipeline.training.value_head import ResponseOutputs
 
     mask = rollout.response_mask.float()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,9 +271,14 @@ def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, a
     for _ in range(cfg.ppo_epochs):
         epoch_kl = []
         for mb in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
-            with accelerator.autocast():
-                new = model(rollout.input_ids[mb], rollout.attention_mask[mb], rollout.response_start,
-                            with_values=True)
+            if first_forward is not None:
+                new = ResponseOutputs(logprobs=first_forward.logprobs[mb], values=first_forward.values[mb],
+                                      entropy=None)
+                first_forward = None
+            else:
+                with accelerator.autocast():
+                    new = model(rollout.input_ids[mb], rollout.attention_mask[mb], rollout.response_start,
+                                with_values=True)
             pg_loss, clipfrac, approx_kl = ppo_policy_loss(new.logprobs, old_logprobs[mb], advantages[mb], mask[mb],
                                                            cfg.cliprange)
             v_loss, vf_clipfrac = ppo_value_loss(new.values.float(), old_values[mb], returns[mb], mask[mb],

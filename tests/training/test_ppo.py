@@ -243,6 +243,41 @@ def test_nan_guard_skips_the_update_and_keeps_the_weights(tiny_model_dir, tokeni
     assert not optimizer.state  # the optimizer never stepped
 
 
+def test_reusing_the_old_pass_as_the_first_forward_gives_the_same_update(tiny_model_dir, tokenizer):
+    """One minibatch per epoch: the old pass (run with its graph) stands in for the first update's forward; the
+    weights after 2 epochs equal those of the run that recomputes it."""
+    from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler
+
+    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=4, ppo_epochs=2,
+                    learning_rate=1e-2)
+    results = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = make_policy(tiny_model_dir)
+        randomize_lora(model)
+        start = _trainable(model)
+        optimizer = build_optimizer(model.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, cfg, 10)
+        torch.manual_seed(1)
+        rollout, old_logprobs, old_values, advantages, returns = _update_inputs(model, tokenizer)
+        first = None
+        if reuse:
+            model.train()
+            first = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True)
+            assert torch.equal(first.logprobs.detach(), old_logprobs)  # pi_old == pi_theta before the update
+        torch.manual_seed(2)  # same minibatch order
+        stats = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
+                           build_accelerator(cfg), first_forward=first)
+        assert stats["skipped_updates"] == 0
+        after = _trainable(model)
+        assert sum(not torch.equal(after[n], start[n]) for n in start) >= len(start) // 2  # it did train
+        results.append((after, stats))
+    (plain, plain_stats), (reused, reused_stats) = results
+    for name in plain:
+        torch.testing.assert_close(reused[name], plain[name], atol=1e-6, rtol=1e-5)
+    assert reused_stats["policy_loss"] == pytest.approx(plain_stats["policy_loss"], abs=1e-6)
+
+
 # --- the reward model --------------------------------------------------------------------------------------------
 
 def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_dir, reward_model_dir):
