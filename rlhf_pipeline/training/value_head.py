@@ -79,7 +79,10 @@ def response_forward(causal_lm, input_ids: torch.Tensor, attention_mask: torch.T
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     hidden = hidden[:, response_start - 1 : -1]  # [B, R, H]: the state at t-1 predicts response token t
-    logits = lm_head(hidden).float()  # [B, R, V]
+    # The head on a 2-D [B*R, H] input: a (non-contiguous) 3-D slice makes torch run a batched matmul that
+    # copies the whole [V, H] weight per call (~0.3 s per forward+backward for SmolLM2 in bf16 on a CPU).
+    batch, length, width = hidden.shape
+    logits = lm_head(hidden.reshape(batch * length, width)).float().view(batch, length, -1)  # [B, R, V]
     if temperature != 1.0:
         logits = logits / temperature
     response_ids = input_ids[:, response_start:]  # [B, R]
