@@ -28,6 +28,8 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     if ctx.variants == "all":
         sides.append(bl.trl_side(ctx, "trl_dpo_bf16_ckpt", "trl_dpo.py", [*common, "--bf16", 1, "--grad-ckpt", 1],
                                  config="bf16 autocast + grad-ckpt (TRL defaults)"))
+        sides.append(bl.trl_side(ctx, "trl_dpo_bf16", "trl_dpo.py", [*common, "--bf16", 1],
+                                 config="bf16 autocast"))
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
         "max_length|max_seq_length|seq_length": 512, "beta": 0.1, "loss|loss_type": "dpo",
@@ -37,23 +39,20 @@ def plan(ctx: bl.Ctx) -> list[dict]:
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "v_proj"],
         "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
     }
-    sides.append(bl.ours_side(ctx, "ours_dpo", STAGE, want, config="run_dpo, fp32"))
+    sides.append(bl.ours_side(ctx, "ours_dpo", STAGE, want, config="run_dpo, fp32, shared-prefix rows"))
+    bf16 = bl.bf16_knob(STAGE)
+    if bf16:
+        sides.append(bl.ours_side(ctx, "ours_dpo_bf16", STAGE, {**want, **bf16},
+                                  config="run_dpo, bf16 base + autocast, shared-prefix rows"))
     return sides
 
 
 def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
-    ours = next((r for r in results if r["role"] == "ours"), None)
+    ours = [r for r in results if r["role"] == "ours"]
+    for r in ours:
+        r["pairs_per_s"] = bl.metric(r, "pairs_per_s", STAGE)
     trl = [r for r in results if r["role"] == "trl"]
-    b = bl.best(trl, "pairs_per_s")
-    o = bl.metric(ours, "pairs_per_s", STAGE)
-    t = b["pairs_per_s"] if b else None
-    out = [{"stage": "DPO", "metric": "pairs/s", "ours": o, "trl": t, "trl_side": b["name"] if b else "-",
-            "ratio": bl.ratio(o, t), "goal": GOAL, "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)}]
-    for r in trl:
-        out.append({"stage": "DPO", "metric": f"pairs/s vs {r['name']}", "ours": o, "trl": r.get("pairs_per_s"),
-                    "trl_side": r["name"], "ratio": bl.ratio(o, r.get("pairs_per_s")), "ours_rss": bl.rss(ours),
-                    "trl_rss": bl.rss(r)})
-    return out
+    return bl.compare_rows("DPO", "pairs/s", ours, trl, "pairs_per_s", GOAL)
 
 
 if __name__ == "__main__":

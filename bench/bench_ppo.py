@@ -1,12 +1,14 @@
 """PPO samples/s and generated tokens/s: our `run_ppo` vs classic TRL 0.11.4 `PPOTrainer` (trl_ppo_legacy.py, in
 its legacy venv) and vs TRL 1.16 `RLOOTrainer` (trl_online_rl.py --algo rloo; TRL 1.x has no PPOTrainer).
 
-Work per step: 8 prompts from the 256 peer prompts, sampling (temperature 1, top_k 0, top_p 1) of exactly 48 new
-tokens (min_new_tokens = max_new_tokens = 48, as the peers force it), a scalar reward from a SEQ_CLS model on the
-same SmolLM2 backbone, KL to the reference = policy with the adapter off, LoRA r16/alpha32/dropout0.05 on
-q_proj,v_proj, fp32, 2 threads. PPO: 4 PPO epochs over mini-batches of 8 (StackLLaMA), 5 steps (first excluded).
-RLOO needs >= 2 completions per prompt, so its step is 8 prompts x 2 = 16 samples (and one gradient step); that is
-why samples/s and generated tokens/s are compared, not steps/s.
+Work per step, equal on both sides of each comparison: 8 samples, sampling (temperature 1, top_k 0, top_p 1) of
+exactly 48 new tokens (min_new_tokens = max_new_tokens = 48, as the peers force it), a scalar reward from a SEQ_CLS
+model on the same SmolLM2 backbone, KL to the reference = policy with the adapter off, LoRA r16/alpha32/dropout0.05
+on q_proj,v_proj, 2 threads, 5 steps (first excluded).
+  * vs TRL 0.11.4 PPOTrainer: 8 prompts, 4 PPO epochs over one mini-batch of 8 (StackLLaMA), fp32 (the legacy
+    script has no bf16 switch); ours in fp32 and in our bf16 setting.
+  * vs TRL 1.16 RLOOTrainer: RLOO needs >= 2 completions per prompt, so 4 prompts x 2 = 8 samples, one gradient
+    step per batch (num_iterations = 1) -> our PPO with 1 PPO epoch; TRL in fp32, bf16, bf16 + grad-ckpt.
 Reward model: the peers use the base checkpoint with an untrained score head; ours needs a reward-stage output
 dir, so we use the one the reward benchmark just trained (or train a 2-step one, unmeasured) -- the same
 backbone either way, so the same cost per forward.
@@ -39,12 +41,16 @@ def plan(ctx: bl.Ctx) -> list[dict]:
                                  ["--steps", steps, "--batch", 8, "--mini-batch", 8, "--ppo-epochs", 4,
                                   "--new-tokens", 48], legacy=True, peer="ppo_legacy",
                                  config="TRL 0.11.4 PPOTrainer, 8 samples, mb 8, 4 epochs, fp32"))
-    rloo = ["--algo", "rloo", "--steps", steps, "--prompts", 8, "--num-generations", 2, "--new-tokens", 48, *lora]
+    # RLOO at EQUAL work: 8 samples per step (4 prompts x 2 completions: RLOO needs >= 2), one gradient step
+    # per batch (TRL's num_iterations = 1) -> compared with our PPO at 1 PPO epoch.
+    rloo = ["--algo", "rloo", "--steps", steps, "--prompts", 4, "--num-generations", 2, "--new-tokens", 48, *lora]
     sides.append(bl.trl_side(ctx, "trl_rloo", "trl_online_rl.py", rloo, peer="rloo",
-                             config="TRL 1.16 RLOOTrainer, 8 prompts x 2, fp32"))
+                             config="TRL 1.16 RLOOTrainer, 4 prompts x 2 = 8 samples, fp32"))
     if ctx.variants == "all":
+        sides.append(bl.trl_side(ctx, "trl_rloo_bf16", "trl_online_rl.py", [*rloo, "--bf16", 1],
+                                 peer="rloo", config="RLOO, 8 samples, bf16 autocast"))
         sides.append(bl.trl_side(ctx, "trl_rloo_bf16_ckpt", "trl_online_rl.py", [*rloo, "--bf16", 1, "--grad-ckpt", 1],
-                                 peer="rloo", config="RLOO, bf16 autocast + grad-ckpt (TRL defaults)"))
+                                 peer="rloo", config="RLOO, 8 samples, bf16 autocast + grad-ckpt (TRL defaults)"))
     # our PPO needs a reward-stage output: reuse the measured reward run, else make a tiny unmeasured one
     setup = bl.ours_side(ctx, "ours_reward_for_ppo", "reward",
                          {"max_steps": 2, "batch_size": 4, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
@@ -69,8 +75,14 @@ def plan(ctx: bl.Ctx) -> list[dict]:
         "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
         "reward_model": rm_dir,  # resolved when the side starts
     }
-    sides.append(bl.ours_side(ctx, "ours_ppo", STAGE, want,
-                              config="run_ppo, 8 prompts, mb 8, 4 epochs, 48 forced new tokens, fp32"))
+    bf16 = bl.bf16_knob(STAGE) or {}
+    for epochs, peer in ((4, "ppo_legacy"), (1, "rloo")):
+        suffix = "" if epochs == 4 else "_e1"
+        sides.append(bl.ours_side(ctx, f"ours_ppo{suffix}", STAGE, {**want, "ppo_epochs": epochs}, vs=peer,
+                                  config=f"run_ppo, 8 prompts, mb 8, {epochs} epoch(s), 48 forced tokens, fp32"))
+        if bf16:
+            sides.append(bl.ours_side(ctx, f"ours_ppo{suffix}_bf16", STAGE, {**want, "ppo_epochs": epochs, **bf16},
+                                      vs=peer, config=f"run_ppo, same, {epochs} epoch(s), bf16 base + autocast"))
     # ours first, then classic PPO, then RLOO: on a busy machine the most important pairs finish first
     return [s for s in sides if s["role"] != "trl"] + [s for s in sides if s["role"] == "trl"]
 
@@ -94,21 +106,16 @@ def _gen_tok(r):
 
 
 def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
-    ours = next((r for r in results if r["role"] == "ours"), None)
-    o = bl.metric(ours, "samples_per_s", STAGE)
-    og = _gen_tok(ours)
     out = []
-    for peer, label in (("ppo_legacy", "TRL 0.11.4 PPOTrainer"), ("rloo", "TRL 1.16 RLOOTrainer")):
-        cands = [r for r in results if r["role"] == "trl" and r.get("peer") == peer]
-        b = bl.best(cands, "samples_per_s")
-        t = b["samples_per_s"] if b else None
-        out.append({"stage": f"PPO vs {label}", "metric": "samples/s", "ours": o, "trl": t,
-                    "trl_side": b["name"] if b else "-", "ratio": bl.ratio(o, t), "goal": GOAL,
-                    "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)})
-        tg = _gen_tok(b)
-        out.append({"stage": f"PPO vs {label}", "metric": "generated tokens/s", "ours": og, "trl": tg,
-                    "trl_side": b["name"] if b else "-", "ratio": bl.ratio(og, tg), "goal": GOAL,
-                    "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b)})
+    for r in results:
+        if r["role"] == "ours":
+            r["samples_per_s"] = bl.metric(r, "samples_per_s", STAGE)
+        r["gen_tokens_per_s"] = _gen_tok(r)
+    for peer, label in (("ppo_legacy", "TRL 0.11.4 PPOTrainer (4 epochs)"), ("rloo", "TRL 1.16 RLOOTrainer (1 epoch)")):
+        ours = [r for r in results if r["role"] == "ours" and r.get("vs") == peer]
+        trl = [r for r in results if r["role"] == "trl" and r.get("peer") == peer]
+        out += bl.compare_rows(f"PPO vs {label}", "samples/s", ours, trl, "samples_per_s", GOAL)
+        out += bl.compare_rows(f"PPO vs {label}", "generated tokens/s", ours, trl, "gen_tokens_per_s", GOAL)
     return out
 
 

@@ -45,26 +45,23 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     }
     if "eval_before" in bl.config_fields(STAGE):  # TRL side runs with --skip-eval-before (untimed either way)
         want["eval_before"] = False
-    sides.append(bl.ours_side(ctx, "ours_reward", STAGE, want, config="run_reward, fp32"))
+    sides.append(bl.ours_side(ctx, "ours_reward", STAGE, want, config="run_reward, fp32, shared-prefix rows"))
+    bf16 = bl.bf16_knob(STAGE)
+    if bf16:
+        sides.append(bl.ours_side(ctx, "ours_reward_bf16", STAGE, {**want, **bf16},
+                                  config="run_reward, bf16 base + autocast, shared-prefix rows"))
     return sides
 
 
 def rows(results: list[dict], ctx: bl.Ctx) -> list[dict]:
-    ours = next((r for r in results if r["role"] == "ours"), None)
+    ours = [r for r in results if r["role"] == "ours"]
+    for r in ours:
+        r["pairs_per_s"] = bl.metric(r, "pairs_per_s", "rm")
     trl = [r for r in results if r["role"] == "trl"]
-    b = bl.best(trl, "pairs_per_s")
-    o = bl.metric(ours, "pairs_per_s", "rm")
-    t = b["pairs_per_s"] if b else None
-    acc_o = bl.metric(ours, "accuracy", "rm")
-    acc_t = b.get("eval_accuracy") if b else None
-    out = [{"stage": "Reward", "metric": "pairs/s", "ours": o, "trl": t, "trl_side": b["name"] if b else "-",
-            "ratio": bl.ratio(o, t), "goal": GOAL, "ours_rss": bl.rss(ours), "trl_rss": bl.rss(b),
-            "note": f"held-out accuracy ours {bl.fmt(acc_o)} / TRL {bl.fmt(acc_t)}"}]
-    for r in trl:
-        out.append({"stage": "Reward", "metric": f"pairs/s vs {r['name']}", "ours": o, "trl": r.get("pairs_per_s"),
-                    "trl_side": r["name"], "ratio": bl.ratio(o, r.get("pairs_per_s")), "ours_rss": bl.rss(ours),
-                    "trl_rss": bl.rss(r)})
-    return out
+    bo, bt = bl.best(ours, "pairs_per_s"), bl.best(trl, "pairs_per_s")
+    note = (f"held-out accuracy ours {bl.fmt(bl.metric(bo, 'accuracy', 'rm'))} / "
+            f"TRL {bl.fmt(bt.get('eval_accuracy') if bt else None)}")
+    return bl.compare_rows("Reward", "pairs/s", ours, trl, "pairs_per_s", GOAL, note)
 
 
 if __name__ == "__main__":

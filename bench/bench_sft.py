@@ -55,13 +55,13 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     }
     sides.append(bl.ours_side(ctx, "ours_sft", STAGE, want, config="run_sft, packed dense 4x512, fp32",
                               layout="packed"))
+    bf16 = bl.bf16_knob(STAGE)
+    if bf16:  # our CPU recipe setting: bf16 frozen base + bf16 autocast, LoRA in fp32
+        sides.append(bl.ours_side(ctx, "ours_sft_bf16", STAGE, {**want, **bf16},
+                                  config="run_sft, packed dense 4x512, bf16 base + autocast", layout="packed"))
     if ctx.variants == "all":  # our padded mode, against TRL's unpacked run (same steps)
         sides.append(bl.ours_side(ctx, "ours_sft_unpacked", STAGE, {**want, "packing": False, "max_steps": steps * 2},
                                   config="run_sft, unpacked (padded batches of 4), fp32", layout="unpacked"))
-        bf16 = bl.bf16_knob(STAGE)
-        if bf16:  # our bf16 autocast, when the stage has the knob
-            sides.append(bl.ours_side(ctx, "ours_sft_bf16", STAGE, {**want, **bf16},
-                                      config="run_sft, packed dense 4x512, bf16 autocast", layout="packed"))
     return sides
 
 

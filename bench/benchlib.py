@@ -284,10 +284,32 @@ def config_fields(stage: str) -> set[str]:
 
 
 def bf16_knob(stage: str) -> dict | None:
-    """Our config's bf16-autocast knob (fp32 weights, bf16 compute), if the stage has one."""
+    """Our bf16 setting, if the stage has the knobs: frozen base weights in bf16 + bf16 autocast (LoRA and heads
+    stay fp32) -- what our recipes use on a CPU with AVX512_BF16/AMX and on GPUs."""
     fields = config_fields(stage)
-    if "mixed_precision" in fields:
-        return {"mixed_precision": "bf16"}
-    if "autocast" in fields:
-        return {"autocast": "bf16"}
+    if "mixed_precision" in fields and "precision" in fields:
+        return {"precision": "bf16", "mixed_precision": "bf16"}
     return None
+
+
+def compare_rows(stage: str, unit: str, ours: list[dict], trl: list[dict], key: str, goal: float,
+                 note: str = "") -> list[dict]:
+    """Best of ours vs best of TRL (the goal row), then our best vs every TRL configuration, then ours fp32 vs
+    TRL fp32 (same precision on both sides)."""
+    bo, bt = best(ours, key), best(trl, key)
+    o, t = (bo or {}).get(key), (bt or {}).get(key)
+    out = [{"stage": stage, "metric": f"{unit}, best vs best ({bo['name'] if bo else '-'})", "ours": o, "trl": t,
+            "trl_side": bt["name"] if bt else "-", "ratio": ratio(o, t), "goal": goal, "ours_rss": rss(bo),
+            "trl_rss": rss(bt), **({"note": note} if note else {})}]
+    for r in trl:
+        out.append({"stage": stage, "metric": f"{unit}, {bo['name'] if bo else '-'} vs {r['name']}", "ours": o,
+                    "trl": r.get(key), "trl_side": r["name"], "ratio": ratio(o, r.get(key)), "ours_rss": rss(bo),
+                    "trl_rss": rss(r)})
+    fp32_ours = [r for r in ours if "bf16" not in r["name"]]
+    fp32_trl = [r for r in trl if "bf16" not in r["name"]]
+    fo, ft = best(fp32_ours, key), best(fp32_trl, key)
+    if fo and ft and fo is not bo:
+        out.append({"stage": stage, "metric": f"{unit}, fp32 only ({fo['name']} vs {ft['name']})",
+                    "ours": fo.get(key), "trl": ft.get(key), "trl_side": ft["name"],
+                    "ratio": ratio(fo.get(key), ft.get(key)), "ours_rss": rss(fo), "trl_rss": rss(ft)})
+    return out
