@@ -204,8 +204,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
         def loss_fn(prepared, batch):
             loss, metrics = preference_loss(unwrapped, batch, cfg)
-            pairs_in_batch = batch["input_ids"].shape[0] if shared else batch["input_ids"].shape[0] / 2
-            return loss, metrics, pairs_in_batch
+            sides = batch["last_index"].shape[0] if shared else batch["input_ids"].shape[0]  # 2 per pair
+            return loss, metrics, sides / 2
 
         history: list[dict] = []
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf_pipeline.training.shared_prefix import (
-    collate_shared_prefix, common_prefix_length, shared_prefix_response_logprobs, supports_shared_prefix,
+    collate_shared_prefix, common_prefix_length, pack_first_fit, shared_prefix_response_logprobs,
+    supports_shared_prefix,
 )
 
 PAD = 0
@@ -38,6 +39,28 @@ def test_layout_positions_mask_and_indices_by_hand():
     ]
 
 
+def test_first_fit_decreasing_by_hand():
+    assert pack_first_fit([6, 3, 3], 6) == [[0], [1, 2]]
+    assert pack_first_fit([2, 5, 4, 1, 3], 5) == [[1], [2, 3], [4, 0]]
+    assert pack_first_fit([4], 4) == [[0]]
+
+
+def test_short_pairs_share_a_row_without_seeing_each_other():
+    # pair 0: 1 2 3 4 5 | 6 (len 6) ; pairs 1 and 2: len 3 each -> one row [pair 1 | pair 2]
+    batch = collate_shared_prefix([([1, 2, 3, 4, 5], [1, 2, 3, 4, 6]), ([7, 8], [7, 9]), ([5, 6], [5, 4])], PAD)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 5, 6, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 1, 1, 0, 1, 1]]
+    assert batch["last_index"].tolist() == [4, 6 + 1, 6 + 4, 5, 6 + 2, 6 + 5]  # chosen 0..2, then rejected 0..2
+    assert batch["attention_mask"][1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],  # pair 1 prefix "7"
+        [1, 1, 0, 0, 0, 0],  # pair 1 chosen "8"
+        [1, 0, 1, 0, 0, 0],  # pair 1 rejected "9"
+        [0, 0, 0, 1, 0, 0],  # pair 2 prefix "5": nothing of pair 1
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 0, 1],
+    ]
+
+
 def test_prefix_is_capped_so_each_side_keeps_its_last_token():
     assert common_prefix_length([1, 2, 3], [1, 2, 3]) == 2
     assert common_prefix_length([1, 2], [1, 2, 3, 4]) == 1
@@ -59,13 +82,17 @@ def test_label_and_predictor_indices_include_response_tokens_inside_the_prefix()
     assert by_side[1] == [(2, 1), (4, 2)]  # rejected: A (from col 1), C (from col 2: the prefix, not chosen's B)
 
 
+PROMPT = "Question: How do I keep hops fresh?\n\nAnswer: "
+
+
 def _pairs(tok):
-    prompt = "Question: How do I keep hops fresh?\n\nAnswer: "
-    texts = [("Vacuum seal them and freeze.", "Leave them in the sun."),
-             ("Store cold and dark.", "Store cold, dark and sealed, then use them within a year or so."),
-             ("Freeze.", "Freeze.")]  # identical sides (a tie)
+    long_prompt, short_prompt = PROMPT, "Q: ok?\n\nA: "
+    texts = [(long_prompt, "Vacuum seal them and freeze.", "Leave them in the sun."),
+             (long_prompt, "Store cold and dark.", "Store cold, dark and sealed, then use them within a year or so."),
+             (long_prompt, "Freeze.", "Freeze."),  # identical sides (a tie)
+             (short_prompt, "Ice.", "Cold."), (short_prompt, "Yes.", "No.")]  # short: packed into shared rows
     eos = [tok.eos_token_id]
-    return [(tok(prompt + a)["input_ids"] + eos, tok(prompt + b)["input_ids"] + eos) for a, b in texts]
+    return [(tok(p + a)["input_ids"] + eos, tok(p + b)["input_ids"] + eos) for p, a, b in texts]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -84,10 +111,13 @@ def test_rewards_equal_the_two_row_layout(tiny_model_dir, attn):
     with torch.no_grad():
         two_rows = scorer(**collate_pairs(pairs, tok.pad_token_id))
         shared = scorer(**collate_pairs(pairs, tok.pad_token_id, shared_prefix=True))
+    shared_batch = collate_pairs(pairs, tok.pad_token_id, shared_prefix=True)
+    assert shared_batch["input_ids"].shape[0] < len(pairs)  # some pairs were packed together
     assert shared.shape == (2 * len(pairs),)
     assert torch.isfinite(shared).all()
     torch.testing.assert_close(shared, two_rows, atol=1e-5, rtol=1e-5)
-    assert shared[2] == pytest.approx(float(shared[5]), abs=1e-5)  # identical answers score the same
+    n = len(pairs)
+    assert shared[2] == pytest.approx(float(shared[n + 2]), abs=1e-5)  # identical answers score the same
 
 
 def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir):
@@ -97,16 +127,17 @@ def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    prompt_len = len(tok("Question: How do I keep hops fresh?\n\nAnswer: ")["input_ids"])
-    pairs = [(c, prompt_len, r, prompt_len) for c, r in _pairs(tok)]
+    starts = [len(tok(PROMPT)["input_ids"])] * 3 + [len(tok("Q: ok?\n\nA: ")["input_ids"])] * 2
+    pairs = [(c, start, r, start) for (c, r), start in zip(_pairs(tok), starts)]
     two_rows = collate_pairs(pairs, tok.pad_token_id)
     shared = collate_pairs(pairs, tok.pad_token_id, shared_prefix=True)
+    assert shared["input_ids"].shape[0] < len(pairs)  # packed
     for average in (False, True):
         with torch.no_grad():
             torch.testing.assert_close(response_logps(model, shared, average), response_logps(model, two_rows, average),
                                        atol=1e-5, rtol=1e-5)
     summed, counts = shared_prefix_response_logprobs(model, shared)
-    assert counts.tolist() == [len(c) - prompt_len for c, _, _, _ in pairs] + [len(r) - prompt_len for _, _, r, _ in pairs]
+    assert counts.tolist() == [len(c) - s for c, s, _, _ in pairs] + [len(r) - s for _, _, r, s in pairs]
     summed.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
