@@ -118,6 +118,19 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def native_bf16_available() -> bool:
+    """A CUDA GPU, or a CPU whose oneDNN runs bf16 natively (AVX512_BF16 / AMX / recent Arm): where bf16 weights and
+    autocast pay off. Elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def torch_dtype(precision: Precision, device: str):
     """bf16 on CUDA and fp32 on CPU by default: CPU bf16 training is slower and less accurate on most CPUs."""
     import torch

@@ -31,6 +31,20 @@ def test_precedence_defaults_recipe_flags_set(tmp_path):
     assert cfg.reward["batch_size"] == 8 and cfg.ppo["temperature"] == 0.7
 
 
+def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
+    from rlhf_pipeline.modeling import loading
+
+    monkeypatch.setattr(loading, "native_bf16_available", lambda: True)
+    cfg = local_run.load_config(None, {})
+    assert (cfg.sft["precision"], cfg.ppo["mixed_precision"]) == ("bf16", "bf16")
+    monkeypatch.setattr(loading, "native_bf16_available", lambda: False)
+    cfg = local_run.load_config(None, {}, ("dpo.precision=bf16",))  # an explicit --set still wins
+    for section in ("sft", "reward", "ppo"):
+        assert (getattr(cfg, section)["precision"], getattr(cfg, section)["mixed_precision"]) == ("fp32", "no")
+    assert cfg.dpo["precision"] == "bf16"
+    assert "no native bf16 on this machine: sft, reward, ppo, dpo run in fp32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sets, message", [
     (("sft.max_steps",), "SECTION.KEY=VALUE"), (("train.max_steps=3",), "section must be one of"),
 ])
