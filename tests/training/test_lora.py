@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_pipeline.training.lora import FastDropout, apply_lora
-from rlhf_pipeline.training.options import LoRAOptions
+from rlhf_pipeline.training.options import LoRAOptions, TrainingOptions
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -45,3 +45,24 @@ def test_apply_lora_on_a_bf16_cpu_base(tiny_model_dir):
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
     layers = base.config.num_hidden_layers
     assert sum(isinstance(m, FastDropout) for m in model.modules()) == 2 * layers  # q_proj and v_proj
+
+
+def test_lora_outputs_under_autocast_do_not_depend_on_the_input_cast(tiny_model_dir):
+    """With --mixed-precision the LoRA layers skip peft's input cast (autocast re-casts anyway): same outputs."""
+    from transformers import AutoModelForCausalLM
+
+    outputs = []
+    for mixed in ("no", "bf16"):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        cfg = TrainingOptions(data="x", output="x", lora_r=4, mixed_precision=mixed)
+        model = apply_lora(base, cfg, "CAUSAL_LM").eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        casting = [m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert casting and all(casting) == (mixed == "no")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(model(input_ids=torch.arange(5, 37).view(2, 16)).logits.float())
+    assert torch.equal(outputs[0], outputs[1])
