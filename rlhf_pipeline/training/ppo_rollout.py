@@ -360,16 +360,28 @@ def same_backbone(base_model, info: RewardModelInfo) -> bool:
                 mine = ours[name]
                 if not mine.is_floating_point() or mine.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                     return False  # quantized: not comparable
-                theirs = fh.get_tensor(name).float()
+                theirs = fh.get_tensor(name)
                 module = name.removesuffix(".weight")
                 lora_a = lora.get(f"base_model.model.{module}.lora_A.weight")
                 lora_b = lora.get(f"base_model.model.{module}.lora_B.weight")
-                if lora_a is not None and lora_b is not None:
-                    theirs = theirs - scale * (lora_b.float() @ lora_a.float())
-                if theirs.shape != mine.shape or not torch.allclose(theirs, mine.float().cpu(), rtol=1e-3, atol=1e-4):
+                delta = scale * (lora_b.float() @ lora_a.float()) if lora_a is not None and lora_b is not None else 0.0
+                if theirs.shape != mine.shape or not _merged_from(mine.detach().cpu(), delta, theirs):
                     return False
                 found += 1
     return found == len(probes) and found > 0
+
+
+def _merged_from(base: torch.Tensor, delta, merged: torch.Tensor) -> bool:
+    """Whether `merged` (a checkpoint weight) is `base` + the adapter's `delta`, merged the way peft merges.
+
+    fp32: subtract the delta and compare (float tolerance). bf16/fp16: the merge rounded base + delta to the weight
+    dtype, so redo exactly that rounding and require (almost) every element to be bit-equal -- a subtraction test
+    would need a tolerance above bf16's 0.4 % rounding, wide enough to mistake an SFT-changed q/v for the base.
+    """
+    if base.dtype == torch.float32:
+        return torch.allclose(merged.float() - delta, base, rtol=1e-3, atol=1e-4)
+    redone = (base.float() + delta).to(base.dtype)
+    return bool((redone == merged.to(base.dtype)).float().mean() >= 0.999)
 
 
 def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None,

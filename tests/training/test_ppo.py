@@ -321,6 +321,40 @@ def test_reward_adapter_from_another_base_is_not_shared(tiny_model_dir, reward_m
     assert isinstance(scorer, rollouts.RewardModelScorer)
 
 
+def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
+    """bf16 (the CPU recipes' precision): a reward model merged in bf16 on the policy's own base is recognized (the
+    merge's rounding is redone exactly), one on a base whose q/v an SFT LoRA changed is not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def reward_dir(base_dir, out):
+        torch.manual_seed(3)
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="SEQ_CLS"))
+        for param in model.parameters():  # trained adapters are fp32 (apply_lora), merged into bf16
+            if param.requires_grad:
+                param.data = param.data.float()
+        randomize_lora(model)
+        model.save_pretrained(out / "adapter")
+        model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+        return rollouts.RewardModelInfo(merged_dir=out / "merged", adapter_dir=out / "adapter", metrics={})
+
+    torch.manual_seed(9)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a small SFT change, ~1 % of the q/v weights
+    sft.merge_and_unload().to(torch.bfloat16).save_pretrained(tmp_path / "sft", safe_serialization=True)
+    policy_base = AutoModelForCausalLM.from_pretrained(tmp_path / "sft", dtype=torch.bfloat16)
+    assert rollouts.same_backbone(policy_base, reward_dir(tmp_path / "sft", tmp_path / "rm-on-sft"))
+    raw = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    raw.save_pretrained(tmp_path / "raw", safe_serialization=True)
+    assert not rollouts.same_backbone(policy_base, reward_dir(tmp_path / "raw", tmp_path / "rm-on-raw"))
+
+
 def test_last_token_index_for_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert rollouts.last_token_index(mask).tolist() == [2, 4, 4]
