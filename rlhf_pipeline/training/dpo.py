@@ -74,20 +74,18 @@ def collate_pairs(pairs, pad_id: int, shared_prefix: bool = False) -> dict[str, 
     label_mask on the response tokens. Either way response_logps returns [chosen..., rejected...]."""
     if shared_prefix:
         batch = collate_shared_prefix([(p[0], p[2]) for p in pairs], pad_id, [(p[1], p[3]) for p in pairs])
-        if len(pairs[0]) > 4:
-            batch["ref_logps"] = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs], dtype=torch.float32)
-        return batch
-    rows = [(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    label_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, start) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        label_mask[i, start : len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "label_mask": label_mask}
-    if len(pairs[0]) > 4:  # precomputed reference log-probs (summed, count) per side
+    else:
+        rows = [(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        label_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, start) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            label_mask[i, start : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "label_mask": label_mask}
+    if len(pairs[0]) > 4:  # precomputed reference log-probs per side
         batch["ref_logps"] = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs], dtype=torch.float32)
     return batch
 

@@ -21,6 +21,7 @@ import torch
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.options import format_example, format_prompt
+from rlhf_pipeline.training.reward_scoring import last_token_index  # the reward stage's pooling, any padding side
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,13 +197,6 @@ def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
             break
     adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else None
     return RewardModelInfo(merged_dir=merged, adapter_dir=adapter, metrics=metrics)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row [B], for left or right padding. Never HF's 'first pad' pooling:
-    with pad == eos that would read the score at the answer's own EOS or, worse, the first pad."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.long().flip(1).argmax(1)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from rlhf_pipeline.training.lora import transformer_parts
 from rlhf_pipeline.training.shared_prefix import collate_shared_prefix, shared_prefix_hidden
+from rlhf_pipeline.training.value_head import position_ids_from_mask
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -23,16 +24,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.to(positions.dtype)).argmax(dim=1)
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens of each row, whatever padding precedes them (padding gets 0)."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[batch] fp32 rewards of a (peft-wrapped or plain) one-logit sequence-classification model."""
     backbone, score_head = transformer_parts(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pooled = hidden[rows, last_token_index(attention_mask)]
     return _score(score_head, pooled)

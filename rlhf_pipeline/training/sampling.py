@@ -58,11 +58,11 @@ def sample_with_cache(causal_lm, query_ids: torch.Tensor, query_mask: torch.Tens
     A row that emitted EOS continues with pad tokens; the loop stops when every row has (R < max_new_tokens then),
     as `generate` does. EOS is suppressed for the first `min_new_tokens` tokens.
     """
-    from rlhf_pipeline.training.value_head import decoder_and_head
+    from rlhf_pipeline.training.value_head import decoder_and_head, position_ids_from_mask
 
     decoder, lm_head = decoder_and_head(causal_lm)
     mask = query_mask.long()
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # the same positions as `generate` for the real tokens
+    position = position_ids_from_mask(mask)  # the same positions as `generate` for the real tokens
     out = decoder(input_ids=query_ids, attention_mask=mask, position_ids=position, use_cache=True)
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # [B, H]
     next_position = position[:, -1:] + 1  # [B, 1]
