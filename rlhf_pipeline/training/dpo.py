@@ -21,7 +21,7 @@ from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training.options import TrainingOptions
 from rlhf_pipeline.training.shared_prefix import (
-    collate_shared_prefix, is_shared_prefix_batch, shared_prefix_response_logprobs, supports_shared_prefix,
+    collate_shared_prefix, is_shared_prefix_batch, shared_prefix_response_logprobs, enable_shared_prefix,
 )
 
 
@@ -183,7 +183,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
             raise UserError(f"no preference pair fits --max-length {cfg.max_length} ({dropped} dropped)")
         base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
                               trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
-        shared = cfg.shared_prefix and supports_shared_prefix(base)
+        shared = cfg.shared_prefix and enable_shared_prefix(base)
         policy = apply_lora(base, cfg, "CAUSAL_LM")
         pad_id = tokenizer.pad_token_id
         if cfg.precompute_ref:

@@ -28,7 +28,7 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.data import limit, read_subset, split_by_question, tokenize_pairs
 from rlhf_pipeline.training.options import TrainingOptions
-from rlhf_pipeline.training.shared_prefix import supports_shared_prefix
+from rlhf_pipeline.training.shared_prefix import enable_shared_prefix
 from rlhf_pipeline.training.reward_scoring import (
     RewardScorer, collate_pairs, pairwise_accuracy, pairwise_loss, split_chosen_rejected,
 )
@@ -132,7 +132,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             raise UserError(f"all {train_pairs.dropped_too_long} training pairs are longer than --max-length "
                             f"{cfg.max_length} tokens")
 
-        shared = cfg.shared_prefix and supports_shared_prefix(model)
+        shared = cfg.shared_prefix and enable_shared_prefix(model)
         peft_model = loop.apply_lora(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
         module = RewardScorer(peft_model)
         optimizer = loop.build_optimizer(module.parameters(), cfg)
@@ -228,7 +228,7 @@ def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         pairs = tokenize_pairs(tokenizer, rows, cfg.prompt_template, cfg.max_length)
         module = accelerator.prepare(RewardScorer(model))
         metrics = evaluate_pairs(accelerator, module, pairs, cfg.batch_size, tokenizer.pad_token_id,
-                                 shared_prefix=cfg.shared_prefix and supports_shared_prefix(model))
+                                 shared_prefix=cfg.shared_prefix and enable_shared_prefix(model))
         metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
         _log_eval(run, metrics, step=0)
         if accelerator.is_main_process:

@@ -42,7 +42,7 @@ def _score(score_head: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 def shared_prefix_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """[2B] fp32 rewards (chosen 1..B, rejected 1..B) of a shared-prefix pair batch (see shared_prefix.py)."""
     backbone, score_head = transformer_parts(model)
-    hidden = shared_prefix_hidden(backbone, batch, getattr(model.config, "_attn_implementation", None))
+    hidden = shared_prefix_hidden(backbone, batch)
     return _score(score_head, hidden[batch["last_index"]])
 
 

@@ -21,13 +21,16 @@ a row is longer, and sdpa computes the full L x L scores of every row, so attent
 the peers' data) while everything else shrinks -- net 1.2x faster per reward-model step there (bf16, 2 threads).
 
 Needs an attention implementation that accepts a custom 4-D mask: sdpa (boolean mask) and eager (additive float
-mask). `supports_shared_prefix(model)` says whether the model has one; the stages fall back to two rows otherwise.
+mask). `enable_shared_prefix(model)` says whether the model has one (the stages fall back to two rows otherwise)
+and switches sdpa models to unpadded_attention.py: the model then computes only the real tokens of a batch,
+and only attention sees the padded rows.
 
 A batch is a dict of tensors (so DataLoader/accelerate move it to the device as usual):
     input_ids        [rows, L]          rows <= B pairs
     attention_mask   [rows, 1, L, L]    bool, True = may attend
     position_ids     [rows, L]
     last_index       [2B]  flat index (row * L + column) of each side's last token, chosen 1..B then rejected 1..B
+    token_slots      [N]   flat index of every real (non-padding) position, in order
 and, when response starts are given (DPO), for the N response tokens of all 2B sides:
     label_index      [N]  flat index of the token to predict
     predictor_index  [N]  flat index of the hidden state that predicts it (the previous token OF THAT SIDE)
@@ -40,13 +43,21 @@ from typing import Sequence
 
 import torch
 
-SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+from rlhf_pipeline.training.unpadded_attention import UNPADDED, attn_implementation, use_unpadded_attention
+
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager", UNPADDED)
 
 
 def supports_shared_prefix(model) -> bool:
     """Whether `model` (plain or peft-wrapped) runs an attention implementation that takes a custom 4-D mask."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in SHARED_PREFIX_ATTENTION
+    return attn_implementation(model) in SHARED_PREFIX_ATTENTION
+
+
+def enable_shared_prefix(model) -> bool:
+    """supports_shared_prefix(model), after switching an sdpa model to the unpadded attention (call before peft
+    wraps the model)."""
+    use_unpadded_attention(model)
+    return supports_shared_prefix(model)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -127,7 +138,8 @@ def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     mask = causal & same_pair & same_or_prefix & (q_segment != 3)
     mask |= torch.eye(width, dtype=torch.bool) & (q_segment == 3)  # padding attends to itself only
     out = {"input_ids": input_ids, "attention_mask": mask.unsqueeze(1), "position_ids": position_ids,
-           "last_index": torch.tensor(last_index, dtype=torch.long)}
+           "last_index": torch.tensor(last_index, dtype=torch.long),
+           "token_slots": (segment.reshape(-1) != 3).nonzero().squeeze(1)}
     if response_starts is not None:
         out.update(label_index=torch.tensor(label_index, dtype=torch.long),
                    predictor_index=torch.tensor(predictor_index, dtype=torch.long),
@@ -139,10 +151,18 @@ def is_shared_prefix_batch(batch: dict) -> bool:
     return "last_index" in batch
 
 
-def shared_prefix_hidden(backbone, batch: dict, attn_implementation: str | None) -> torch.Tensor:
+def shared_prefix_hidden(backbone, batch: dict) -> torch.Tensor:
     """Last hidden states of a shared-prefix batch, flattened to [B * L, H] (index with the batch's flat indices)."""
     mask = batch["attention_mask"]
-    if attn_implementation == "eager":  # eager ADDS the mask to the scores: 0 where allowed, -inf-ish elsewhere
+    implementation = attn_implementation(backbone)
+    if implementation == UNPADDED:
+        slots = batch["token_slots"]
+        hidden = backbone(input_ids=batch["input_ids"].reshape(1, -1)[:, slots], attention_mask=mask,
+                          position_ids=batch["position_ids"].reshape(1, -1)[:, slots], use_cache=False,
+                          token_slots=slots).last_hidden_state[0]  # [N, H]
+        # back to padded flat positions, so the batch's flat indices apply unchanged
+        return hidden.new_zeros(mask.shape[0] * mask.shape[-1], hidden.shape[-1]).index_copy(0, slots, hidden)
+    if implementation == "eager":  # eager ADDS the mask to the scores: 0 where allowed, -inf-ish elsewhere
         dtype = next(backbone.parameters()).dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -158,7 +178,7 @@ def shared_prefix_response_logprobs(causal_lm, batch: dict) -> tuple[torch.Tenso
     from rlhf_pipeline.training.losses import logprobs_from_logits
 
     backbone, lm_head = transformer_parts(causal_lm)
-    hidden = shared_prefix_hidden(backbone, batch, getattr(causal_lm.config, "_attn_implementation", None))
+    hidden = shared_prefix_hidden(backbone, batch)
     logits = lm_head(hidden[batch["predictor_index"]]).float()  # [N, V]
     token_logps = logprobs_from_logits(logits, batch["input_ids"].reshape(-1)[batch["label_index"]])  # [N]
     sides = batch["last_index"].shape[0]

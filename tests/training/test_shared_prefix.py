@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_pipeline.training import unpadded_attention
 from rlhf_pipeline.training.shared_prefix import (
-    collate_shared_prefix, common_prefix_length, pack_first_fit, shared_prefix_response_logprobs,
-    supports_shared_prefix,
+    collate_shared_prefix, common_prefix_length, enable_shared_prefix, pack_first_fit, shared_prefix_response_logprobs,
 )
 
 PAD = 0
@@ -95,17 +95,32 @@ def _pairs(tok):
     return [(tok(p + a)["input_ids"] + eos, tok(p + b)["input_ids"] + eos) for p, a, b in texts]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rewards_equal_the_two_row_layout(tiny_model_dir, attn):
+# "sdpa" and "eager": padded rows under the 4-D mask; "unpadded": enable_shared_prefix switched the sdpa model to
+# unpadded_attention.py, on its CPU math path ("unpadded") or, with the size limit at 0, its sdpa path.
+ATTENTION_CASES = ["sdpa", "eager", "unpadded", "unpadded-sdpa"]
+
+
+def _load(model_cls, model_dir, case, monkeypatch, **kwargs):
+    model = model_cls.from_pretrained(model_dir, attn_implementation="eager" if case == "eager" else "sdpa", **kwargs)
+    if case.startswith("unpadded"):
+        assert enable_shared_prefix(model)
+        assert model.config._attn_implementation == unpadded_attention.UNPADDED
+    if case == "unpadded-sdpa":
+        monkeypatch.setattr(unpadded_attention, "MATH_ATTENTION_MAX_SCORES", 0)
+    return model
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_rewards_equal_the_two_row_layout(tiny_model_dir, case, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_pipeline.training.reward_scoring import RewardScorer, collate_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, attn_implementation=attn)
+    model = _load(AutoModelForSequenceClassification, tiny_model_dir, case, monkeypatch, num_labels=1)
     torch.nn.init.normal_(model.score.weight)
-    assert supports_shared_prefix(model)
+    assert enable_shared_prefix(model)
     scorer = RewardScorer(model).eval()
     pairs = _pairs(tok)
     with torch.no_grad():
@@ -120,13 +135,14 @@ def test_rewards_equal_the_two_row_layout(tiny_model_dir, attn):
     assert shared[2] == pytest.approx(float(shared[n + 2]), abs=1e-5)  # identical answers score the same
 
 
-def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir):
+@pytest.mark.parametrize("case", ["sdpa", "unpadded"])
+def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir, case, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_pipeline.training.dpo import collate_pairs, response_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = _load(AutoModelForCausalLM, tiny_model_dir, case, monkeypatch)
     starts = [len(tok(PROMPT)["input_ids"])] * 3 + [len(tok("Q: ok?\n\nA: ")["input_ids"])] * 2
     pairs = [(c, start, r, start) for (c, r), start in zip(_pairs(tok), starts)]
     two_rows = collate_pairs(pairs, tok.pad_token_id)
@@ -141,3 +157,66 @@ def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir
     summed.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_unpadded_gradients_equal_the_padded_layout(tiny_model_dir):
+    """Same loss, same gradients for every weight, whether the model runs padded rows or only the real tokens."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_pipeline.training.reward_scoring import RewardScorer, collate_pairs, pairwise_loss, split_chosen_rejected
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = collate_pairs(_pairs(tok), tok.pad_token_id, shared_prefix=True)
+    assert len(batch["token_slots"]) < batch["input_ids"].numel()  # the batch has padding to skip
+    grads = []
+    for unpadded in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+        if unpadded:
+            enable_shared_prefix(model)
+        pairwise_loss(*split_chosen_rejected(RewardScorer(model)(**batch))).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_math_attention_equals_sdpa_with_grouped_heads_and_a_custom_mask():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    rows, q_heads, kv_heads, length, dim = 2, 6, 2, 7, 8
+    query = torch.randn(rows, q_heads, length, dim, requires_grad=True)
+    key = torch.randn(rows, kv_heads, length, dim, requires_grad=True)
+    value = torch.randn(rows, kv_heads, length, dim, requires_grad=True)
+    mask = torch.rand(rows, 1, length, length) < 0.5
+    mask |= torch.eye(length, dtype=torch.bool)  # every query may attend somewhere
+    ours = unpadded_attention.math_attention(query, key, value, mask, scaling=0.3)  # [R, L, Hq, D]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), (query, key, value))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (query, key, value))
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b)
+    # a query that may see only itself returns its own value exactly
+    only_self = torch.eye(length, dtype=torch.bool).expand(rows, 1, length, length)
+    out = unpadded_attention.math_attention(query, key, value, only_self, scaling=0.3)
+    torch.testing.assert_close(out, repeat_kv(value, 3).transpose(1, 2))
+
+
+def test_switch_is_not_saved_and_other_forwards_stay_sdpa(tiny_model_dir, tmp_path):
+    """The switched model saves as plain sdpa, and its ordinary padded forward equals an unswitched model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    switched = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert enable_shared_prefix(switched)
+    batch = tok(["Question: hops?\n\nAnswer: cold", "Q: ok?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(switched(**batch).logits, plain(**batch).logits)
+    switched.save_pretrained(tmp_path / "saved")
+    assert unpadded_attention.UNPADDED not in (tmp_path / "saved" / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
