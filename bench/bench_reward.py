@@ -3,7 +3,8 @@
 Work: the 256 peer pairs (prompt + chosen / prompt + rejected), 4 pairs per step (= 8 sequences), max length 512,
 LoRA r8/alpha32/dropout0.1 on q_proj,v_proj + a trained score head (SEQ_CLS), constant lr 3e-4, fp32, 2 threads,
 24 steps (first excluded from the steady rate). The TRL denominator is the best of fp32 (the peers' default),
-bf16 autocast + gradient checkpointing (TRL's defaults) and bf16 autocast alone. Both sides also report held-out
+bf16 autocast + gradient checkpointing (TRL's defaults), bf16 autocast alone, and bf16 autocast with eager
+attention (`model_init_kwargs`, via trl_attention.py). Both sides also report held-out
 accuracy (TRL: the 64 eval pairs after training; ours: whatever its metrics.json reports), so that a faster side
 that learns nothing would show.
 
@@ -32,6 +33,9 @@ def plan(ctx: bl.Ctx) -> list[dict]:
             bl.trl_side(ctx, "trl_reward_bf16_ckpt", "trl_reward.py", [*common, "--bf16", 1, "--grad-ckpt", 1],
                         config="bf16 autocast + grad-ckpt (TRL defaults)"),
             bl.trl_side(ctx, "trl_reward_bf16", "trl_reward.py", [*common, "--bf16", 1], config="bf16 autocast"),
+            # eager attention (matmul + softmax) beats sdpa's CPU flash backward at these lengths, as it does for us
+            bl.trl_side(ctx, "trl_reward_bf16_eager", "trl_reward.py", [*common, "--bf16", 1], attention="eager",
+                        config="bf16 autocast + eager attention"),
         ]
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,

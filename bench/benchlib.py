@@ -188,10 +188,13 @@ class Ctx:
         return quick if self.quick else max(3, round(full * self.scale))
 
 
-def trl_side(ctx: Ctx, name: str, script: str, args: list, legacy: bool = False, **meta) -> dict:
+def trl_side(ctx: Ctx, name: str, script: str, args: list, legacy: bool = False, attention: str | None = None,
+             **meta) -> dict:
+    """A shared peer script; `attention` runs it through trl_attention.py with that attention implementation."""
     py = legacy_python() if legacy else peer_python()
     model = ctx.legacy_model_dir if legacy else ctx.model_dir
-    cmd = [py, peers_dir() / script, "--model", model, *args]
+    wrapper = [BENCH_DIR / "trl_attention.py", attention] if attention else []
+    cmd = [py, *wrapper, peers_dir() / script, "--model", model, *args]
     return {"name": name, "role": "trl", "cmd": cmd, "cwd": peers_dir(), **meta}
 
 

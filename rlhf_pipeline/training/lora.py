@@ -82,7 +82,9 @@ class FastDropout(torch.nn.Module):
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
         draws = words.view(torch.int16)[:n] & 0x7FFF  # 4 x 15 random bits per word (random_ leaves the sign 0)
         keep = (draws < self.threshold).view(x.shape)
-        return torch.where(keep, x * self.scale, torch.zeros((), dtype=x.dtype, device=x.device))
+        # one multiplier tensor (scale or 0): the backward is then a single multiply as well
+        scale, zero = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.scale, 0.0))
+        return x * torch.where(keep, scale, zero)
 
 
 def use_fast_dropout(peft_model) -> int:

@@ -79,7 +79,7 @@ def unpadded_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
     out = _padded_attention(module, to_padded(query), to_padded(key), to_padded(value), attention_mask, dropout,
                             scaling, **kwargs)  # [rows, L, Hq, D]
-    out = out.reshape(rows * width, -1)[token_slots]  # [N, Hq * D]
+    out = out.reshape(rows * width, -1).index_select(0, token_slots)  # [N, Hq * D]
     return out.view(1, -1, query.shape[1], query.shape[3]), None
 
 
