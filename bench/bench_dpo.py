@@ -30,6 +30,8 @@ def plan(ctx: bl.Ctx) -> list[dict]:
                                  config="bf16 autocast + grad-ckpt (TRL defaults)"))
         sides.append(bl.trl_side(ctx, "trl_dpo_bf16", "trl_dpo.py", [*common, "--bf16", 1],
                                  config="bf16 autocast"))
+        sides.append(bl.trl_side(ctx, "trl_dpo_bf16_eager", "trl_dpo.py", [*common, "--bf16", 1], attention="eager",
+                                 config="bf16 autocast, eager attention"))
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
         "max_length|max_seq_length|seq_length": 512, "beta": 0.1, "loss|loss_type": "dpo",

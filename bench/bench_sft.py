@@ -42,6 +42,9 @@ def plan(ctx: bl.Ctx) -> list[dict]:
             bl.trl_side(ctx, "trl_sft_unpacked_bf16", "trl_sft.py",
                         [*common[:1], steps * 2, *common[2:], "--packing", 0, "--bf16", 1],
                         config="unpacked, bf16 autocast"),
+            bl.trl_side(ctx, "trl_sft_wrapped_bf16_eager", "trl_sft.py",
+                        [*common, "--packing-strategy", "wrapped", "--bf16", 1], attention="eager",
+                        config="packed wrapped, bf16 autocast, eager attention"),
         ]
     want = {
         "max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
