@@ -287,11 +287,12 @@ def config_fields(stage: str) -> set[str]:
 
 
 def bf16_knob(stage: str) -> dict | None:
-    """Our bf16 setting, if the stage has the knobs: frozen base weights in bf16 + bf16 autocast (LoRA and heads
-    stay fp32) -- what our recipes use on a CPU with AVX512_BF16/AMX and on GPUs."""
+    """Our CPU recipe setting, if the stage has the knobs: frozen base weights in bf16 + bf16 autocast (LoRA and
+    heads stay fp32), plus the fused elementwise kernels (compiled in the first, untimed step)."""
     fields = config_fields(stage)
     if "mixed_precision" in fields and "precision" in fields:
-        return {"precision": "bf16", "mixed_precision": "bf16"}
+        return {"precision": "bf16", "mixed_precision": "bf16",
+                **({"fused_kernels": True} if "fused_kernels" in fields and stage != "ppo" else {})}
     return None
 
 

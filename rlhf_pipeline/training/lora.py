@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from rlhf_pipeline.training.fused_ops import fused, masked_scale
+
 TaskType = str  # "CAUSAL_LM" or "SEQ_CLS" (peft.TaskType values)
 
 
@@ -49,6 +51,10 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
     peft_model = get_peft_model(model, lora)
     if next(model.parameters()).device.type == "cpu":
         use_fast_dropout(peft_model)
+        if getattr(cfg, "fused_kernels", False):
+            from rlhf_pipeline.training.fused_ops import fuse_elementwise
+
+            fuse_elementwise(peft_model)
     if getattr(cfg, "mixed_precision", "no") != "no":
         # Under autocast the LoRA matmuls run in the autocast dtype anyway: peft's cast of every LoRA input to
         # the fp32 adapter dtype is a copy that autocast immediately undoes (~3 % of a bf16 reward-model step).
@@ -80,8 +86,11 @@ class FastDropout(torch.nn.Module):
             return x
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        draws = words.view(torch.int16)[:n] & 0x7FFF  # 4 x 15 random bits per word (random_ leaves the sign 0)
-        keep = (draws < self.threshold).view(x.shape)
+        draws = words.view(torch.int16)[:n].view(x.shape)  # 4 x 15 random bits per word (random_ leaves the sign 0)
+        kernel = fused(masked_scale)
+        if kernel is not None:
+            return kernel(x, draws, self.threshold, self.scale)
+        keep = (draws & 0x7FFF) < self.threshold
         # one multiplier tensor (scale or 0): the backward is then a single multiply as well
         scale, zero = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.scale, 0.0))
         return x * torch.where(keep, scale, zero)

@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rlhf_pipeline.training.fused_ops import fused, masked_softmax
+
 UNPADDED = "rlhf_unpadded"
 # Largest rows x heads x L x L computed the math way: 64 MiB of bf16 probabilities kept per layer for backward
 # (a batch of 4 beer pairs at max length 512 needs about 6 MiB); beyond it, sdpa's O(L) memory wins.
@@ -44,7 +46,11 @@ def math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scores = torch.matmul(grouped, key.transpose(-1, -2)).view(rows, kv_heads, groups, length, length)
     bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
     bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # [R, 1, L, L]; finite, so no NaN from a -inf row
-    probs = torch.softmax(scores + bias.unsqueeze(1), dim=-1)  # the CPU kernel accumulates bf16 in fp32
+    kernel = fused(masked_softmax)
+    if kernel is not None:
+        probs = kernel(scores, bias.unsqueeze(1))
+    else:
+        probs = torch.softmax(scores + bias.unsqueeze(1), dim=-1)  # the CPU kernel accumulates bf16 in fp32
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs.view(rows, kv_heads, groups * length, length), value)  # [R, Hkv, g * L, D]
