@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rlhf_pipeline.training.fused_ops import fused, masked_scale
+from rlhf_pipeline.training.fused_ops import fuse_elementwise, fused, masked_scale
 
 TaskType = str  # "CAUSAL_LM" or "SEQ_CLS" (peft.TaskType values)
 
@@ -52,8 +52,6 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
     if next(model.parameters()).device.type == "cpu":
         use_fast_dropout(peft_model)
         if getattr(cfg, "fused_kernels", False):
-            from rlhf_pipeline.training.fused_ops import fuse_elementwise
-
             fuse_elementwise(peft_model)
     if getattr(cfg, "mixed_precision", "no") != "no":
         # Under autocast the LoRA matmuls run in the autocast dtype anyway: peft's cast of every LoRA input to
