@@ -37,7 +37,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def masked_scale(x: torch.Tensor, draws: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     """FastDropout's apply step: x * (scale where the 15-bit draw < threshold, else 0)."""
     keep = (draws & 0x7FFF) < threshold
-    return x * torch.where(keep, scale, 0.0).to(x.dtype)
+    # one multiplier tensor (scale or 0) in x's dtype: the backward is then a single multiply as well
+    multiplier = torch.where(keep, torch.tensor(scale, dtype=x.dtype, device=x.device),
+                             torch.tensor(0.0, dtype=x.dtype, device=x.device))
+    return x * multiplier
 
 
 def masked_softmax(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -82,8 +85,8 @@ def _is_silu_gated_mlp(module) -> bool:
 
 
 def fused(fn):
-    """The compiled `fn` (one of this module's functions) when fusion was switched on, else None."""
-    return _compiled(fn) if _enabled else None
+    """`fn` (one of this module's functions) compiled when fusion was switched on, else `fn` itself (eager)."""
+    return _compiled(fn) if _enabled else fn
 
 
 _enabled = False  # set by fuse_elementwise: FastDropout and math_attention then use the fused kernels too

@@ -85,13 +85,7 @@ class FastDropout(torch.nn.Module):
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
         draws = words.view(torch.int16)[:n].view(x.shape)  # 4 x 15 random bits per word (random_ leaves the sign 0)
-        kernel = fused(masked_scale)
-        if kernel is not None:
-            return kernel(x, draws, self.threshold, self.scale)
-        keep = (draws & 0x7FFF) < self.threshold
-        # one multiplier tensor (scale or 0): the backward is then a single multiply as well
-        scale, zero = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.scale, 0.0))
-        return x * torch.where(keep, scale, zero)
+        return fused(masked_scale)(x, draws, self.threshold, self.scale)
 
 
 def use_fast_dropout(peft_model) -> int:
