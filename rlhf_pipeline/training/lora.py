@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rlhf_pipeline.training.fused_ops import fuse_elementwise, fused, masked_scale
+from rlhf_pipeline.training.row_split_matmul import split_frozen_linears
 
 TaskType = str  # "CAUSAL_LM" or "SEQ_CLS" (peft.TaskType values)
 
@@ -53,6 +54,7 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
         use_fast_dropout(peft_model)
         if getattr(cfg, "fused_kernels", False):
             fuse_elementwise(peft_model)
+            split_frozen_linears(peft_model)
     if getattr(cfg, "mixed_precision", "no") != "no":
         # Under autocast the LoRA matmuls run in the autocast dtype anyway: peft's cast of every LoRA input to
         # the fp32 adapter dtype is a copy that autocast immediately undoes (~3 % of a bf16 reward-model step).

@@ -39,8 +39,8 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
     fused_kernels: bool = Field(
         False, description="CPU: run RMSNorm, the SiLU-gated MLP product, LoRA dropout and the attention softmax "
-        "as torch.compile'd fused kernels (needs a C++ compiler; seconds of compilation per process; falls back to "
-        "eager with one line).",
+        "as torch.compile'd fused kernels, and split the rows of frozen bf16 matmuls across threads (needs a C++ "
+        "compiler; seconds of compilation per process; falls back to eager with one line).",
     )
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation rows.")
