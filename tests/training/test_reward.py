@@ -200,3 +200,28 @@ def test_reward_through_a_real_mlflow_server(tiny_model_dir, tmp_path, mlflow_se
 def test_reward_recipes_are_valid(recipe):
     cfg = RewardConfig.load(Path(__file__).resolve().parents[2] / recipe)
     assert cfg.lora_r == 8 and cfg.lora_dropout == 0.1 and cfg.model.endswith("merged")
+
+
+def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlflow_sqlite, monkeypatch):
+    """bf16 base + autocast + --fused-kernels (the smollm2 recipe's settings): the row-split matmuls really run
+    (forced onto these tiny batches) and the model still learns the easy pairs."""
+    from rlhf_pipeline.training import fused_ops
+    from rlhf_pipeline.training import row_split_matmul as rsm
+
+    if not fused_ops.compiler_available() or rsm.extension() is None:
+        pytest.skip("no C++ compiler for the fused kernels here")
+    monkeypatch.setattr(fused_ops, "_enabled", False)  # restored afterwards: other tests stay eager
+    monkeypatch.setattr(rsm, "MIN_ROWS_PER_THREAD", 1)
+    splits = []
+    extension = rsm.extension()
+    monkeypatch.setattr(rsm, "extension", lambda: type("Spy", (), {
+        "row_split_mm": lambda a, b, chunks: splits.append(chunks) or extension.row_split_mm(a, b, chunks)}))
+    threads = torch.get_num_threads()
+    try:
+        metrics = run_reward(reward_config(tiny_model_dir, tmp_path, precision="bf16", mixed_precision="bf16",
+                                           fused_kernels=True, lora_dropout=0.1, num_threads=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert splits and set(splits) == {2}  # forward and input-gradient matmuls, two row blocks each
+    assert metrics["accuracy"] == 1.0 and metrics["margin"] > 0
+    assert math.isfinite(metrics["train_loss"]) and metrics["trained_steps"] == 30
