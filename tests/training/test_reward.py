@@ -216,11 +216,15 @@ def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlf
     extension = rsm.extension()
     monkeypatch.setattr(rsm, "extension", lambda: type("Spy", (), {
         "row_split_mm": lambda a, b, chunks: splits.append(chunks) or extension.row_split_mm(a, b, chunks)}))
+    from accelerate.state import AcceleratorState
+
     threads = torch.get_num_threads()
+    AcceleratorState._reset_state(True)  # the process-wide state other tests made has mixed_precision="no"
     try:
         metrics = run_reward(reward_config(tiny_model_dir, tmp_path, precision="bf16", mixed_precision="bf16",
                                            fused_kernels=True, lora_dropout=0.1, num_threads=2))
     finally:
+        AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)
     assert splits and set(splits) == {2}  # forward and input-gradient matmuls, two row blocks each
     assert metrics["accuracy"] == 1.0 and metrics["margin"] > 0
