@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import types
 import typing
@@ -131,6 +132,11 @@ def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
     return options
 
 
+def _is_main_rank() -> bool:
+    """False in the non-zero ranks of a distributed launch (torchrun / `accelerate launch` set RANK, MPI its own)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))
+
+
 def stage_command(
     name: str,
     config_cls: type[StageConfig],
@@ -155,7 +161,7 @@ def stage_command(
             click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
             return 0
         result = run(cfg)
-        if isinstance(result, dict):
+        if isinstance(result, dict) and _is_main_rank():  # `accelerate launch`: one summary, not one per process
             click.echo(json.dumps(result, indent=2, default=str))
         return 0
 

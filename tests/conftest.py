@@ -49,6 +49,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def unused_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and rendezvous the test starts)."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """URI of a real MLflow tracking server (SQLite backend, local artifacts), killed at teardown."""

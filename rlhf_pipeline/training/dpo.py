@@ -215,6 +215,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
                             start_step=start, prefix="dpo", rate_name="pairs", log_metrics=log_metrics)
         summary = {"loss_type": cfg.loss, "beta": cfg.beta, "steps": result.steps, "num_pairs": len(train_pairs),
                    "dropped_too_long": dropped, "dpo/pairs_per_s": result.items_per_s,
+                   "processes": accelerator.num_processes,
                    **result.last_metrics}
         if history:
             summary.update(first_step={k: v for k, v in history[0].items()},

@@ -163,7 +163,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
             "eval_loss_before": before.get("eval_loss"), "eval_perplexity_before": before.get("eval_perplexity"),
             "eval_loss": after.get("eval_loss"), "eval_perplexity": after.get("eval_perplexity"),
             "eval_tokens": after.get("eval_tokens"), "train_loss": result.train_loss,
-            "tokens_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
+            "tokens_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps, "trained_steps": result.trained_steps,
             "train_seconds": result.train_seconds, "train_documents": len(train_docs), "eval_documents": len(eval_docs),
             "train_questions": len({r["qid"] for r in train_rows}), "eval_questions": len({r["qid"] for r in eval_rows}),
             "packing": cfg.packing, "seq_length": cfg.seq_length, "train_rows": len(train_set),
