@@ -167,7 +167,8 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             "dropped_too_long": train_pairs.dropped_too_long + eval_pairs.dropped_too_long,
             "train_pairs": len(train_pairs), "train_questions": len({r["qid"] for r in train_rows}),
             "eval_questions": len({r["qid"] for r in eval_rows}), "train_loss": result.train_loss,
-            "pairs_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps, "trained_steps": result.trained_steps,
+            "pairs_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps,
+            "trained_steps": result.trained_steps,
             "train_seconds": result.train_seconds, "max_length": cfg.max_length,
             **loop.count_parameters(accelerator.unwrap_model(module).model),
         }
