@@ -61,9 +61,14 @@ def compiler_available() -> bool:
         _compiled(silu_mul)(x, x).sum().backward()
         return True
     except Exception as error:  # no C++ compiler, unsupported platform, ...: run eager
-        print(f"fused kernels unavailable, running eager ({type(error).__name__}: {str(error).splitlines()[0]})",
-              file=sys.stderr)
+        report_unavailable("fused kernels", "running eager", error)
         return False
+
+
+def report_unavailable(what: str, fallback: str, error: Exception) -> None:
+    """The one stderr line a CPU kernel prints when it cannot be built: what, the fallback, the error's first line."""
+    lines = str(error).strip().splitlines()
+    print(f"{what} unavailable, {fallback} ({type(error).__name__}: {lines[0] if lines else ''})", file=sys.stderr)
 
 
 def _norm_forward(module, hidden):

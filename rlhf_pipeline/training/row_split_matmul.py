@@ -22,10 +22,11 @@ one line and the model keeps torch's matmuls.
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_pipeline.training.fused_ops import report_unavailable
 
 # Rows each thread must get before splitting pays (below ~256 rows oneDNN's own choice is as fast or faster).
 MIN_ROWS_PER_THREAD = 256
@@ -64,17 +65,16 @@ def extension():
         return load_inline("rlhf_row_split_mm", cpp_sources=_CPP_SOURCE, functions=["row_split_mm"],
                            extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, read-only cache, ...: keep torch's matmuls
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"row-split matmul unavailable, using torch's ({type(error).__name__}: {first})", file=sys.stderr)
+        report_unavailable("row-split matmul", "using torch's", error)
         return None
 
 
 def row_split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> [M, N]; rows split across torch's threads when each gets enough of them."""
-    chunks = torch.get_num_threads()
-    if chunks < 2 or a.shape[0] < MIN_ROWS_PER_THREAD * chunks or a.device.type != "cpu" or not extension():
+    chunks, compiled = torch.get_num_threads(), extension()
+    if chunks < 2 or a.shape[0] < MIN_ROWS_PER_THREAD * chunks or a.device.type != "cpu" or not compiled:
         return a @ b
-    return extension().row_split_mm(a, b, chunks)
+    return compiled.row_split_mm(a, b, chunks)
 
 
 class FrozenLinear(torch.autograd.Function):
