@@ -278,7 +278,7 @@ def config_fields(stage: str) -> set[str]:
 
     mod_name, _, cls_name = {"sft": ("rlhf_pipeline.training.sft", "", "SFTConfig"),
                              "reward": ("rlhf_pipeline.training.reward", "", "RewardConfig"),
-                             "ppo": ("rlhf_pipeline.training.ppo", "", "PPOConfig"),
+                             "ppo": ("rlhf_pipeline.ppo.config", "", "PPOConfig"),
                              "dpo": ("rlhf_pipeline.training.dpo", "", "DPOConfig")}[stage]
     try:
         return set(getattr(importlib.import_module(mod_name), cls_name).model_fields)
@@ -292,7 +292,7 @@ def bf16_knob(stage: str) -> dict | None:
     fields = config_fields(stage)
     if "mixed_precision" in fields and "precision" in fields:
         return {"precision": "bf16", "mixed_precision": "bf16",
-                **({"fused_kernels": True} if "fused_kernels" in fields and stage != "ppo" else {})}
+                **({"cpu_kernels": "fused"} if "cpu_kernels" in fields and stage != "ppo" else {})}
     return None
 
 

@@ -25,7 +25,7 @@ sys.stdout = sys.stderr  # stage progress / library chatter -> stderr; only the 
 ENTRY = {
     "sft": ("rlhf_pipeline.training.sft", "run_sft", "SFTConfig"),
     "reward": ("rlhf_pipeline.training.reward", "run_reward", "RewardConfig"),
-    "ppo": ("rlhf_pipeline.training.ppo", "run_ppo", "PPOConfig"),
+    "ppo": ("rlhf_pipeline.ppo.trainer", "run_ppo", "PPOConfig"),
     "dpo": ("rlhf_pipeline.training.dpo", "run_dpo", "DPOConfig"),
 }
 

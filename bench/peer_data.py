@@ -67,7 +67,7 @@ def convert(jsonl_dir: Path, out_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
     from rlhf_pipeline.data.writer import SCHEMA
-    from rlhf_pipeline.modeling.options import DEFAULT_TEMPLATE, format_example, format_prompt
+    from rlhf_pipeline.data.prompts import DEFAULT_TEMPLATE, format_example, format_prompt
 
     rows = {name: [json.loads(l) for l in open(jsonl_dir / f"{name}.jsonl")] for name in ("train", "eval")}
     tables = {}

@@ -31,7 +31,8 @@ def ppo(
         work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
     """
     from rlhf_pipeline.orchestration import steps
-    from rlhf_pipeline.training.ppo import PPOConfig, run_ppo
+    from rlhf_pipeline.ppo.config import PPOConfig
+    from rlhf_pipeline.ppo.trainer import run_ppo
 
     out = steps.work_dir(work_root, kfp_run_id, "ppo")
     cfg = steps.build_config(

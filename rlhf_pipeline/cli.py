@@ -1,8 +1,8 @@
-"""The `rlhf` command line.
+"""The `rlhf` command line: the only module that knows click (library code raises UserError, returns results).
 
-Subcommands are imported lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
-Stage commands are generated from the stage's pydantic config with `stage_command`: every config field
-becomes a `--flag`, `--config recipe.yaml` loads a recipe, flags override the recipe.
+Stage commands are generated from the stage registry (stages.py) with `stage_command`: every config field
+becomes a `--flag`, `--config recipe.yaml` loads a recipe, flags override the recipe. Everything is imported
+lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -21,14 +21,8 @@ import yaml
 from rlhf_pipeline.config import StageConfig, flag_name
 from rlhf_pipeline.errors import UserError
 
-# name -> (module:attribute, one-line help). Kept here so `rlhf --help` needs no heavy import.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("rlhf_pipeline.data.prepare:command", "Stack Exchange dump -> scored preference pairs."),
-    "sft": ("rlhf_pipeline.training.sft:command", "Supervised fine-tuning with LoRA (step 1)."),
-    "reward": ("rlhf_pipeline.training.reward:command", "Train or evaluate a pairwise reward model (step 2)."),
-    "ppo": ("rlhf_pipeline.training.ppo:command", "PPO against the reward model with a KL penalty (step 3)."),
-    "dpo": ("rlhf_pipeline.training.dpo:command", "DPO / IPO on preference pairs (offline step 3)."),
-    "evaluate": ("rlhf_pipeline.evaluation.evaluate:command", "Compare SFT and aligned policies."),
+# The commands that are not stages: name -> (module:attribute of a click command, one-line help).
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("rlhf_pipeline.orchestration.local_run:command", "Run the whole pipeline locally via kfp.local."),
     "compile": ("rlhf_pipeline.orchestration.compile:command", "Compile the Kubeflow pipeline to YAML."),
     "submit": ("rlhf_pipeline.orchestration.submit:command", "Upload the pipeline to Kubeflow and start a run."),
@@ -37,14 +31,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def commands() -> dict[str, str]:
+    """Every subcommand and its one-line help: the registry's stages, then the tools."""
+    from rlhf_pipeline.stages import STAGES
+
+    return {**{s.command: s.help for s in STAGES.values()}, **{n: h for n, (_, h) in TOOL_COMMANDS.items()}}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return list(commands())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        from rlhf_pipeline.stages import STAGES
+
+        stage = STAGES.get(name.replace("-", "_"))
+        if stage is not None and stage.command == name:
+            return stage_command(name, stage.config_class(), stage.run_function(), help=stage.help)
+        if name not in TOOL_COMMANDS:
             return None
-        target, _ = COMMANDS[name]
+        target, _ = TOOL_COMMANDS[name]
         module_name, attr = target.split(":")
         try:
             module = importlib.import_module(module_name)
@@ -56,7 +62,7 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
-            formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
+            formatter.write_dl(list(commands().items()))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -102,8 +108,9 @@ def _parse_cli_value(annotation: Any, raw: str) -> Any:
     """Strings from the command line -> what pydantic should validate (it does the type coercion)."""
     ann = _unwrap_optional(annotation)
     origin = typing.get_origin(ann)
-    if origin in (list, tuple):
-        return [] if raw.strip() == "" else [part.strip() for part in raw.split(",")]
+    if origin in (list, tuple):  # a repeatable flag: each value may itself be comma-separated
+        values = raw if isinstance(raw, (list, tuple)) else [raw]
+        return [part.strip() for value in values for part in value.split(",") if part.strip()]
     if origin is dict or ann is dict:
         try:
             return json.loads(raw)
@@ -127,8 +134,9 @@ def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
             decl = f"{flag}/--no-{flag[2:]}"
             options.append(click.Option([decl, name], default=None, help=help_))
         else:
-            metavar = typing.get_origin(ann) is list and "A,B,..." or None
-            options.append(click.Option([flag_name(name), name], default=None, help=help_, metavar=metavar))
+            repeatable = typing.get_origin(ann) is list
+            options.append(click.Option([flag_name(name), name], default=None, help=help_, multiple=repeatable,
+                                        metavar="A,B,..." if repeatable else None))
     return options
 
 
@@ -152,7 +160,7 @@ def stage_command(
     def callback(config: str | None, print_config: bool, **values: Any) -> int:
         overrides = {}
         for key, raw in values.items():
-            if raw is None:
+            if raw is None or raw == ():  # not given (a repeatable flag gives an empty tuple)
                 continue
             field = config_cls.model_fields[key]
             overrides[key] = raw if isinstance(raw, bool) else _parse_cli_value(field.annotation, raw)
@@ -161,6 +169,8 @@ def stage_command(
             click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
             return 0
         result = run(cfg)
+        if hasattr(result, "model_dump"):
+            result = result.model_dump(mode="json")
         if isinstance(result, dict) and _is_main_rank():  # `accelerate launch`: one summary, not one per process
             click.echo(json.dumps(result, indent=2, default=str))
         return 0

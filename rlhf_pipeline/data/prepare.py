@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.data.config import PrepareDataConfig
 from rlhf_pipeline.data.inputs import (
     POSTS_XML,
@@ -173,13 +172,3 @@ def _summary(cfg: PrepareDataConfig, stats: Stats) -> dict[str, Any]:
     ).hexdigest()
     summary["config"] = cfg.to_flat_dict()
     return summary
-
-
-command = stage_command(
-    "prepare-data",
-    PrepareDataConfig,
-    run_prepare_data,
-    help="Turn a Stack Exchange dump (Posts.xml, a site .7z, or HuggingFaceH4/stack-exchange-preferences "
-    "parquet/JSONL files) into scored preference pairs: <output>/{finetune,reward,rl,evaluation}.parquet "
-    "and stats.json.",
-)

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import click
 from pydantic import Field, field_validator
 
-from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.options import ModelOptions
 from rlhf_pipeline.tracking import TrackingOptions
@@ -122,7 +120,7 @@ def resolve_policy(name: str, spec: str, download_dir: Path) -> ModelRef:
 
 
 def read_questions(data_dir: str, max_questions: int, seed: int) -> list[str]:
-    from rlhf_pipeline.training.data import read_subset
+    from rlhf_pipeline.data.subsets import read_subset
 
     seen, questions = set(), []
     for row in read_subset(data_dir, "evaluation"):
@@ -139,7 +137,7 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
     """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
     import torch
 
-    from rlhf_pipeline.training.ppo_rollout import decode_responses, sample_responses
+    from rlhf_pipeline.modeling.generation import decode_responses, sample_responses
 
     torch.manual_seed(cfg.seed)  # same sampling noise for every model
     texts, lengths, rollouts = [], [], []
@@ -156,9 +154,9 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
 
 def response_logits(model, rollout):
     """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only)."""
-    from rlhf_pipeline.training.value_head import decoder_and_head, position_ids_from_mask
+    from rlhf_pipeline.modeling.forward import transformer_parts, position_ids_from_mask
 
-    decoder, lm_head = decoder_and_head(model)
+    decoder, lm_head = transformer_parts(model)
     hidden = decoder(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                      position_ids=position_ids_from_mask(rollout.attention_mask), use_cache=False).last_hidden_state
     return lm_head(hidden[:, rollout.response_start - 1 : -1]).float().log_softmax(-1)
@@ -197,7 +195,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.tracking import stage_run
-    from rlhf_pipeline.training.ppo_rollout import RewardModelScorer, encode_prompts, read_reward_model_dir
+    from rlhf_pipeline.ppo.rewards import RewardModelScorer, read_reward_model_dir
+    from rlhf_pipeline.batching.tokenize import encode_prompts
 
     specs = cfg.policies()
     rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
@@ -319,18 +318,3 @@ def report_markdown(models: dict[str, dict[str, float]], questions: list[str], r
             lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {answer[:500]}"]
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def _join_policies(ctx, param, value):
-    """`--policy a=X --policy b=Y` (repeatable) -> the comma-separated form stage_command parses into a list."""
-    return ",".join(value) if value else None
-
-
-command = stage_command("evaluate", EvaluateConfig, run_evaluate,
-                        help=__doc__.split("\n\n")[0].removeprefix("`rlhf evaluate`: "))
-command.params = [
-    click.Option(["--policy", "policy"], multiple=True, callback=_join_policies, metavar="NAME=DIR_OR_URI",
-                 help=EvaluateConfig.model_fields["policy"].description)
-    if getattr(p, "name", None) == "policy" else p
-    for p in command.params
-]

@@ -37,22 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2" / "pipeline.yaml"
 STAGE_SECTIONS = ("prepare_data", "sft", "reward", "ppo", "dpo", "evaluate")
 
-# The small default sizes (also written out in recipes/smollm2/pipeline.yaml; a test keeps the two equal).
-SMALL_SIZES: dict[str, dict[str, Any]] = {
-    "prepare_data": {"finetune_max_pairs": 256, "reward_max_pairs": 256, "rl_max_pairs": 64,
-                     "evaluation_max_pairs": 64},
-    "sft": {"max_steps": 20, "seq_length": 256, "batch_size": 1, "max_eval_samples": 4,
-            "precision": "bf16", "mixed_precision": "bf16"},
-    "reward": {"max_steps": 30, "batch_size": 2, "max_length": 384, "eval_fraction": 0.2, "max_eval_samples": 48,
-               "eval_before": False, "precision": "bf16", "mixed_precision": "bf16"},
-    "ppo": {"steps": 5, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "min_new_tokens": 32,
-            "max_new_tokens": 32, "max_prompt_length": 128, "learning_rate": 1.0e-4, "precision": "bf16",
-            "mixed_precision": "bf16"},
-    "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 256, "max_eval_samples": 16, "precision": "bf16",
-            "mixed_precision": "bf16"},
-    "evaluate": {"max_questions": 16, "max_new_tokens": 32, "max_prompt_length": 128, "batch_size": 8},
-}
-
 # task name prefix (kfp names tasks after components) -> label shown in progress and the summary
 TASK_LABELS = {
     "prepare-data": "prepare data", "sft": "SFT", "reward": "reward model", "ppo": "PPO", "dpo": "DPO",
@@ -94,12 +78,13 @@ class LocalRunConfig(StageConfig):
 
 
 def load_config(recipe: str | None, overrides: dict[str, Any], sets: tuple[str, ...] = ()) -> LocalRunConfig:
-    """Small defaults < recipe < flags < --set section.key=value."""
+    """The default recipe (recipes/smollm2/pipeline.yaml, the only source of the small sizes) < `recipe` < flags
+    < --set section.key=value."""
     from rlhf_pipeline.config import read_recipe
 
-    data: dict[str, Any] = {k: dict(v) for k, v in SMALL_SIZES.items()}
-    source = "defaults"
-    if recipe is not None:
+    data: dict[str, Any] = read_recipe(DEFAULT_RECIPE)
+    source = str(DEFAULT_RECIPE)
+    if recipe is not None and Path(recipe).resolve() != DEFAULT_RECIPE.resolve():
         source = recipe
         for key, value in read_recipe(recipe).items():
             if key in STAGE_SECTIONS and isinstance(value, dict):

@@ -28,8 +28,7 @@ from rlhf_pipeline.errors import UserError
 WIRED_KEYS = {"data", "output", "input"}
 # What a model artifact carries besides its metadata (the rest stays in output_dir).
 ARTIFACT_PARTS = ("adapter", "metrics.json", "report.md", "generations.jsonl", "stats.json")
-METRIC_NAMESPACE = {"prepare_data": "data", "sft": "sft", "reward": "rm", "ppo": "ppo", "dpo": "dpo",
-                    "evaluate": "eval"}
+
 
 
 def run_key(kfp_run_id: str) -> str:
@@ -140,7 +139,9 @@ def read_metrics(output_dir: Path) -> dict[str, Any]:
 
 def namespaced(step: str, metrics: dict[str, float]) -> dict[str, float]:
     """Prefix metric names with the step's namespace (`rm/accuracy`) unless they already carry one."""
-    ns = METRIC_NAMESPACE.get(step, step)
+    from rlhf_pipeline.stages import STAGES
+
+    ns = STAGES[step].namespace if step in STAGES else step
     # the evaluation reports every model twice (nested `models/<name>/...` and flat `eval/<name>/...`)
     return {(k if k.startswith(ns + "/") else f"{ns}/{k}"): v for k, v in metrics.items()
             if not (step == "evaluate" and k.startswith("models/"))}
@@ -201,21 +202,10 @@ def env_flag(name: str) -> bool:
 
 
 def stage_config_class(stage: str) -> type:
-    """The config class of a training/evaluation stage (imported on demand)."""
-    import importlib
+    """The config class of a stage (imported on demand), from the stage registry."""
+    from rlhf_pipeline.stages import get
 
-    where = {
-        "prepare_data": ("rlhf_pipeline.data.config", "PrepareDataConfig"),
-        "sft": ("rlhf_pipeline.training.sft", "SFTConfig"),
-        "reward": ("rlhf_pipeline.training.reward", "RewardConfig"),
-        "ppo": ("rlhf_pipeline.training.ppo", "PPOConfig"),
-        "dpo": ("rlhf_pipeline.training.dpo", "DPOConfig"),
-        "evaluate": ("rlhf_pipeline.evaluation.evaluate", "EvaluateConfig"),
-    }
-    if stage not in where:
-        raise UserError(f"unknown stage {stage!r} (known: {', '.join(where)})")
-    module, name = where[stage]
-    return getattr(importlib.import_module(module), name)
+    return get(stage).config_class()
 
 
 def evaluate_wiring(config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any,

@@ -17,12 +17,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training.options import TrainingOptions
-from rlhf_pipeline.training.shared_prefix import (
-    collate_shared_prefix, is_shared_prefix_batch, shared_prefix_response_logprobs, enable_shared_prefix,
-)
+from rlhf_pipeline.batching.padding import collate_pairs
+from rlhf_pipeline.batching.shared_prefix import is_shared_prefix_batch
+from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
+from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
+from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 
 
 class DPOConfig(TrainingOptions):
@@ -39,52 +40,10 @@ class DPOConfig(TrainingOptions):
     )
 
 
-def tokenize_preference_pairs(tokenizer, rows: list[dict], template: str, max_length: int):
-    """[(chosen ids, chosen response start, rejected ids, rejected response start)], number dropped as too long.
-
-    Prompt + answer are tokenized TOGETHER (as the SFT and reward stages do) and end in EOS; the response starts
-    where that joint encoding stops matching the prompt's own encoding (BPE merges across the boundary).
-    """
-    from rlhf_pipeline.modeling.options import format_example, format_prompt
-    from rlhf_pipeline.training.data import tokenize_documents
-
-    if not rows:
-        return [], 0
-    prompts = tokenizer([format_prompt(template, r["question"]) for r in rows], add_special_tokens=True)["input_ids"]
-    chosen = tokenize_documents(tokenizer, [format_example(template, r["question"], r["response_j"]) for r in rows])
-    rejected = tokenize_documents(tokenizer, [format_example(template, r["question"], r["response_k"]) for r in rows])
-
-    def response_start(prompt: list[int], full: list[int]) -> int:
-        n = 0
-        while n < min(len(prompt), len(full) - 1) and prompt[n] == full[n]:
-            n += 1
-        return max(n, 1)
-
-    pairs, dropped = [], 0
-    for prompt, ids_j, ids_k in zip(prompts, chosen, rejected):
-        if len(ids_j) > max_length or len(ids_k) > max_length:
-            dropped += 1
-            continue
-        pairs.append((ids_j, response_start(prompt, ids_j), ids_k, response_start(prompt, ids_k)))
-    return pairs, dropped
-
-
-def collate_pairs(pairs, pad_id: int, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """B shared-prefix rows (see shared_prefix.py), or 2B rows [chosen_1..B, rejected_1..B] right-padded with a
-    label_mask on the response tokens. Either way response_logps returns [chosen..., rejected...]."""
-    if shared_prefix:
-        batch = collate_shared_prefix([(p[0], p[2]) for p in pairs], pad_id, [(p[1], p[3]) for p in pairs])
-    else:
-        rows = [(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs]
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        label_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, start) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            label_mask[i, start : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "label_mask": label_mask}
+def collate_dpo_pairs(pairs, pad_id: int, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """A pair batch (batching.padding.collate_pairs) with the response starts, plus the precomputed reference
+    log-probs when the pairs carry them. Either way response_logps returns [chosen..., rejected...]."""
+    batch = collate_pairs([(p[0], p[2]) for p in pairs], pad_id, shared_prefix, [(p[1], p[3]) for p in pairs])
     if len(pairs[0]) > 4:  # precomputed reference log-probs per side
         batch["ref_logps"] = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs], dtype=torch.float32)
     return batch
@@ -92,7 +51,7 @@ def collate_pairs(pairs, pad_id: int, shared_prefix: bool = False) -> dict[str, 
 
 def response_logps(model, batch, average: bool) -> torch.Tensor:
     """Summed (DPO) or length-averaged (IPO) response log-probs per row [2B]."""
-    from rlhf_pipeline.training.value_head import packed_response_logprobs
+    from rlhf_pipeline.modeling.forward import packed_response_logprobs
 
     if is_shared_prefix_batch(batch):
         summed, counts = shared_prefix_response_logprobs(model, batch)
@@ -136,7 +95,7 @@ def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
     with policy.disable_adapter():
         for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", unit="batch"):
             chunk = pairs[i : i + cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, shared_prefix).items()}
+            batch = {k: v.to(device) for k, v in collate_dpo_pairs(chunk, pad_id, shared_prefix).items()}
             logps = response_logps(policy, batch, cfg.loss == "ipo").float().cpu().tolist()
             n = len(chunk)
             out.extend((*p, logps[j], logps[n + j]) for j, p in enumerate(chunk))
@@ -150,7 +109,7 @@ def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device,
     totals: dict[str, float] = {}
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, shared_prefix).items()}
+        batch = {k: v.to(device) for k, v in collate_dpo_pairs(chunk, pad_id, shared_prefix).items()}
         loss, metrics = preference_loss(policy, batch, cfg)
         for key, value in {"loss": float(loss), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value * len(chunk)
@@ -159,11 +118,12 @@ def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device,
 
 def run_dpo(cfg: DPOConfig) -> dict:
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
-    from rlhf_pipeline.training.data import limit, read_subset, split_by_question
+    from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
     from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler, finished_run, \
-        micro_batches, micro_batches_per_epoch, resume_if_possible, save_final, set_seed, total_optimizer_steps, \
+        micro_batches, micro_batches_per_epoch, resume_if_possible, set_seed, total_optimizer_steps, \
         tracked_run, train_loop, write_metrics
-    from rlhf_pipeline.training.lora import apply_lora
+    from rlhf_pipeline.modeling.lora import save_adapter_and_merged
+    from rlhf_pipeline.training.trainable import trainable_model
 
     done = finished_run(cfg.output)
     if done is not None:
@@ -184,7 +144,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
                               trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
         shared = cfg.shared_prefix and enable_shared_prefix(base)
-        policy = apply_lora(base, cfg, "CAUSAL_LM")
+        policy = trainable_model(base, cfg, "CAUSAL_LM")
         pad_id = tokenizer.pad_token_id
         if cfg.precompute_ref:
             with accelerator.autocast():
@@ -196,7 +156,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         start = resume_if_possible(cfg.output, policy, optimizer, scheduler)
         module, optimizer = accelerator.prepare(policy, optimizer)
         batches = micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size,
-                                collate_fn=lambda chunk: collate_pairs(chunk, pad_id, shared), seed=cfg.seed,
+                                collate_fn=lambda chunk: collate_dpo_pairs(chunk, pad_id, shared), seed=cfg.seed,
                                 start=start * cfg.gradient_accumulation_steps)
         unwrapped = accelerator.unwrap_model(module)
 
@@ -227,11 +187,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
                 eval_metrics = evaluate_pairs(unwrapped, eval_pairs, cfg, pad_id, accelerator.device, shared)
             run.log_metrics(eval_metrics, step=result.steps)
             summary.update(eval_metrics)
-        adapter_dir, merged_dir = save_final(unwrapped, tokenizer, cfg.output)
+        adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
         summary.update(adapter=str(adapter_dir), merged=str(merged_dir), registered=entry)
         write_metrics(cfg.output, summary)
         return summary
-
-
-command = stage_command("dpo", DPOConfig, run_dpo, help=__doc__.split("\n\n")[0].removeprefix("`rlhf dpo`: "))

@@ -16,7 +16,7 @@ What a stage does with it (SFT, reward, DPO; PPO uses the pieces):
                                 start=start * cfg.gradient_accumulation_steps)
         result = train_loop(accelerator, module, optimizer, scheduler, batches, loss_fn, cfg=cfg,
                             total_steps=total, start_step=start, prefix="sft", log_metrics=run.log_metrics)
-        save_final(peft_model, tokenizer, cfg.output)     # -> (adapter_dir, merged_dir)
+        save_adapter_and_merged(peft_model, tokenizer, cfg.output)     # -> (adapter_dir, merged_dir)
 
 Resume: a rerun with the same `--output` restores weights, optimizer, scheduler and RNG from the newest checkpoint
 and skips the micro-batches already consumed (the data order depends only on seed and epoch), so an interrupted
@@ -43,8 +43,6 @@ from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_pipeline.training.lora import apply_lora, count_parameters  # noqa: F401  (re-exported for stages)
-from rlhf_pipeline.training.lora import save_adapter_and_merged as save_final  # noqa: F401
 
 METRICS_FILE = "metrics.json"
 

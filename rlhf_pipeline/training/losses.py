@@ -66,21 +66,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 # ------------------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels]: logits [B, T, V], labels [B, T] -> [B, T].
-
-    Gather minus logsumexp instead of log_softmax().gather(): never materializes a second [B, T, V] tensor.
-    """
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): [..., V] -> [...]. H = logsumexp(z) - sum softmax(z) * z."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # KL estimators (per token; policy p, reference q; samples drawn from p)
 # ------------------------------------------------------------------------------------------------------------

@@ -37,10 +37,10 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
         "bf16 is faster on CPUs with AVX512_BF16 and on GPUs.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
-    fused_kernels: bool = Field(
-        False, description="CPU: run RMSNorm, the SiLU-gated MLP product, LoRA dropout and the attention softmax "
-        "as torch.compile'd fused kernels, and split the rows of frozen bf16 matmuls across threads (needs a C++ "
-        "compiler; seconds of compilation per process; falls back to eager with one line).",
+    cpu_kernels: Literal["off", "eager", "fused"] = Field(
+        "off", description="CPU-only speed-ups (rlhf_pipeline/cpu; ignored on a GPU): eager = a cheaper LoRA "
+        "dropout draw and batched-matmul attention for pair batches; fused = also torch.compile'd RMSNorm / "
+        "SiLU-MLP / dropout / softmax and thread-split frozen bf16 matmuls (needs a C++ compiler and the `cpu` extra).",
     )
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation rows.")

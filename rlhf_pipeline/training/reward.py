@@ -23,15 +23,16 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.training import loop
-from rlhf_pipeline.training.data import limit, read_subset, split_by_question, tokenize_pairs
+from rlhf_pipeline.training.trainable import trainable_model
+from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
+from rlhf_pipeline.batching.tokenize import tokenize_pairs
 from rlhf_pipeline.training.options import TrainingOptions
-from rlhf_pipeline.training.shared_prefix import enable_shared_prefix
-from rlhf_pipeline.training.reward_scoring import (
-    RewardScorer, collate_pairs, pairwise_accuracy, pairwise_loss, split_chosen_rejected,
-)
+from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
+from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
+from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 
 
 class RewardConfig(TrainingOptions):
@@ -133,7 +134,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
                             f"{cfg.max_length} tokens")
 
         shared = cfg.shared_prefix and enable_shared_prefix(model)
-        peft_model = loop.apply_lora(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
+        peft_model = trainable_model(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
         module = RewardScorer(peft_model)
         optimizer = loop.build_optimizer(module.parameters(), cfg)
         per_epoch = loop.micro_batches_per_epoch(len(train_pairs), cfg.batch_size, accelerator.num_processes)
@@ -170,11 +171,11 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
             "pairs_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps,
             "trained_steps": result.trained_steps,
             "train_seconds": result.train_seconds, "max_length": cfg.max_length,
-            **loop.count_parameters(accelerator.unwrap_model(module).model),
+            **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            adapter_dir, merged_dir = loop.save_final(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
+            adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
             run.log_dict(metrics, "reward/metrics.json")
@@ -236,10 +237,3 @@ def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             loop.write_metrics(cfg.output, metrics)
         return {"status": "evaluated", "output": cfg.output, **metrics}
-
-
-command = stage_command(
-    "reward", RewardConfig, run_reward,
-    help="Train a pairwise reward model on <data>/reward.parquet (LoRA + one-logit head on the SFT model), or "
-    "score one with --evaluate-only. Writes <output>/adapter, merged, metrics.json; registers <prefix>-reward.",
-)

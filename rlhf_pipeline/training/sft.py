@@ -20,15 +20,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.cli import stage_command
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.training import loop
-from rlhf_pipeline.training.data import limit, read_subset, sft_texts, split_by_question, tokenize_documents
-from rlhf_pipeline.training.lora import transformer_parts
+from rlhf_pipeline.training.trainable import trainable_model
+from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
+from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
+from rlhf_pipeline.modeling.forward import transformer_parts
 from rlhf_pipeline.training.options import TrainingOptions
-from rlhf_pipeline.training.packing import (
-    IGNORE_INDEX, collate_packed, collate_padded, pack_documents, truncate_documents,
-)
+from rlhf_pipeline.batching.packing import IGNORE_INDEX, collate_packed, pack_documents
+from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
 
 
 class SFTConfig(TrainingOptions):
@@ -130,7 +131,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
         loop.set_seed(cfg.seed)
         base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
                               trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
-        peft_model = loop.apply_lora(base, cfg, "CAUSAL_LM")
+        peft_model = trainable_model(base, cfg, "CAUSAL_LM")
         module = CausalLMLoss(peft_model)
         optimizer = loop.build_optimizer(module.parameters(), cfg)
         per_epoch = loop.micro_batches_per_epoch(len(train_set), cfg.batch_size, accelerator.num_processes)
@@ -168,11 +169,11 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
             "train_seconds": result.train_seconds, "train_documents": len(train_docs), "eval_documents": len(eval_docs),
             "train_questions": len({r["qid"] for r in train_rows}), "eval_questions": len({r["qid"] for r in eval_rows}),
             "packing": cfg.packing, "seq_length": cfg.seq_length, "train_rows": len(train_set),
-            **loop.count_parameters(accelerator.unwrap_model(module).model),
+            **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            adapter_dir, merged_dir = loop.save_final(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
+            adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             run.log_dict(metrics, "sft/metrics.json")
             registered = run.register(merged_dir if cfg.register_weights == "merged" else adapter_dir,
@@ -180,10 +181,3 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
             metrics["registered_model"] = registered
             loop.write_metrics(cfg.output, metrics)  # last: its presence marks the run finished
         return {"status": "trained", "output": cfg.output, **metrics}
-
-
-command = stage_command(
-    "sft", SFTConfig, run_sft,
-    help="Supervised fine-tuning with LoRA on <data>/finetune.parquet (question + preferred answer). Writes "
-    "<output>/adapter, <output>/merged, <output>/metrics.json and registers <prefix>-sft. Rerun to resume.",
-)

@@ -209,7 +209,6 @@ def test_cpu_only_settings_drop_accelerators(tmp_path):
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, bad, message):
     import subprocess
-    import sys
 
     path = tmp_path / "k8s.yaml"
     path.write_text(bad + "\n")
@@ -258,7 +257,6 @@ def test_committed_yaml_is_up_to_date():
 
 def test_compile_check_flags_a_stale_file(tmp_path):
     import subprocess
-    import sys
 
     stale = tmp_path / "old.yaml"
     from pipelines.rlhf_pipeline import COMPILED

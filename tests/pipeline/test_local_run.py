@@ -15,11 +15,13 @@ from rlhf_pipeline.orchestration import local_run
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
 
-def test_recipe_equals_the_built_in_small_sizes():
+def test_the_default_recipe_is_the_defaults():
     recipe = yaml.safe_load(local_run.DEFAULT_RECIPE.read_text())
-    for section, values in local_run.SMALL_SIZES.items():
-        assert recipe.get(section) == values, section
-    assert recipe["alignment"] == "ppo" and recipe["model"] == "smollm2-135m-instruct"
+    cfg = local_run.load_config(None, {})
+    for section in local_run.STAGE_SECTIONS:
+        assert {k: v for k, v in getattr(cfg, section).items() if k not in ("precision", "mixed_precision")} == {
+            k: v for k, v in recipe[section].items() if k not in ("precision", "mixed_precision")}, section
+    assert cfg.alignment == recipe["alignment"] == "ppo" and cfg.model == recipe["model"] == "smollm2-135m-instruct"
 
 
 def test_precedence_defaults_recipe_flags_set(tmp_path):
@@ -27,7 +29,8 @@ def test_precedence_defaults_recipe_flags_set(tmp_path):
     recipe.write_text("alignment: dpo\nsft: {max_steps: 7}\nreward: {batch_size: 8}\n")
     cfg = local_run.load_config(str(recipe), {"alignment": "ppo"}, ("sft.max_steps=9", "ppo.temperature=0.7"))
     assert cfg.alignment == "ppo"
-    assert cfg.sft["max_steps"] == 9 and cfg.sft["seq_length"] == local_run.SMALL_SIZES["sft"]["seq_length"]
+    default_seq_length = yaml.safe_load(local_run.DEFAULT_RECIPE.read_text())["sft"]["seq_length"]
+    assert cfg.sft["max_steps"] == 9 and cfg.sft["seq_length"] == default_seq_length
     assert cfg.reward["batch_size"] == 8 and cfg.ppo["temperature"] == 0.7
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlhf_pipeline.training.data import PAIR_COLUMNS
+from rlhf_pipeline.data.subsets import PAIR_COLUMNS
 
 # Short, distinct, repetitive answers: a tiny model can memorise them in a few dozen steps.
 TOPICS = ["lager", "stout", "porter", "ale", "pilsner", "bock", "saison", "gose"]

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf_pipeline.training.dpo import DPOConfig, collate_pairs, preference_loss, run_dpo, tokenize_preference_pairs
+from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
+from rlhf_pipeline.training.dpo import DPOConfig, collate_dpo_pairs, preference_loss, run_dpo
 
 TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
 
@@ -42,7 +43,7 @@ def test_pairs_are_tokenized_jointly_and_the_response_mask_covers_the_answer(tok
     assert ids_j == tokenizer("Question: Best hops?\n\nAnswer: Citra.")["input_ids"] + [tokenizer.eos_token_id]
     assert tokenizer.decode(ids_j[start_j:]) == " Citra.<|im_end|>" or tokenizer.decode(ids_j[start_j:]) == "Citra.<|im_end|>"
     assert tokenizer.decode(ids_j[:start_j]).startswith("Question: Best hops?")
-    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    batch = collate_dpo_pairs(pairs, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2  # [chosen, rejected]
     assert batch["label_mask"][0].sum() == len(ids_j) - start_j
     assert batch["label_mask"][1].sum() == len(ids_k) - start_k
@@ -52,12 +53,12 @@ def test_pairs_are_tokenized_jointly_and_the_response_mask_covers_the_answer(tok
 def test_reference_is_the_sft_model_and_the_loss_starts_at_log2(tiny_model_dir, tokenizer):
     from rlhf_pipeline.modeling.loading import load_causal_lm
     from rlhf_pipeline.training.dpo import response_logps
-    from rlhf_pipeline.training.lora import apply_lora
+    from rlhf_pipeline.modeling.lora import apply_lora
 
     cfg = DPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4, lora_dropout=0.0)
     rows = [{"question": f"Q{i}?", "response_j": "Yes, indeed." * (i + 1), "response_k": "No."} for i in range(3)]
     pairs, _ = tokenize_preference_pairs(tokenizer, rows, TEMPLATE, 128)
-    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    batch = collate_dpo_pairs(pairs, tokenizer.pad_token_id)
     policy = apply_lora(load_causal_lm(str(tiny_model_dir), device="cpu"), cfg).eval()
     loss, metrics = preference_loss(policy, batch, cfg)  # fresh LoRA (B = 0): policy == reference
     assert float(loss) == pytest.approx(0.693147, abs=1e-5) and metrics["margin"] == pytest.approx(0.0, abs=1e-6)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_pipeline.training.lora import FastDropout, apply_lora
+from rlhf_pipeline.cpu.fast_dropout import FastDropout
+from rlhf_pipeline.modeling.lora import apply_lora
 from rlhf_pipeline.training.options import LoRAOptions, TrainingOptions
 
 
@@ -44,7 +45,12 @@ def test_apply_lora_on_a_bf16_cpu_base(tiny_model_dir):
     assert any("score" in n for n in trainable)
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
     layers = base.config.num_hidden_layers
-    assert sum(isinstance(m, FastDropout) for m in model.modules()) == 2 * layers  # q_proj and v_proj
+    assert not any(isinstance(m, FastDropout) for m in model.modules())  # the CPU kernels are opt-in
+    from rlhf_pipeline.cpu import speed_up
+
+    assert speed_up(model, "eager")["fast_dropout"] == 2 * layers  # q_proj and v_proj
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == 2 * layers
+    assert all(isinstance(m, torch.nn.Dropout) for m in model.modules() if isinstance(m, FastDropout))
 
 
 def test_lora_outputs_under_autocast_do_not_depend_on_the_input_cast(tiny_model_dir):

@@ -7,26 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf_pipeline.training.losses import (
-    AdaptiveKLController,
-    FixedKLController,
-    dpo_loss,
-    entropy_from_logits,
-    explained_variance,
-    gae_advantages,
-    ipo_loss,
-    kl_abs,
-    kl_k1,
-    kl_k3,
-    kl_penalty,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    per_token_rewards,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
+from rlhf_pipeline.training.losses import AdaptiveKLController, FixedKLController, dpo_loss, explained_variance, gae_advantages, ipo_loss, kl_abs, kl_k1, kl_k3, kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
+from rlhf_pipeline.modeling.forward import entropy_from_logits, logprobs_from_logits
 
 LN2 = math.log(2.0)
 

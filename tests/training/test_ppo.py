@@ -10,9 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf_pipeline.training import ppo_rollout as rollouts
-from rlhf_pipeline.training.ppo import PPOConfig, ppo_update, run_ppo
-from rlhf_pipeline.training.value_head import PolicyWithValue, disable_dropout, response_forward
+from rlhf_pipeline.batching.padding import pad
+from rlhf_pipeline.batching.tokenize import encode_prompts
+from rlhf_pipeline.modeling.forward import last_token_index
+from rlhf_pipeline.modeling.generation import response_mask_from_ids, sample_responses
+from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, SharedBaseRewardModel, same_backbone
+from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
+from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout
+from rlhf_pipeline.modeling.forward import response_forward
 
 EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
 
@@ -95,7 +101,7 @@ def randomize_lora(model) -> None:
 
 def prompts(tokenizer, n=4):
     questions = [f"Which hops for beer {i}?" + " really" * i for i in range(n)]  # different lengths -> left padding
-    return questions, rollouts.encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", questions, 64)
+    return questions, encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", questions, 64)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +115,13 @@ def tokenizer(tiny_model_dir):
 
 def test_response_mask_keeps_the_first_eos_and_drops_what_follows():
     ids = torch.tensor([[5, 6, EOS, EOS, EOS], [5, EOS, 7, EOS, 9], [5, 6, 7, 8, 9]])
-    mask, has_eos = rollouts.response_mask_from_ids(ids, EOS)
+    mask, has_eos = response_mask_from_ids(ids, EOS)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert has_eos.tolist() == [True, True, False]
 
 
 def test_long_prompts_lose_the_question_end_not_the_template_tail(tokenizer):
-    ids = rollouts.encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", ["hop " * 200], 32)[0]
+    ids = encode_prompts(tokenizer, "Question: {question}\n\nAnswer: {answer}", ["hop " * 200], 32)[0]
     assert len(ids) == 32
     assert tokenizer.decode(ids).endswith("\n\nAnswer: ")
 
@@ -123,14 +129,13 @@ def test_long_prompts_lose_the_question_end_not_the_template_tail(tokenizer):
 def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_model_dir, tokenizer):
     """Left prompt padding: each row's log-probs equal those of the row run alone. Post-EOS padding: whatever
     sits there (other tokens, other log-probs, values) leaves KL, advantages and losses unchanged."""
-    from rlhf_pipeline.training.losses import gae_advantages, kl_penalty, masked_whiten, per_token_rewards, \
-        ppo_policy_loss, ppo_value_loss
+    from rlhf_pipeline.training.losses import gae_advantages, kl_penalty, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
 
     model = make_policy(tiny_model_dir)
     randomize_lora(model)
     _, prompt_ids = prompts(tokenizer)
     torch.manual_seed(0)
-    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=6, eos_token_id=EOS,
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=6, eos_token_id=EOS,
                                         pad_token_id=EOS, force_length=True)
     with torch.no_grad():
         batched = model(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
@@ -166,7 +171,7 @@ def test_reference_logprobs_equal_the_sft_model(tiny_model_dir, tokenizer):
     randomize_lora(model)  # a trained-looking adapter, so "adapter on" really differs
     sft = load_causal_lm(str(tiny_model_dir), device="cpu").eval()
     _, prompt_ids = prompts(tokenizer)
-    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=5, eos_token_id=EOS, pad_token_id=EOS)
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=5, eos_token_id=EOS, pad_token_id=EOS)
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
     with torch.no_grad():
         with model.policy.disable_adapter():
@@ -182,7 +187,7 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
     model = make_policy(tiny_model_dir)
     randomize_lora(model)
     _, prompt_ids = prompts(tokenizer)
-    query, query_mask = rollouts.left_pad(prompt_ids, EOS)
+    query, query_mask = pad(prompt_ids, EOS, "left")
     torch.manual_seed(0)
     out = model.policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=6, do_sample=True,
                                 top_k=0, min_new_tokens=6, pad_token_id=EOS, output_logits=True,
@@ -190,7 +195,7 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
     response = out.sequences[:, query.shape[1]:]
     sampled = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)
     sampled = sampled.gather(-1, response.unsqueeze(-1)).squeeze(-1)
-    mask, _ = rollouts.response_mask_from_ids(response, EOS)
+    mask, _ = response_mask_from_ids(response, EOS)
     with torch.no_grad():
         trained = model(out.sequences, torch.cat([query_mask, mask], 1), query.shape[1]).logprobs
     assert torch.allclose(sampled, trained, atol=1e-4)
@@ -200,7 +205,7 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
 
 def _update_inputs(model, tokenizer):
     _, prompt_ids = prompts(tokenizer)
-    rollout = rollouts.sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS,
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS,
                                         pad_token_id=EOS, force_length=True)
     with torch.no_grad():
         old = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True)
@@ -284,11 +289,11 @@ def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_
     """The reward model as a second adapter on the policy's base gives the separate model's scores, read at the
     last real token; the policy adapter alone stays trainable."""
     template = "Question: {question}\n\nAnswer: {answer}"
-    separate = rollouts.RewardModelScorer.load(reward_model_dir, template=template, device="cpu")
+    separate = RewardModelScorer.load(reward_model_dir, template=template, device="cpu")
     model = make_policy(tiny_model_dir, reward_model=str(reward_model_dir))
     cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", reward_model=str(reward_model_dir))
     shared = model.attach_reward_model(cfg)
-    assert isinstance(shared, rollouts.SharedBaseRewardModel)
+    assert isinstance(shared, SharedBaseRewardModel)
     questions = ["Best hops?", "Is lager a beer? " * 3]
     responses = ["Citra and Mosaic.", "Yes, a bottom-fermented one, usually served cold and crisp."]
     raw = separate.raw_scores(questions, responses)
@@ -317,8 +322,8 @@ def test_reward_adapter_from_another_base_is_not_shared(tiny_model_dir, reward_m
     model = make_policy(tmp_path / "sft")
     cfg = PPOConfig(model=str(tmp_path / "sft"), data="x", output="x", reward_model=str(reward_model_dir))
     scorer = model.attach_reward_model(cfg)
-    assert not isinstance(scorer, rollouts.SharedBaseRewardModel)
-    assert isinstance(scorer, rollouts.RewardModelScorer)
+    assert not isinstance(scorer, SharedBaseRewardModel)
+    assert isinstance(scorer, RewardModelScorer)
 
 
 def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
@@ -338,7 +343,7 @@ def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
         randomize_lora(model)
         model.save_pretrained(out / "adapter")
         model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
-        return rollouts.RewardModelInfo(merged_dir=out / "merged", adapter_dir=out / "adapter", metrics={})
+        return RewardModelInfo(merged_dir=out / "merged", adapter_dir=out / "adapter", metrics={})
 
     torch.manual_seed(9)
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -349,15 +354,15 @@ def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
                 param.normal_(0, 0.02)  # a small SFT change, ~1 % of the q/v weights
     sft.merge_and_unload().to(torch.bfloat16).save_pretrained(tmp_path / "sft", safe_serialization=True)
     policy_base = AutoModelForCausalLM.from_pretrained(tmp_path / "sft", dtype=torch.bfloat16)
-    assert rollouts.same_backbone(policy_base, reward_dir(tmp_path / "sft", tmp_path / "rm-on-sft"))
+    assert same_backbone(policy_base, reward_dir(tmp_path / "sft", tmp_path / "rm-on-sft"))
     raw = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     raw.save_pretrained(tmp_path / "raw", safe_serialization=True)
-    assert not rollouts.same_backbone(policy_base, reward_dir(tmp_path / "raw", tmp_path / "rm-on-raw"))
+    assert not same_backbone(policy_base, reward_dir(tmp_path / "raw", tmp_path / "rm-on-raw"))
 
 
 def test_last_token_index_for_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert rollouts.last_token_index(mask).tolist() == [2, 4, 4]
+    assert last_token_index(mask).tolist() == [2, 4, 4]
 
 
 # --- whole runs --------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from rlhf_pipeline.training.reward import RewardConfig, run_reward
-from rlhf_pipeline.training.reward_scoring import (
-    collate_pairs, last_token_index, pairwise_accuracy, pairwise_loss, sequence_rewards, split_chosen_rejected,
-)
+from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
+from rlhf_pipeline.modeling.forward import last_token_index, sequence_rewards
+from rlhf_pipeline.training.reward_scoring import pairwise_accuracy, pairwise_loss
 from sft_reward_helpers import make_data_dir, pair_rows, write_subset
 
 EOS = 2  # SmolLM2: eos == pad == <|im_end|>
@@ -205,8 +205,8 @@ def test_reward_recipes_are_valid(recipe):
 def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlflow_sqlite, monkeypatch):
     """bf16 base + autocast + --fused-kernels (the smollm2 recipe's settings): the row-split matmuls really run
     (forced onto these tiny batches) and the model still learns the easy pairs."""
-    from rlhf_pipeline.training import fused_ops
-    from rlhf_pipeline.training import row_split_matmul as rsm
+    from rlhf_pipeline.cpu import fused_ops
+    from rlhf_pipeline.cpu import row_split_matmul as rsm
 
     if not fused_ops.compiler_available() or rsm.extension() is None:
         pytest.skip("no C++ compiler for the fused kernels here")
@@ -222,7 +222,7 @@ def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlf
     AcceleratorState._reset_state(True)  # the process-wide state other tests made has mixed_precision="no"
     try:
         metrics = run_reward(reward_config(tiny_model_dir, tmp_path, precision="bf16", mixed_precision="bf16",
-                                           fused_kernels=True, lora_dropout=0.1, num_threads=2))
+                                           cpu_kernels="fused", lora_dropout=0.1, num_threads=2))
     finally:
         AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_pipeline.training.sampling import filter_logits, sample_from_logits, sample_with_cache
+from rlhf_pipeline.modeling.generation import filter_logits, sample_from_logits, sample_with_cache
 
 INF = float("-inf")
 
@@ -51,13 +51,13 @@ def test_inverse_cdf_sampling_frequencies_match_the_probabilities():
 def lm_and_prompts(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_pipeline.training.ppo_rollout import left_pad
+    from rlhf_pipeline.batching.padding import pad
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok(q)["input_ids"] for q in ("Question: Which hops?\n\nAnswer:", "Question: Why?\n\nAnswer:",
                                              "Question: How long should a lager ferment at 10 C?\n\nAnswer:")]
-    return model, tok, left_pad(prompts, tok.pad_token_id)
+    return model, tok, pad(prompts, tok.pad_token_id, "left")
 
 
 def _hf_greedy(model, query, mask, eos, **kw):

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
-from rlhf_pipeline.training.packing import IGNORE_INDEX, collate_padded, pack_documents
+from rlhf_pipeline.modeling.loading import load_causal_lm
+from rlhf_pipeline.batching.packing import IGNORE_INDEX, pack_documents
+from rlhf_pipeline.batching.padding import collate_padded
 from rlhf_pipeline.training.sft import CausalLMLoss, SFTConfig, run_sft
 from sft_reward_helpers import make_data_dir
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_pipeline.training import unpadded_attention
-from rlhf_pipeline.training.shared_prefix import (
-    collate_shared_prefix, common_prefix_length, enable_shared_prefix, pack_first_fit, shared_prefix_response_logprobs,
-)
+from rlhf_pipeline.cpu import math_attention
+from rlhf_pipeline.modeling import unpadded_attention
+from rlhf_pipeline.batching.shared_prefix import collate_shared_prefix, common_prefix_length, pack_first_fit
+from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
+from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
 
 PAD = 0
 
@@ -96,8 +97,9 @@ def _pairs(tok):
 
 
 # "sdpa" and "eager": padded rows under the 4-D mask; "unpadded": enable_shared_prefix switched the sdpa model to
-# unpadded_attention.py, on its CPU math path ("unpadded") or, with the size limit at 0, its sdpa path.
-ATTENTION_CASES = ["sdpa", "eager", "unpadded", "unpadded-sdpa"]
+# unpadded_attention.py on its sdpa kernel; "unpadded-math": with the CPU kernels' batched-matmul attention
+# (cpu/math_attention.py); "unpadded-math-limit": that kernel with its size limit at 0 (falls back to sdpa).
+ATTENTION_CASES = ["sdpa", "eager", "unpadded", "unpadded-math", "unpadded-math-limit"]
 
 
 def _load(model_cls, model_dir, case, monkeypatch, **kwargs):
@@ -105,8 +107,10 @@ def _load(model_cls, model_dir, case, monkeypatch, **kwargs):
     if case.startswith("unpadded"):
         assert enable_shared_prefix(model)
         assert model.config._attn_implementation == unpadded_attention.UNPADDED
-    if case == "unpadded-sdpa":
-        monkeypatch.setattr(unpadded_attention, "MATH_ATTENTION_MAX_SCORES", 0)
+    if case.startswith("unpadded-math"):
+        assert math_attention.use_math_attention(model) > 0
+    if case == "unpadded-math-limit":
+        monkeypatch.setattr(math_attention, "MATH_ATTENTION_MAX_SCORES", 0)
     return model
 
 
@@ -114,7 +118,8 @@ def _load(model_cls, model_dir, case, monkeypatch, **kwargs):
 def test_rewards_equal_the_two_row_layout(tiny_model_dir, case, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_pipeline.training.reward_scoring import RewardScorer, collate_pairs
+    from rlhf_pipeline.training.reward_scoring import RewardScorer
+    from rlhf_pipeline.batching.padding import collate_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
@@ -139,14 +144,14 @@ def test_rewards_equal_the_two_row_layout(tiny_model_dir, case, monkeypatch):
 def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir, case, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_pipeline.training.dpo import collate_pairs, response_logps
+    from rlhf_pipeline.training.dpo import collate_dpo_pairs, response_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = _load(AutoModelForCausalLM, tiny_model_dir, case, monkeypatch)
     starts = [len(tok(PROMPT)["input_ids"])] * 3 + [len(tok("Q: ok?\n\nA: ")["input_ids"])] * 2
     pairs = [(c, start, r, start) for (c, r), start in zip(_pairs(tok), starts)]
-    two_rows = collate_pairs(pairs, tok.pad_token_id)
-    shared = collate_pairs(pairs, tok.pad_token_id, shared_prefix=True)
+    two_rows = collate_dpo_pairs(pairs, tok.pad_token_id)
+    shared = collate_dpo_pairs(pairs, tok.pad_token_id, shared_prefix=True)
     assert shared["input_ids"].shape[0] < len(pairs)  # packed
     for average in (False, True):
         with torch.no_grad():
@@ -163,7 +168,8 @@ def test_unpadded_gradients_equal_the_padded_layout(tiny_model_dir):
     """Same loss, same gradients for every weight, whether the model runs padded rows or only the real tokens."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_pipeline.training.reward_scoring import RewardScorer, collate_pairs, pairwise_loss, split_chosen_rejected
+    from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_loss
+    from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = collate_pairs(_pairs(tok), tok.pad_token_id, shared_prefix=True)
@@ -191,7 +197,7 @@ def test_math_attention_equals_sdpa_with_grouped_heads_and_a_custom_mask():
     value = torch.randn(rows, kv_heads, length, dim, requires_grad=True)
     mask = torch.rand(rows, 1, length, length) < 0.5
     mask |= torch.eye(length, dtype=torch.bool)  # every query may attend somewhere
-    ours = unpadded_attention.math_attention(query, key, value, mask, scaling=0.3)  # [R, L, Hq, D]
+    ours = math_attention.math_attention(query, key, value, mask, scaling=0.3)  # [R, L, Hq, D]
     reference = torch.nn.functional.scaled_dot_product_attention(
         query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3).transpose(1, 2)
     torch.testing.assert_close(ours, reference)
@@ -202,7 +208,7 @@ def test_math_attention_equals_sdpa_with_grouped_heads_and_a_custom_mask():
         torch.testing.assert_close(a, b)
     # a query that may see only itself returns its own value exactly
     only_self = torch.eye(length, dtype=torch.bool).expand(rows, 1, length, length)
-    out = unpadded_attention.math_attention(query, key, value, only_self, scaling=0.3)
+    out = math_attention.math_attention(query, key, value, only_self, scaling=0.3)
     torch.testing.assert_close(out, repeat_kv(value, 3).transpose(1, 2))
 
 

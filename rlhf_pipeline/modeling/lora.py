@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from rlhf_pipeline.training.fused_ops import fuse_elementwise, fused, masked_scale
-from rlhf_pipeline.training.row_split_matmul import split_frozen_linears
 
 TaskType = str  # "CAUSAL_LM" or "SEQ_CLS" (peft.TaskType values)
 
@@ -50,11 +48,6 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
         task_type=task_type,
     )
     peft_model = get_peft_model(model, lora)
-    if next(model.parameters()).device.type == "cpu":
-        use_fast_dropout(peft_model)
-        if getattr(cfg, "fused_kernels", False):
-            fuse_elementwise(peft_model)
-            split_frozen_linears(peft_model)
     if getattr(cfg, "mixed_precision", "no") != "no":
         # Under autocast the LoRA matmuls run in the autocast dtype anyway: peft's cast of every LoRA input to
         # the fp32 adapter dtype is a copy that autocast immediately undoes (~3 % of a bf16 reward-model step).
@@ -67,40 +60,6 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
     return peft_model
-
-
-class FastDropout(torch.nn.Module):
-    """Dropout that draws its keep-mask from 15-bit uniform integers, four per 64-bit random word, instead of one
-    `bernoulli_` draw per element: 2.5x cheaper on a CPU, where LoRA's input dropout (a [tokens, hidden] mask per
-    adapted module) was ~13 % of a reward-model step. The keep probability is (1 - p) rounded to a multiple of
-    2^-15 (|error| <= 1.6e-5) and kept values are scaled by 1 / that probability, so E[output] = input exactly."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.threshold = round((1.0 - p) * 32768)  # keep when the 15-bit draw < threshold
-        self.scale = 32768 / self.threshold if self.threshold else 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        draws = words.view(torch.int16)[:n].view(x.shape)  # 4 x 15 random bits per word (random_ leaves the sign 0)
-        return fused(masked_scale)(x, draws, self.threshold, self.scale)
-
-
-def use_fast_dropout(peft_model) -> int:
-    """Replace the nn.Dropout of every LoRA layer with FastDropout (CPU; on GPU fused dropout is already fast)."""
-    replaced = 0
-    for module in peft_model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in list(dropouts.items()):
-                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                    dropouts[name] = FastDropout(dropout.p)
-                    replaced += 1
-    return replaced
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -159,18 +118,3 @@ def save_adapter_and_merged(model, tokenizer, output: str | Path) -> tuple[Path,
     tokenizer.save_pretrained(str(tmp_merged))
     _replace_dir(tmp_merged, merged_dir)
     return adapter_dir, merged_dir
-
-
-def transformer_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(backbone, head) of a transformers CausalLM / SequenceClassification model, through a PeftModel.
-
-    Stages call the backbone and apply the head only where a prediction is needed (labelled positions, the last
-    real token), instead of computing logits for every position, padding included. The LoRA layers live inside the
-    backbone, so they are active either way.
-    """
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = hf.base_model  # transformers: the module named by `base_model_prefix` ("model" for Llama)
-    head = hf.get_output_embeddings() if hasattr(hf, "lm_head") else getattr(hf, "score", None)
-    if head is None or backbone is hf:
-        raise ValueError(f"{type(hf).__name__}: cannot find the backbone / head (expected .model and .lm_head/.score)")
-    return backbone, head

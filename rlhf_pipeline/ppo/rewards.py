@@ -1,13 +1,8 @@
-"""PPO rollouts: prompt encoding, sampling responses with the policy, and scoring them.
+"""PPO's reward sources: the reward model (read at the last real token of prompt + response, normalized by the
+reward stage's held-out mean/std) for real runs, any function of the decoded texts for tests and toy problems.
 
-Layout of a rollout batch (B sequences):
-    input_ids      [B, P + R]   prompts LEFT-padded to a common length P, then R generated tokens
-    response_mask  [B, R]       1 up to and including the first EOS, 0 after it (generate pads finished rows)
-The prompt padding is outside the response columns and the post-EOS padding is masked, so neither ever enters
-the KL, the advantages or the losses.
-
-Reward sources are pluggable (`RewardSource`): the reward model (read at the last real token of prompt + response)
-for real runs, any function of the decoded texts for tests and toy problems.
+When the reward adapter was trained on the policy's own SFT weights, it runs as a frozen second adapter on the
+policy's base (`SharedBaseRewardModel`): one copy of the backbone serves policy, reference and reward model.
 """
 
 from __future__ import annotations
@@ -19,139 +14,18 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from rlhf_pipeline.batching.padding import pad
+from rlhf_pipeline.batching.tokenize import tokenize_documents
+from rlhf_pipeline.data.prompts import format_example
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.modeling.options import format_example, format_prompt
-from rlhf_pipeline.training.reward_scoring import last_token_index  # the reward stage's pooling, any padding side
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Prompts
-# ------------------------------------------------------------------------------------------------------------
-
-
-def encode_prompts(tokenizer, template: str, questions: Sequence[str], max_prompt_length: int) -> list[list[int]]:
-    """Token ids of each formatted prompt. A prompt over the limit loses the end of its QUESTION, never the
-    template's tail ("\\n\\nAnswer: "), so the policy is always asked to answer."""
-    tail = template[template.index("{question}") + len("{question}") : template.rindex("{answer}")]
-    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    if len(tail_ids) >= max_prompt_length:
-        raise UserError(f"max_prompt_length={max_prompt_length} leaves no room for the question")
-    encoded = []
-    for question in questions:
-        ids = tokenizer(format_prompt(template, question), add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_length:
-            ids = ids[: max_prompt_length - len(tail_ids)] + tail_ids
-        encoded.append(ids)
-    return encoded
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
-    """Left-pad token lists -> (input_ids [B, P], attention_mask [B, P])."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
-    """Right-pad token lists -> (input_ids [B, L], attention_mask [B, L])."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Sampling
-# ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor  # [B, P + R]
-    attention_mask: torch.Tensor  # [B, P + R]: prompt mask, then response_mask
-    response_start: int  # P
-    response_mask: torch.Tensor  # [B, R]
-    has_eos: torch.Tensor  # [B] bool: the response ended by itself
-
-    @property
-    def response_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.response_start:]
-
-    def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
-
-
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, R] -> (mask [B, R], has_eos [B]). The first EOS is a real action (the policy chose to stop) and stays
-    in; everything after it is padding. pad == eos for SmolLM2, so the pad id alone cannot tell them apart."""
-    is_eos = response_ids == eos_token_id
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before position t
-    return (eos_before == 0).long(), is_eos.any(dim=1)
-
-
-@torch.no_grad()
-def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-                     pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                     top_k: int = 0, force_length: bool = False, backend: str = "cache-loop") -> Rollout:
-    """Step (1) of PPO: sample one response per prompt with the KV cache, left-padded prompts.
-
-    backend "cache-loop" = sampling.sample_with_cache (ours, faster), "hf" = `policy.generate`.
-    force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
-    """
-    from rlhf_pipeline.training.sampling import sample_with_cache
-
-    device = next(policy.parameters()).device
-    query_ids, query_mask = left_pad(prompt_ids, pad_token_id, device)
-    min_new_tokens = max_new_tokens if force_length else 0
-    if backend == "cache-loop":
-        sequences = sample_with_cache(policy, query_ids, query_mask, max_new_tokens=max_new_tokens,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
-                                      temperature=temperature, top_k=top_k, top_p=top_p,
-                                      min_new_tokens=min_new_tokens)
-    elif backend == "hf":
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                          use_cache=True)
-        if do_sample:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if min_new_tokens:
-            gen_kwargs["min_new_tokens"] = min_new_tokens
-        sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
-    else:
-        raise ValueError(f"unknown generation backend {backend!r} (cache-loop or hf)")
-    start = query_ids.shape[1]
-    response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_token_id)
-    return Rollout(input_ids=sequences, attention_mask=torch.cat([query_mask, response_mask], dim=1),
-                   response_start=start, response_mask=response_mask, has_eos=has_eos)
-
-
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    """The response texts, up to (not including) the EOS."""
-    texts = []
-    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
-        texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
-    return texts
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Reward sources
-# ------------------------------------------------------------------------------------------------------------
+from rlhf_pipeline.modeling.forward import sequence_rewards
+from rlhf_pipeline.modeling.generation import Rollout
 
 
 class RewardSource(Protocol):
     """Scores [B] (already normalized) for a batch of (question, response text) pairs and their rollout."""
 
     def __call__(self, questions: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor: ...
-
 
 class FunctionReward:
     """Wraps `fn(questions, responses, rollout) -> list[float] | Tensor` (toy rewards, rule-based rewards)."""
@@ -161,7 +35,6 @@ class FunctionReward:
 
     def __call__(self, questions, responses, rollout):
         return torch.as_tensor(self.fn(questions, responses, rollout), dtype=torch.float32).reshape(-1)
-
 
 @dataclass
 class RewardModelInfo:
@@ -177,7 +50,6 @@ class RewardModelInfo:
     def reward_std(self) -> float:
         std = float(self.metrics.get("reward_std", 1.0))
         return std if std > 1e-6 else 1.0
-
 
 def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
     """The reward stage's output dir (merged/, adapter/, metrics.json), or a bare seq-cls model dir."""
@@ -197,18 +69,6 @@ def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
             break
     adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else None
     return RewardModelInfo(merged_dir=merged, adapter_dir=adapter, metrics=metrics)
-
-
-@torch.no_grad()
-def last_token_scores(seq_cls_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Score head applied to the hidden state of the last real token: [B, L] -> [B]."""
-    hidden = seq_cls_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      use_cache=False).last_hidden_state
-    last = last_token_index(attention_mask)
-    head = getattr(seq_cls_model, "score", None) or getattr(seq_cls_model, "classifier")
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
-    return head(picked.to(head.weight.dtype)).squeeze(-1).float()
-
 
 class RewardModelScorer:
     """Step (2) of PPO: the reward model's score, normalized by the reward stage's held-out mean/std.
@@ -235,8 +95,6 @@ class RewardModelScorer:
         return cls(info, model, tokenizer, template=template, max_length=max_length)
 
     def raw_scores(self, questions: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        from rlhf_pipeline.training.data import tokenize_documents
-
         texts = [format_example(self.template, q, r) for q, r in zip(questions, responses)]
         # the reward stage's own encoding (special tokens + EOS); an over-long text keeps its END, where the
         # score is read, rather than being cut before its last token
@@ -244,12 +102,13 @@ class RewardModelScorer:
         device = self.score_head().weight.device
         out = []
         for i in range(0, len(encoded), batch_size):
-            input_ids, attention_mask = right_pad(encoded[i : i + batch_size], self.tokenizer.pad_token_id, device)
+            input_ids, attention_mask = pad(encoded[i : i + batch_size], self.tokenizer.pad_token_id, "right", device)
             out.append(self._score_batch(input_ids, attention_mask).cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
     def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return last_token_scores(self.model, input_ids, attention_mask)
+        return sequence_rewards(self.model, input_ids, attention_mask)
 
     def score_head(self) -> torch.nn.Module:
         return getattr(self.model, "score", None) or getattr(self.model, "classifier")
@@ -259,7 +118,6 @@ class RewardModelScorer:
 
     def __call__(self, questions, responses, rollout=None) -> torch.Tensor:
         return self.normalize(self.raw_scores(questions, responses))
-
 
 class SharedBaseRewardModel(RewardModelScorer):
     """The reward model as a frozen second LoRA adapter ('reward') on the POLICY's base weights + its score head.
@@ -298,16 +156,11 @@ class SharedBaseRewardModel(RewardModelScorer):
 
     @torch.no_grad()
     def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from rlhf_pipeline.training.value_head import decoder_and_head
-
-        decoder, _ = decoder_and_head(self.policy)
         self.policy.set_adapter(self.ADAPTER)
         try:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return sequence_rewards(self.policy, input_ids, attention_mask, head=self.head)
         finally:
             self.policy.set_adapter("default")  # also restores requires_grad: only the policy adapter trains
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def score_head(self) -> torch.nn.Module:
         return self.head
@@ -315,7 +168,6 @@ class SharedBaseRewardModel(RewardModelScorer):
     def detach(self) -> None:
         self.policy.delete_adapter(self.ADAPTER)
         self.policy.set_adapter("default")
-
 
 def same_backbone(base_model, info: RewardModelInfo) -> bool:
     """Whether the reward adapter was trained on exactly the policy's base weights.
@@ -364,7 +216,6 @@ def same_backbone(base_model, info: RewardModelInfo) -> bool:
                 found += 1
     return found == len(probes) and found > 0
 
-
 def _merged_from(base: torch.Tensor, delta, merged: torch.Tensor) -> bool:
     """Whether `merged` (a checkpoint weight) is `base` + the adapter's `delta`, merged the way peft merges.
 
@@ -376,7 +227,6 @@ def _merged_from(base: torch.Tensor, delta, merged: torch.Tensor) -> bool:
         return torch.allclose(merged.float() - delta, base, rtol=1e-3, atol=1e-4)
     redone = (base.float() + delta).to(base.dtype)
     return bool((redone == merged.to(base.dtype)).float().mean() >= 0.999)
-
 
 def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None,
                  missing_eos_penalty: float | None) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Sampling responses with a KV cache: a small decode loop instead of `model.generate`.
+"""Sampling responses: `sample_responses` (PPO's rollouts and evaluation) over a small KV-cache decode loop.
+
+Layout of a rollout batch (B sequences):
+    input_ids      [B, P + R]   prompts LEFT-padded to a common length P, then R generated tokens
+    response_mask  [B, R]       1 up to and including the first EOS, 0 after it (generate pads finished rows)
+The prompt padding is outside the response columns and the post-EOS padding is masked, so neither ever enters
+the KL, the advantages or the losses.
 
 Why our own loop: PPO and evaluation spend about half their time generating, and for a small model on a CPU
 most of a `generate` step is not the model (logits processors, stopping criteria, `torch.multinomial`'s
@@ -13,7 +19,13 @@ from the filtered distribution). `generate` stays available (`--generation-backe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
+
+from rlhf_pipeline.batching.padding import pad
+from rlhf_pipeline.modeling.forward import position_ids_from_mask, transformer_parts
 
 
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
@@ -58,9 +70,7 @@ def sample_with_cache(causal_lm, query_ids: torch.Tensor, query_mask: torch.Tens
     A row that emitted EOS continues with pad tokens; the loop stops when every row has (R < max_new_tokens then),
     as `generate` does. EOS is suppressed for the first `min_new_tokens` tokens.
     """
-    from rlhf_pipeline.training.value_head import decoder_and_head, position_ids_from_mask
-
-    decoder, lm_head = decoder_and_head(causal_lm)
+    decoder, lm_head = transformer_parts(causal_lm)
     mask = query_mask.long()
     position = position_ids_from_mask(mask)  # the same positions as `generate` for the real tokens
     out = decoder(input_ids=query_ids, attention_mask=mask, position_ids=position, use_cache=True)
@@ -87,3 +97,69 @@ def sample_with_cache(causal_lm, query_ids: torch.Tensor, query_mask: torch.Tens
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
         next_position = next_position + 1
     return torch.cat([query_ids, torch.stack(tokens, dim=1)], dim=1)
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]: prompt mask, then response_mask
+    response_start: int  # P
+    response_mask: torch.Tensor  # [B, R]
+    has_eos: torch.Tensor  # [B] bool: the response ended by itself
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start:]
+
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, R] -> (mask [B, R], has_eos [B]). The first EOS is a real action (the policy chose to stop) and stays
+    in; everything after it is padding. pad == eos for SmolLM2, so the pad id alone cannot tell them apart."""
+    is_eos = response_ids == eos_token_id
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before position t
+    return (eos_before == 0).long(), is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
+                     pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+                     top_k: int = 0, force_length: bool = False, backend: str = "cache-loop") -> Rollout:
+    """Step (1) of PPO: sample one response per prompt with the KV cache, left-padded prompts.
+
+    backend "cache-loop" = sampling.sample_with_cache (ours, faster), "hf" = `policy.generate`.
+    force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
+    """
+    device = next(policy.parameters()).device
+    query_ids, query_mask = pad(prompt_ids, pad_token_id, "left", device)
+    min_new_tokens = max_new_tokens if force_length else 0
+    if backend == "cache-loop":
+        sequences = sample_with_cache(policy, query_ids, query_mask, max_new_tokens=max_new_tokens,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_new_tokens=min_new_tokens)
+    elif backend == "hf":
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                          use_cache=True)
+        if do_sample:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:
+            gen_kwargs["min_new_tokens"] = min_new_tokens
+        sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
+    else:
+        raise ValueError(f"unknown generation backend {backend!r} (cache-loop or hf)")
+    start = query_ids.shape[1]
+    response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_token_id)
+    return Rollout(input_ids=sequences, attention_mask=torch.cat([query_mask, response_mask], dim=1),
+                   response_start=start, response_mask=response_mask, has_eos=has_eos)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The response texts, up to (not including) the EOS."""
+    texts = []
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
+        texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
+    return texts

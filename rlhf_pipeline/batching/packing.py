@@ -64,20 +64,3 @@ def pack_documents(documents: list[list[int]], seq_length: int, eos_token_id: in
 
 def collate_packed(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def truncate_documents(documents: list[list[int]], seq_length: int) -> list[list[int]]:
-    return [doc[:seq_length] for doc in documents]
-
-
-def collate_padded(documents: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: attention_mask 1 on real tokens, labels -100 on padding."""
-    width = max(len(doc) for doc in documents)
-    input_ids = torch.full((len(documents), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(documents), width), dtype=torch.long)
-    for row, doc in enumerate(documents):
-        input_ids[row, : len(doc)] = torch.tensor(doc, dtype=torch.long)
-        attention_mask[row, : len(doc)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-

@@ -43,22 +43,6 @@ from typing import Sequence
 
 import torch
 
-from rlhf_pipeline.training.unpadded_attention import UNPADDED, attn_implementation, use_unpadded_attention
-
-SHARED_PREFIX_ATTENTION = ("sdpa", "eager", UNPADDED)
-
-
-def supports_shared_prefix(model) -> bool:
-    """Whether `model` (plain or peft-wrapped) runs an attention implementation that takes a custom 4-D mask."""
-    return attn_implementation(model) in SHARED_PREFIX_ATTENTION
-
-
-def enable_shared_prefix(model) -> bool:
-    """supports_shared_prefix(model), after switching an sdpa model to the unpadded attention (call before peft
-    wraps the model)."""
-    use_unpadded_attention(model)
-    return supports_shared_prefix(model)
-
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the shared prefix, capped so that each side keeps at least one token of its own (its last
@@ -149,41 +133,3 @@ def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
 
 def is_shared_prefix_batch(batch: dict) -> bool:
     return "last_index" in batch
-
-
-def shared_prefix_hidden(backbone, batch: dict) -> torch.Tensor:
-    """Last hidden states of a shared-prefix batch, flattened to [B * L, H] (index with the batch's flat indices)."""
-    mask = batch["attention_mask"]
-    implementation = attn_implementation(backbone)
-    if implementation == UNPADDED:
-        slots = batch["token_slots"]
-        hidden = backbone(input_ids=batch["input_ids"].reshape(1, -1)[:, slots], attention_mask=mask,
-                          position_ids=batch["position_ids"].reshape(1, -1)[:, slots], use_cache=False,
-                          token_slots=slots).last_hidden_state[0]  # [N, H]
-        # back to padded flat positions, so the batch's flat indices apply unchanged
-        return hidden.new_zeros(mask.shape[0] * mask.shape[-1], hidden.shape[-1]).index_copy(0, slots, hidden)
-    if implementation == "eager":  # eager ADDS the mask to the scores: 0 where allowed, -inf-ish elsewhere
-        dtype = next(backbone.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                      use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
-def shared_prefix_response_logprobs(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed response log-probs [2B], response token counts [2B]) of a shared-prefix batch built with
-    response starts; chosen 1..B then rejected 1..B. Only the N predicting states go through the LM head."""
-    from rlhf_pipeline.training.lora import transformer_parts
-    from rlhf_pipeline.training.losses import logprobs_from_logits
-
-    backbone, lm_head = transformer_parts(causal_lm)
-    hidden = shared_prefix_hidden(backbone, batch)
-    logits = lm_head(hidden[batch["predictor_index"]]).float()  # [N, V]
-    token_logps = logprobs_from_logits(logits, batch["input_ids"].reshape(-1)[batch["label_index"]])  # [N]
-    sides = batch["last_index"].shape[0]
-    summed = torch.zeros(sides, dtype=token_logps.dtype, device=token_logps.device)
-    summed = summed.index_add(0, batch["label_side"], token_logps)
-    counts = torch.zeros(sides, dtype=token_logps.dtype, device=token_logps.device)
-    counts = counts.index_add(0, batch["label_side"], torch.ones_like(token_logps))
-    return summed, counts

@@ -14,7 +14,7 @@ OpenMP parallel region, where oneDNN runs each call single-threaded -- cuts a Sm
 ordinary GEMM row; only the accumulation blocking may differ, i.e. the last bit of some bf16 outputs.
 
 The per-thread split is a 20-line C++ function (`at::parallel_for` over row chunks, built once per machine with
-torch's JIT extension loader and cached under ~/.cache/torch_extensions). Opt-in with `--fused-kernels`, bf16 and
+torch's JIT extension loader and cached under ~/.cache/torch_extensions). Opt-in with `cpu_kernels: fused`, bf16 and
 fp16 CPU matmuls of frozen weights only; when the extension cannot be built, `split_frozen_linears` says so in
 one line and the model keeps torch's matmuls.
 """
@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from rlhf_pipeline.training.fused_ops import report_unavailable
+from rlhf_pipeline.cpu.fused_ops import report_unavailable
 
 # Rows each thread must get before splitting pays (below ~256 rows oneDNN's own choice is as fast or faster).
 MIN_ROWS_PER_THREAD = 256

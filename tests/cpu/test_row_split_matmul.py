@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_pipeline.training import row_split_matmul as rsm
+from rlhf_pipeline.cpu import row_split_matmul as rsm
 
 pytestmark = pytest.mark.skipif(rsm.extension() is None, reason="the C++ extension cannot be built here")
 

@@ -8,7 +8,7 @@ generated C++ loop per direction (0.7 ms for the same norm). Only these small fu
 dynamic shapes: a few seconds of compilation per process (cached on disk by inductor), no graph breaks, and the
 rest of the model -- LoRA, our attention, the loss -- stays eager.
 
-Opt-in (`--fused-kernels`, the CPU recipes turn it on): it needs a C++ compiler at run time. When compiling fails,
+Opt-in (`cpu_kernels: fused`, the CPU recipes turn it on): it needs a C++ compiler at run time. When compiling fails,
 `fuse_elementwise` says so in one line and the model runs eager, unchanged.
 """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_pipeline.training import fused_ops
-from rlhf_pipeline.training.lora import FastDropout
+from rlhf_pipeline.cpu import fused_ops
+from rlhf_pipeline.cpu.fast_dropout import FastDropout
 
 pytestmark = pytest.mark.skipif(not fused_ops.compiler_available(), reason="torch.compile has no C++ compiler here")
 
@@ -58,7 +58,7 @@ def test_fused_dropout_and_softmax_keep_their_semantics():
     y.sum().backward()
     assert torch.equal(x.grad, (y != 0).float() * dropout.scale)
 
-    from rlhf_pipeline.training.unpadded_attention import math_attention
+    from rlhf_pipeline.cpu.math_attention import math_attention
 
     q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
     mask = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5)

@@ -1,0 +1,62 @@
+"""`PPOConfig`: every option of `rlhf ppo`, documented once (the CLI help and the pipeline's parameter docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_pipeline.training.options import TrainingOptions
+
+
+class PPOConfig(TrainingOptions):
+    reward_model: str | None = Field(None, description="The reward stage's output dir (merged/, adapter/, metrics.json).")
+    steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
+    batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
+    mini_batch_size: int = Field(8, gt=0, description="Responses per PPO optimizer step.")
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each step's rollouts.")
+    learning_rate: float = Field(1.41e-5, gt=0, description="AdamW learning rate (StackLLaMA: 1.41e-5).")
+    lr_scheduler: str = Field("constant", description="transformers scheduler name (PPO: constant).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of optimizer steps with linear warm-up.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 so old and new log-probs agree.")
+    save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps (and at the end).")
+    max_prompt_length: int = Field(256, gt=8, description="Prompt tokens kept (the question is cut, never the template tail).")
+    min_new_tokens: int = Field(32, gt=0, description="Response length is sampled per step in [min, max] new tokens.")
+    max_new_tokens: int = Field(128, gt=0, description="Upper end of the sampled response length.")
+    force_length: bool = Field(False, description="Suppress EOS until the sampled length (fixed-length responses).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the log-probs).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    generation_backend: Literal["cache-loop", "hf"] = Field(
+        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip normalized rewards to [-c, c].")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from responses without EOS.")
+    max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
+    kl_estimator: Literal["k1", "k3", "abs"] = Field("k1", description="Per-token KL estimator for the penalty.")
+    init_kl_coef: float = Field(0.2, ge=0, description="Initial KL penalty coefficient (beta).")
+    adaptive_kl: bool = Field(True, description="Adapt beta toward --target-kl (Ziegler et al.); else constant.")
+    target_kl: float = Field(6.0, gt=0, description="Target KL per response (summed over tokens).")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon (samples).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="PPO ratio clip range.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
+    early_stop_kl: float | None = Field(None, gt=0, description="Stop the step's epochs when approx-KL exceeds this.")
+    value_head_init: Literal["zero", "reward"] = Field(
+        "zero", description="Value head start: zeros, or the reward model's score head when the shapes match.")
+    share_reward_base: bool = Field(
+        True, description="Load the reward model as a frozen second adapter on the policy's base when its "
+        "adapter was trained on the same SFT model (one copy of the weights); else load it separately.")
+    log_generations_every: int = Field(10, gt=0, description="Log a table of sample generations every N steps.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        if self.mini_batch_size > self.batch_size:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError("PPO takes one optimizer step per minibatch: set --mini-batch-size instead")
+        return self
+
