@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make run` (whole pipeline, embedded default) and `make test`.
-.PHONY: setup run test test-fast compile bench
+.PHONY: setup run test test-fast lint compile bench
 
 setup:
 	bash scripts/setup.sh
@@ -7,10 +7,16 @@ setup:
 run: setup
 	.venv/bin/rlhf run
 
-test: setup
+# Lint first (seconds): a broken import contract or style fails before the minutes of tests.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
+
+test: lint
 	.venv/bin/python -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	.venv/bin/python -m pytest -q -m "not slow"
 
 compile: setup

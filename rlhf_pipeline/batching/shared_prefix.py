@@ -14,11 +14,9 @@ own unpadded sequence: the scores and log-probs equal those of the two-row layou
 
 Rows are as long as the batch's longest pair, and shorter pairs are packed into them first-fit-decreasing (no
 attention between pairs), so a batch of pairs takes fewer rows and less padding; padding attends only to itself
-(a row of the mask must not be empty, or sdpa returns NaN). Positions computed per batch of 4 pairs, relative to
-two right-padded rows per pair: beer.stackexchange pairs (max length 512) 0.69x with one pair per row, 0.62x packed
-(0.53x at max length 1024); the TRL peers' uniform synthetic pairs 0.74x (there packing never applies). The price:
-a row is longer, and sdpa computes the full L x L scores of every row, so attention work per pair grows (1.6x on
-the peers' data) while everything else shrinks -- net 1.2x faster per reward-model step there (bf16, 2 threads).
+(a row of the mask must not be empty, or sdpa returns NaN). The price: a row is longer, and sdpa computes the
+full L x L scores of every row, so attention work per pair grows while everything else shrinks (docs/benchmarks.md
+has the positions and step times of both layouts).
 
 Needs an attention implementation that accepts a custom 4-D mask: sdpa (boolean mask) and eager (additive float
 mask). `enable_shared_prefix(model)` says whether the model has one (the stages fall back to two rows otherwise)

@@ -2,9 +2,9 @@
 dropout's mask-and-scale, and the attention softmax with its mask.
 
 Eager PyTorch runs transformers' RMSNorm as ~8 separate ops forward and more backward, each a full pass over the
-[tokens, hidden] activations; on a 2-core CPU a SmolLM2 reward step spends more time there than in attention
-(61 norms x 2.2 ms forward + backward at 969 tokens, bf16). `torch.compile` turns each function below into one
-generated C++ loop per direction (0.7 ms for the same norm). Only these small functions are compiled, with
+[tokens, hidden] activations; on a 2-core CPU a SmolLM2 reward step spends more time there than in attention.
+`torch.compile` turns each function below into one generated C++ loop per direction (docs/benchmarks.md, "Why
+each CPU kernel exists", has the timings). Only these small functions are compiled, with
 dynamic shapes: a few seconds of compilation per process (cached on disk by inductor), no graph breaks, and the
 rest of the model -- LoRA, our attention, the loss -- stays eager.
 

@@ -3,14 +3,9 @@
 A LoRA step on the CPU spends most of its matmul time in the frozen base projections. In bf16 those are oneDNN
 AMX GEMMs, and oneDNN's work split leaves one of two threads idle for the shapes a reward or DPO batch produces
 after prompt sharing and unpadding: ~900-1000 rows with 576 outputs (q_proj, o_proj, down_proj forward; the
-input gradients of gate_proj and up_proj). Measured at 969 rows on 2 cores (torch 2.13, oneDNN 3.12):
-
-    969 x 1536 @ 1536 x 576    1.34 ms as one call       0.83 ms as two 485-row calls, one per thread
-    969 x  576 @  576 x 576    0.47 ms                   0.28 ms
-
-oneDNN only splits such a GEMM across threads above ~1200-1300 rows. Splitting the rows ourselves -- inside one
-OpenMP parallel region, where oneDNN runs each call single-threaded -- cuts a SmolLM2 reward step by ~12 %
-(0.97 -> 0.85 s at ~900 tokens) and leaves 2048-row SFT steps as they were. Each row of the result is one
+input gradients of gate_proj and up_proj). oneDNN only splits such a GEMM across threads above ~1200-1300 rows.
+Splitting the rows ourselves -- inside one OpenMP parallel region, where oneDNN runs each call single-threaded --
+uses both threads (docs/benchmarks.md has the per-shape and per-step timings). Each row of the result is one
 ordinary GEMM row; only the accumulation blocking may differ, i.e. the last bit of some bf16 outputs.
 
 The per-thread split is a 20-line C++ function (`at::parallel_for` over row chunks, built once per machine with

@@ -2,7 +2,7 @@
 
 We use `html-to-markdown` (Rust core): it decodes entities, keeps links, images, lists, blockquotes and
 tables, writes <pre><code> as fenced code blocks, and does not backslash-escape `_` or `*` (escapes
-would teach the policy to emit them). It is ~7x faster than markdownify on the beer dump (26 vs 4 MB/s),
+would teach the policy to emit them). It is several times faster than markdownify on the beer dump (docs/data.md),
 which is what makes the stage's throughput target reachable on one core (see docs/data.md).
 
 The library's defaults are exactly the options we want, and passing no options skips a per-call options

@@ -120,7 +120,7 @@ def response_logits(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Te
     hidden = hidden_states(decoder, input_ids, attention_mask)
     hidden = hidden[:, response_start - 1 : -1]  # [B, R, H]: the state at t-1 predicts response token t
     # The head on a 2-D [B*R, H] input: a (non-contiguous) 3-D slice makes torch run a batched matmul that
-    # copies the whole [V, H] weight per call (~0.3 s per forward+backward for SmolLM2 in bf16 on a CPU).
+    # copies the whole [V, H] weight per call (a large share of a CPU forward+backward for a 49k vocabulary).
     batch, length, width = hidden.shape
     logits = lm_head(hidden.reshape(batch * length, width)).float().view(batch, length, -1)
     return logits, hidden

@@ -8,7 +8,7 @@ the KL, the advantages or the losses.
 
 Why our own loop: PPO and evaluation spend about half their time generating, and for a small model on a CPU
 most of a `generate` step is not the model (logits processors, stopping criteria, `torch.multinomial`'s
-exponential draw over the whole vocabulary: ~7 ms per step for 8 x 49k logits here). This loop does per step
+exponential draw over the whole vocabulary). This loop does per step
 exactly: one decoder call on the new token with the cache, the LM head on the last position only, temperature /
 top-k / top-p (HF's order and semantics), and inverse-CDF sampling (one uniform number per row, an exact draw
 from the filtered distribution). `generate` stays available (`--generation-backend hf`).

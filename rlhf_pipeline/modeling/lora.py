@@ -50,7 +50,7 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
     peft_model = get_peft_model(model, lora)
     if getattr(cfg, "mixed_precision", "no") != "no":
         # Under autocast the LoRA matmuls run in the autocast dtype anyway: peft's cast of every LoRA input to
-        # the fp32 adapter dtype is a copy that autocast immediately undoes (~3 % of a bf16 reward-model step).
+        # the fp32 adapter dtype is a copy that autocast immediately undoes (measurable in a bf16 reward-model step).
         for module in peft_model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
