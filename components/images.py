@@ -3,7 +3,8 @@
 `images/build.sh push` builds every image under one tag and records each pushed digest in that file;
 `image_for("sft")` turns an entry into `registry/name:tag@sha256:...`. Kubeflow's step cache keys on
 the image string, so with a digest a re-pushed tag can never be mistaken for a cached one; without one
-(nothing pushed yet) the reference is `registry/name:tag`.
+(nothing pushed yet) the reference is `registry/name:tag`. A stage's component takes `stage_image(key)`:
+the entry named by the stage's registry declaration (`Stage.image` in rlhf_pipeline/stages.py).
 
 Where the file is read from: `$RLHF_IMAGES_FILE` if set (the ops image sets it: the installed wheel
 carries no `images/` directory), else `images/images.yaml` at the repository root.
@@ -83,6 +84,13 @@ def image_for(component: str, path: Path | None = None) -> str:
             raise UserError(f"{path}: invalid digest for '{component}': {digest!r} (want sha256:<64 hex>)")
         ref += f"@{digest}"
     return ref
+
+
+def stage_image(stage: str, path: Path | None = None) -> str:
+    """The image of a registry stage: the images.yaml entry its `Stage.image` names."""
+    from rlhf_pipeline.stages import get
+
+    return image_for(get(stage).image, path)
 
 
 def default_base_image() -> str:

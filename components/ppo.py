@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.images import image_for
+from components.images import stage_image
 
 
-@dsl.component(base_image=image_for("ppo"), install_kfp_package=False)
+@dsl.component(base_image=stage_image("ppo"), install_kfp_package=False)
 def ppo(
     data: Input[Dataset],
     sft_model: Input[Model],

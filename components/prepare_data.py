@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Metrics, Output
 
-from components.images import image_for
+from components.images import stage_image
 
 
-@dsl.component(base_image=image_for("prepare_data"), install_kfp_package=False)
+@dsl.component(base_image=stage_image("prepare_data"), install_kfp_package=False)
 def prepare_data(
     input_data: str,
     config: dict,

@@ -32,7 +32,7 @@ def trainjob(
     """Run `rlhf <stage>` on `settings.trainjob.num_nodes` nodes as a TrainJob; publish its output.
 
     Args:
-        stage: sft, reward, ppo or dpo.
+        stage: A registry stage that may run as a TrainJob (`Stage.trainjob`: sft, reward, ppo, dpo).
         image: The stage's container image (the TrainJob's trainer image).
         data: Prepared data; copied onto the shared PVC, where the training pods read it.
         config: Extra fields of the stage config.
@@ -46,17 +46,17 @@ def trainjob(
 
     from rlhf_pipeline.orchestration import steps, trainjob as tj
 
+    tj.trainjob_stage(stage)  # fail before anything is copied
     out = steps.work_dir(work_root, kfp_run_id, stage)
     data_dir = out.parent / "data"
     if not (data_dir / "stats.json").is_file():
         shutil.copytree(steps.stage_dir(data), data_dir, dirs_exist_ok=True)
     wired = dict(data=str(data_dir), output=str(out),
                  **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id))
-    if stage == "sft":
-        wired["model"] = base_model
-    else:
-        wired["model"] = steps.merged_model(sft_model)
-    if stage == "ppo":
+    # Wired from the inputs the pipeline gave, not from the stage's name: a stage after SFT starts from its
+    # merged weights, the first one from the base model; fields a config lacks are dropped by build_config.
+    wired["model"] = steps.merged_model(sft_model) if sft_model is not None else base_model
+    if reward_model is not None:
         wired["reward_model"] = str(steps.stage_dir(reward_model))
     config_cls = steps.stage_config_class(stage)
     cfg = steps.build_config(config_cls, config, **wired)  # validate here, before any pod is scheduled

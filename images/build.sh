@@ -18,9 +18,11 @@ root=$(cd "$here/.." && pwd)
 images_yaml="$here/images.yaml"
 DOCKER=${DOCKER:-docker}
 
-# component dir -> shared base it builds on (python = slim CPU, cuda = GPU). Order matters: ops is
-# built after the pipeline images so that it carries their digests (see images/ops/Dockerfile).
-COMPONENTS="prepare_data:python sft:cuda reward:cuda ppo:cuda dpo:cuda evaluate:cuda report:python"
+# The pipeline steps' images, each built from images/step/Dockerfile: images.yaml key : shared base
+# (python = slim CPU, cuda = GPU) : pip extras of the project wheel. A GPU stage of the registry
+# (rlhf_pipeline/stages.py) gets cuda and gpu; tests/deploy/test_images.py checks this table against it.
+# Order matters: ops (its own Dockerfile) is built after these so that it carries their digests.
+STEP_IMAGES="prepare_data:python: sft:cuda:gpu reward:cuda:gpu ppo:cuda:gpu dpo:cuda:gpu evaluate:cuda:gpu report:python:"
 
 die() { echo "build.sh: error: $*" >&2; exit 2; }
 
@@ -68,8 +70,13 @@ push_one() {  # dir dockerfile ref [build args...] -> prints the pushed digest
 }
 
 cmd_list() {
-  for entry in $COMPONENTS ops:python; do echo "${entry%%:*} $(image_name "${entry%%:*}") (${entry#*:})"; done
-  echo "mlflow-server rlhf-mlflow-server (python)"
+  local entry key base extras
+  for entry in $STEP_IMAGES; do
+    IFS=: read -r key base extras <<< "$entry"
+    echo "$key $(image_name "$key") ($base${extras:+, extras $extras}; images/step/Dockerfile)"
+  done
+  echo "ops $(image_name ops) (python; images/ops/Dockerfile)"
+  echo "mlflow-server rlhf-mlflow-server (python; images/mlflow-server/Dockerfile)"
 }
 
 cmd_pin_bases() {
@@ -110,22 +117,27 @@ cmd_push() {
   "$DOCKER" build --file "$ctx/images/base/wheel.Dockerfile" --tag "rlhf-wheel:$tag" \
     --build-arg "PYTHON_BASE=$python_base" "$ctx" >&2
 
-  local records=() entry key base name digest
-  build_component() {
+  local records=() entry key base extras name digest
+  build_component() {  # key base dockerfile [build args...]
     key=$1 base=$2 name=$(image_name "$1")
-    digest=$(push_one "$ctx" "$ctx/images/$key/Dockerfile" "$registry/$name:$tag" "${common[@]}" \
-      --build-arg "BASE_IMAGE=rlhf-base-$base:$tag" --build-arg "WHEEL_IMAGE=rlhf-wheel:$tag")
+    local file=$3; shift 3
+    digest=$(push_one "$ctx" "$file" "$registry/$name:$tag" "${common[@]}" \
+      --build-arg "BASE_IMAGE=rlhf-base-$base:$tag" --build-arg "WHEEL_IMAGE=rlhf-wheel:$tag" "$@")
     [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || die "no digest recorded for $registry/$name:$tag"
     records+=("$key $name $digest")
     echo "build.sh: pushed $registry/$name:$tag@$digest" >&2
   }
-  for entry in $COMPONENTS; do build_component "${entry%%:*}" "${entry#*:}"; done
+  for entry in $STEP_IMAGES; do
+    IFS=: read -r key base extras <<< "$entry"
+    build_component "$key" "$base" "$ctx/images/step/Dockerfile" \
+      --build-arg "EXTRAS=$extras" --build-arg "IMAGE_TITLE=$(image_name "$key")"
+  done
 
   # Record the pipeline images first: the ops image copies images.yaml and must see these digests.
   printf '%s\n' "${records[@]}" "ops $(image_name ops)" "mlflow-server rlhf-mlflow-server" \
     | write_images_yaml "$registry" "$tag"
   cp "$images_yaml" "$ctx/images/images.yaml"
-  build_component ops python
+  build_component ops python "$ctx/images/ops/Dockerfile"
 
   digest=$(push_one "$ctx" "$ctx/images/mlflow-server/Dockerfile" "$registry/rlhf-mlflow-server:$tag" \
     --build-arg "PYTHON_BASE=$python_base" --build-arg "RLHF_UID=$RLHF_UID")

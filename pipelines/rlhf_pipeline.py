@@ -20,7 +20,7 @@ from kfp import dsl
 
 from components.dpo import dpo
 from components.evaluate import evaluate
-from components.images import image_for
+from components.images import stage_image
 from components.ppo import ppo
 from components.prepare_data import prepare_data
 from components.report import report
@@ -31,16 +31,23 @@ from components.unknown_alignment import unknown_alignment
 from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 from rlhf_pipeline.orchestration.k8s import configure_task
 from rlhf_pipeline.orchestration.settings import DEFAULT_CACHE_MOUNT, PipelineSettings
+from rlhf_pipeline.stages import STAGES
 
 PIPELINE_NAME = "rlhf-pipeline"
 COMPILED = Path(__file__).with_name("rlhf_pipeline.yaml")
 DEFAULT_INPUT = f"{DEFAULT_CACHE_MOUNT}/datasets/beer.stackexchange.com/Posts.xml"
 DESCRIPTION = ("StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model -> PPO or DPO "
                "-> evaluation against SFT -> report; every step tracked and registered in MLflow.")
-DISPLAY = {
-    "prepare_data": "Prepare data", "sft": "Supervised fine-tuning", "reward": "Reward model (train + evaluate)",
-    "ppo": "PPO", "dpo": "DPO", "evaluate": "Evaluate policy vs SFT", "report": "Report + alias challenger",
-}
+# The report is the one step that is not a registry stage; the stages' names come from their declarations.
+REPORT_DISPLAY = "Report + alias challenger"
+
+
+def display_names() -> dict[str, str]:
+    """Step -> task name in the Kubeflow UI, in pipeline order."""
+    return {**{key: stage.display_name for key, stage in STAGES.items()}, "report": REPORT_DISPLAY}
+
+
+DISPLAY = display_names()  # `rlhf compile`'s task summary orders by it
 
 
 def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., Any]:
@@ -101,7 +108,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
                         work_root=work_root)
 
         def step(task: Any, name: str, gpu: bool | None = None, suffix: str = "") -> Any:
-            display = DISPLAY[name] + suffix
+            display = display_names()[name] + suffix
             if k8s:
                 return configure_task(task, name, display, s, gpu_node_selector=gpu_node_selector,
                                       gpu_tolerations=gpu_tolerations, gpu=gpu)
@@ -110,11 +117,12 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             return task
 
         def train(stage: str, component: Any, **kwargs: Any) -> Any:
-            """The stage in-pod, or (TrainJob mode) a CPU launcher that runs it as a TrainJob."""
-            if not trainjob_mode:
+            """The stage in-pod, or (TrainJob mode, for a stage declared `trainjob`) a CPU launcher that runs it
+            as a TrainJob."""
+            if not (trainjob_mode and STAGES[stage].trainjob):
                 return step(component(**kwargs, **tracking), stage)
             base = kwargs.pop("base_model", "")
-            launcher = trainjob(stage=stage, image=image_for(stage), settings=settings_data,
+            launcher = trainjob(stage=stage, image=stage_image(stage), settings=settings_data,
                                 gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
                                 base_model=base, **kwargs, **tracking)
             return step(launcher, stage, gpu=False, suffix=" (TrainJob)")

@@ -69,6 +69,10 @@ def training_stages() -> list[Stage]:
     return [s for s in STAGES.values() if s.trainjob]
 
 
+def gpu_stages() -> list[Stage]:
+    return [s for s in STAGES.values() if s.gpu]
+
+
 for _stage in (
     Stage("prepare_data", "rlhf_pipeline.data.config:PrepareDataConfig", "rlhf_pipeline.data.prepare:run_prepare_data",
           help="Stack Exchange dump -> scored preference pairs.", display_name="Prepare data", namespace="data",

@@ -7,21 +7,22 @@ from typing import Any
 
 from kfp import kubernetes
 
-from rlhf_pipeline.orchestration.settings import TRAINING_STEPS, PipelineSettings
+from rlhf_pipeline.orchestration.settings import PipelineSettings, training_steps
 
 
 def configure_task(task: Any, step: str, display_name: str, settings: PipelineSettings, *,
                    gpu_node_selector: Any = None, gpu_tolerations: Any = None, gpu: bool | None = None) -> Any:
     """Set display name, caching, resources, GPU scheduling, retries, PVC, env and secrets of one task.
 
-    `step` names the settings entry (sft, reward, ...); `gpu_node_selector` / `gpu_tolerations` are the pipeline
-    parameters (resolved by Kubeflow at run time). `gpu=False` forces a CPU pod (TrainJob launchers).
+    `step` names the settings entry (a registry stage's key, or `report`); `gpu_node_selector` / `gpu_tolerations`
+    are the pipeline parameters (resolved by Kubeflow at run time). `gpu=False` forces a CPU pod (TrainJob launchers).
     """
     task.set_display_name(display_name)
-    task.set_caching_options(getattr(settings.caching, step, False))
+    task.set_caching_options(settings.caching.get(step, False))
 
     on_gpu = (step in settings.gpu.steps and settings.gpu.accelerator_count > 0) if gpu is None else gpu
-    heavy = on_gpu or (step in TRAINING_STEPS and gpu is None)
+    # training stages get the training resources even on CPU-only settings; a TrainJob launcher (gpu=False) is light
+    heavy = on_gpu or (step in training_steps() and gpu is None)
     res = settings.training_resources if heavy else settings.light_resources
     task.set_cpu_request(res.cpu).set_memory_request(res.memory)
     if res.cpu_limit:

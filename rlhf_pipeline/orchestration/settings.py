@@ -19,12 +19,37 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlhf_pipeline import stages
 from rlhf_pipeline.config import read_recipe
 from rlhf_pipeline.errors import UserError
 
-TRAINING_STEPS: tuple[str, ...] = ("sft", "reward", "ppo", "dpo")
-ALL_STEPS: tuple[str, ...] = ("prepare_data", "sft", "reward", "ppo", "dpo", "evaluate", "report")
+# Pipeline steps that are not registry stages (no CLI command, no config class): the run report.
+PIPELINE_ONLY_STEPS: tuple[str, ...] = ("report",)
 DEFAULT_CACHE_MOUNT = "/mnt/rlhf-cache"
+
+
+# The step lists are read from the stage registry when a setting is built or checked, not at import, so a stage
+# registered later (a plugin, a test) is a valid step name like the built-in ones.
+def stage_steps() -> list[str]:
+    """Every registry stage (the steps that run `rlhf <stage>` code)."""
+    return list(stages.STAGES)
+
+
+def all_steps() -> list[str]:
+    """Every step name a setting may list: the registry's stages and the pipeline-only steps."""
+    return [*stages.STAGES, *PIPELINE_ONLY_STEPS]
+
+
+def training_steps() -> list[str]:
+    """The training stages (those that can run as a TrainJob): heavy pods and retried by default."""
+    return [s.key for s in stages.training_stages()]
+
+
+def _check_steps(value: list[str] | dict[str, Any]) -> Any:
+    unknown = sorted(set(value) - set(all_steps()))
+    if unknown:
+        raise ValueError(f"unknown steps {unknown} (known: {', '.join(all_steps())})")
+    return value
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _DURATION = re.compile(r"^[0-9]+s$")
@@ -68,7 +93,7 @@ class GPU(_Section):
     accelerator_type: str = Field("nvidia.com/gpu", description="Resource name of the accelerator.")
     accelerator_count: int = Field(1, ge=0, description="Accelerators per training pod (0: CPU-only pods).")
     steps: list[str] = Field(
-        default_factory=lambda: ["sft", "reward", "ppo", "dpo", "evaluate"],
+        default_factory=lambda: [s.key for s in stages.gpu_stages()],
         description="Steps that run on the GPU node pool (get accelerator, node selector, tolerations).",
     )
     node_selector: dict[str, str] = Field(
@@ -80,13 +105,7 @@ class GPU(_Section):
         description="Default of the `gpu_tolerations` pipeline parameter.",
     )
 
-    @field_validator("steps")
-    @classmethod
-    def _known_steps(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(ALL_STEPS))
-        if unknown:
-            raise ValueError(f"unknown steps {unknown} (known: {', '.join(ALL_STEPS)})")
-        return value
+    _steps = field_validator("steps")(_check_steps)
 
 
 class Retry(_Section):
@@ -94,7 +113,9 @@ class Retry(_Section):
     backoff_duration: str = Field("60s", description="Wait before the first retry.")
     backoff_factor: float = Field(2.0, ge=1.0, description="Multiplier of the wait for each further retry.")
     backoff_max_duration: str = Field("3600s", description="Longest wait between retries.")
-    steps: list[str] = Field(default_factory=lambda: list(TRAINING_STEPS), description="Steps that are retried.")
+    steps: list[str] = Field(default_factory=training_steps, description="Steps that are retried.")
+
+    _steps = field_validator("steps")(_check_steps)
 
     @field_validator("backoff_duration", "backoff_max_duration")
     @classmethod
@@ -102,18 +123,6 @@ class Retry(_Section):
         if not _DURATION.match(value):
             raise ValueError(f"durations are whole seconds like '60s', got {value!r}")
         return value
-
-
-class Caching(_Section):
-    """Kubeflow step caching per step: on for data preparation (deterministic, input-keyed), off for the rest."""
-
-    prepare_data: bool = True
-    sft: bool = False
-    reward: bool = False
-    ppo: bool = False
-    dpo: bool = False
-    evaluate: bool = False
-    report: bool = False
 
 
 class ModelCache(_Section):
@@ -132,7 +141,9 @@ class SecretRef(_Section):
     name: str = Field(description="Kubernetes Secret name.")
     keys: dict[str, str] = Field(description="Secret key -> environment variable.")
     optional: bool = Field(True, description="Start the pod even if the Secret does not exist.")
-    steps: list[str] = Field(default_factory=lambda: list(ALL_STEPS), description="Steps that get these variables.")
+    steps: list[str] = Field(default_factory=all_steps, description="Steps that get these variables.")
+
+    _steps = field_validator("steps")(_check_steps)
 
     @field_validator("keys")
     @classmethod
@@ -149,8 +160,7 @@ def _default_secrets() -> dict[str, SecretRef]:
     return {
         "mlflow": SecretRef(name="mlflow-credentials", keys={
             "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}),
-        "huggingface": SecretRef(name="hf-token", keys={"token": "HF_TOKEN"},
-                                 steps=["prepare_data", "sft", "reward", "ppo", "dpo", "evaluate"]),
+        "huggingface": SecretRef(name="hf-token", keys={"token": "HF_TOKEN"}, steps=stage_steps()),  # not the report
         "s3": SecretRef(name="s3-credentials", keys={
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}),
     }
@@ -180,7 +190,11 @@ class PipelineSettings(_Section):
     training_resources: Resources = Field(default_factory=lambda: Resources(cpu="8", memory="32Gi"))
     light_resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="8Gi"))
     retry: Retry = Field(default_factory=Retry)
-    caching: Caching = Field(default_factory=Caching)
+    caching: dict[str, bool] = Field(
+        default_factory=lambda: {"prepare_data": True},
+        description="Kubeflow step caching per step (a step left out: off). On for data preparation only: it is "
+        "deterministic and keyed by its input; training reruns on purpose.",
+    )
     model_cache: ModelCache = Field(default_factory=ModelCache)
     secrets: dict[str, SecretRef] = Field(default_factory=_default_secrets)
     env: dict[str, str] = Field(
@@ -190,6 +204,8 @@ class PipelineSettings(_Section):
     distributed: Literal["none", "trainjob"] = Field(
         "none", description="`trainjob`: training steps launch a Kubeflow Trainer TrainJob instead of training in-pod.")
     trainjob: TrainJobSettings = Field(default_factory=TrainJobSettings)
+
+    _caching_steps = field_validator("caching")(_check_steps)
 
     @field_validator("env")
     @classmethod

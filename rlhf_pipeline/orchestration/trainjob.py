@@ -21,6 +21,9 @@ import re
 import time
 from typing import Any
 
+from rlhf_pipeline import stages
+from rlhf_pipeline.errors import UserError
+
 TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
 TRAINJOB_PLURAL = "trainjobs"
@@ -29,6 +32,15 @@ MANAGER = "rlhf-pipeline"
 CACHE_VOLUME = "rlhf-model-cache"
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def trainjob_stage(stage: str) -> stages.Stage:
+    """The registry stage `stage`, if it may run as a TrainJob (`Stage.trainjob`); else a one-line error."""
+    found = stages.get(stage)
+    if not found.trainjob:
+        able = ", ".join(s.key for s in stages.training_stages())
+        raise UserError(f"stage {found.key!r} does not run as a TrainJob (those that do: {able})")
+    return found
 
 
 def trainjob_name(kfp_run_id: str, stage: str) -> str:
@@ -40,7 +52,7 @@ def trainjob_name(kfp_run_id: str, stage: str) -> str:
 
 def launch_command(launcher: str, stage: str, config_path: str, num_proc_per_node: int | None) -> list[str]:
     """The trainer container's command: the stage CLI under torchrun (or accelerate), rendezvous from PET_*."""
-    cli_stage = stage.replace("_", "-")
+    cli_stage = trainjob_stage(stage).command
     if launcher == "torchrun":
         return ["torchrun", "--no-python", "rlhf", cli_stage, "--config", config_path]
     procs = str(num_proc_per_node) if num_proc_per_node else "${PET_NPROC_PER_NODE}"
@@ -57,6 +69,7 @@ def build_manifest(*, name: str, stage: str, image: str, config_path: str, setti
                    namespace: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The TrainJob for one stage. `settings` is `PipelineSettings.model_dump()` (plain data, so the launcher
     component can receive it as a parameter)."""
+    command = trainjob_stage(stage).command
     tj = settings["trainjob"]
     gpu = settings["gpu"]
     res = settings["training_resources"]
@@ -111,7 +124,7 @@ def build_manifest(*, name: str, stage: str, image: str, config_path: str, setti
             "replicatedJobs": [{"name": TRAINER_JOB_NAME, "template": {"spec": {"template": {"spec": pod_spec}}}}],
         }}}}]
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "rlhf-pipeline",
-                                                          "rlhf-pipeline/stage": stage.replace("_", "-"),
+                                                          "rlhf-pipeline/stage": command,
                                                           **(labels or {})}}
     if namespace:
         metadata["namespace"] = namespace

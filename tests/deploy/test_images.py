@@ -1,5 +1,6 @@
-"""Images: hadolint on every Dockerfile, each component's imports installed by its image, build.sh's digest
-recording (with a fake `docker`, since no Docker engine runs here), and image_for()."""
+"""Images: hadolint on every Dockerfile, each component's imports installed by its image, every registry stage
+with an image and a component, build.sh's digest recording (with a fake `docker`, since no Docker engine runs
+here), and image_for()."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from components import images as images_mod
+from rlhf_pipeline import stages
 from rlhf_pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,12 +83,23 @@ def _is_component(fn: ast.FunctionDef) -> ast.Call | None:
     return None
 
 
-def _image_key(call: ast.Call) -> str | None:
+def _base_image_call(call: ast.Call) -> tuple[str, str] | None:
+    """("image_for" or "stage_image", its literal argument) of a component's `base_image=`."""
     for kw in call.keywords:
-        if kw.arg == "base_image" and isinstance(kw.value, ast.Call) and \
-                getattr(kw.value.func, "id", "") == "image_for" and isinstance(kw.value.args[0], ast.Constant):
-            return kw.value.args[0].value
+        if kw.arg == "base_image" and isinstance(kw.value, ast.Call) and kw.value.args and \
+                getattr(kw.value.func, "id", "") in ("image_for", "stage_image") and \
+                isinstance(kw.value.args[0], ast.Constant):
+            return kw.value.func.id, kw.value.args[0].value
     return None
+
+
+def _image_key(call: ast.Call) -> str | None:
+    """The images.yaml key a component runs in (a stage's through the registry's `Stage.image`)."""
+    found = _base_image_call(call)
+    if found is None:
+        return None
+    how, arg = found
+    return stages.get(arg).image if how == "stage_image" else arg
 
 
 def _imports(tree: ast.AST) -> set[str]:
@@ -175,10 +188,33 @@ def installed_by(extras: set[str]) -> set[str]:
     return seen
 
 
+STEP_DOCKERFILE = IMAGES / "step" / "Dockerfile"
+
+
+def step_images() -> dict[str, tuple[str, set[str]]]:
+    """build.sh's STEP_IMAGES table: images.yaml key -> (base, pip extras), all built from images/step."""
+    m = re.search(r'^STEP_IMAGES="([^"]*)"', (IMAGES / "build.sh").read_text(), re.M)
+    assert m, "images/build.sh has no STEP_IMAGES table"
+    table = {}
+    for entry in m.group(1).split():
+        key, base, extras = entry.split(":")
+        table[key] = (base, set(filter(None, extras.split(","))))
+    return table
+
+
 def dockerfile_extras(dockerfile: Path) -> set[str]:
     m = re.search(r'pip install [^\n]*"\$1(?:\[([\w,]+)\])?"', dockerfile.read_text())
     assert m, f"{dockerfile} does not install the project wheel"
     return set(m.group(1).split(",")) if m.group(1) else set()
+
+
+def image_build(key: str) -> tuple[Path, set[str]] | None:
+    """(Dockerfile, pip extras) an images.yaml key is built with: a step image's from build.sh's table,
+    another image's (ops) from its own images/<key>/Dockerfile; None if neither exists."""
+    if key in step_images():
+        return STEP_DOCKERFILE, step_images()[key][1]
+    own = IMAGES / key / "Dockerfile"
+    return (own, dockerfile_extras(own)) if own.is_file() else None
 
 
 def component_functions() -> list[tuple[Path, ast.FunctionDef, ast.Call]]:
@@ -202,18 +238,20 @@ def test_every_component_has_a_dockerfile_that_installs_its_imports():
             problems.append(f"{path.name}:{fn.name}: base_image must be image_for('<key>') (else KFP's default "
                             "python image runs it, which has no rlhf_pipeline)")
             continue
-        dockerfile = IMAGES / key / "Dockerfile"
-        if not dockerfile.is_file():
-            problems.append(f"{path.name}:{fn.name}: image '{key}' has no {dockerfile.relative_to(ROOT)}")
+        build = image_build(key)
+        if build is None:
+            problems.append(f"{path.name}:{fn.name}: image '{key}' is neither in build.sh's STEP_IMAGES nor has "
+                            f"an images/{key}/Dockerfile")
             continue
-        installed = installed_by(dockerfile_extras(dockerfile))
+        dockerfile, extras = build
+        installed = installed_by(extras)
         for module in sorted(third_party_imports(fn)):
             dists = packages.get(module)
             if not dists:
                 problems.append(f"{path.name}:{fn.name}: imports '{module}', which no installed distribution provides")
             elif not any(re.sub(r"[-_.]+", "-", d).lower() in installed for d in dists):
-                problems.append(f"{path.name}:{fn.name}: imports '{module}' ({dists[0]}), not installed by "
-                                f"images/{key}/Dockerfile (extras {sorted(dockerfile_extras(dockerfile)) or 'none'})")
+                problems.append(f"{path.name}:{fn.name}: imports '{module}' ({dists[0]}), not installed by image "
+                                f"'{key}' ({dockerfile.relative_to(ROOT)}, extras {sorted(extras) or 'none'})")
     assert not problems, "\n".join(problems)
 
 
@@ -226,10 +264,41 @@ def test_import_check_can_fail(tmp_path):
     assert "torch" in installed_by(set()) and "mlflow" in installed_by(set())
 
 
-def test_images_yaml_lists_every_image_dir():
+def test_images_yaml_lists_every_image_built():
     data = yaml.safe_load((IMAGES / "images.yaml").read_text())
-    dirs = {p.parent.name for p in IMAGES.glob("*/Dockerfile")}
-    assert set(data["images"]) == dirs
+    own_dirs = {p.parent.name for p in IMAGES.glob("*/Dockerfile")} - {"step"}
+    assert set(data["images"]) == set(step_images()) | own_dirs
+    assert not set(step_images()) & own_dirs, "a step image is built from images/step, not a Dockerfile of its own"
+
+
+def test_step_dockerfile_installs_the_extras_build_sh_passes():
+    text = STEP_DOCKERFILE.read_text()
+    assert re.search(r"^ARG EXTRAS$", text, re.M) and re.search(r"^ARG IMAGE_TITLE$", text, re.M)
+    assert 'pip install --no-cache-dir --constraint /dist/constraints.txt "$1${EXTRAS:+[$EXTRAS]}"' in text
+    assert 'LABEL org.opencontainers.image.title="${IMAGE_TITLE}"' in text
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for key, (base, wanted) in step_images().items():
+        assert base in ("python", "cuda"), key
+        assert wanted <= set(extras), f"{key}: extras {sorted(wanted - set(extras))} not in pyproject"
+    assert any(r.startswith("bitsandbytes==") for r in extras["gpu"]), "the gpu extra pins bitsandbytes"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every stage of the registry has an image and a component
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", list(stages.STAGES.values()), ids=lambda s: s.key)
+def test_every_stage_has_an_image_and_a_component(stage):
+    data = yaml.safe_load((IMAGES / "images.yaml").read_text())
+    assert stage.image in data["images"], f"stage {stage.key}: no images.yaml entry '{stage.image}'"
+    assert stage.image in step_images(), f"stage {stage.key}: image '{stage.image}' not in build.sh's STEP_IMAGES"
+    base, extras = step_images()[stage.image]
+    # a GPU stage's image has CUDA and the GPU extra; a CPU stage's stays slim
+    assert (base, extras) == (("cuda", {"gpu"}) if stage.gpu else ("python", set())), stage.key
+    components = [f"{path.name}:{fn.name}" for path, fn, call in component_functions()
+                  if _base_image_call(call) == ("stage_image", stage.key)]
+    assert components, f"stage {stage.key}: no component with base_image=stage_image({stage.key!r}) in components/"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,6 +352,12 @@ def test_build_push_records_digests_that_image_for_reads(repo_copy, monkeypatch)
     calls = log.read_text().splitlines()
     builds = [c for c in calls if c.startswith("build ")]
     assert len(builds) == 3 + 9  # two bases + wheel, then 9 images
+    step_builds = [c for c in builds if "images/step/Dockerfile" in c]
+    assert len(step_builds) == len(step_images())  # one Dockerfile, built once per step
+    sft_build = next(c for c in step_builds if "rlhf-sft:v1.2" in c)
+    assert "EXTRAS=gpu" in sft_build and "IMAGE_TITLE=rlhf-sft" in sft_build and "rlhf-base-cuda:" in sft_build
+    data_build = next(c for c in step_builds if "rlhf-prepare-data:v1.2" in c)
+    assert "EXTRAS= " in data_build and "rlhf-base-python:" in data_build
     assert all("@sha256:" in c for c in builds if "PYTHON_BASE=" in c or "CUDA_BASE=" in c)
     pushes = [c.split()[1] for c in calls if c.startswith("push ")]
     assert pushes[-2:] == ["registry.example.com/ml/rlhf-ops:v1.2", "registry.example.com/ml/rlhf-mlflow-server:v1.2"]

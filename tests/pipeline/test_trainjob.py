@@ -157,3 +157,51 @@ def test_retried_launcher_attaches_to_a_running_trainjob():
     api = Attached([])
     tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
     assert api.created == [] and api.deleted == []
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "prepare_data"])
+def test_only_trainjob_stages_of_the_registry_become_trainjobs(stage):
+    from rlhf_pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="does not run as a TrainJob"):
+        manifest(stage)
+
+
+class Art:
+    """A KFP artifact as a component body sees it: a path and metadata."""
+
+    def __init__(self, path, **metadata):
+        self.path, self.metadata = str(path), dict(metadata)
+
+
+@pytest.mark.parametrize("stage, inputs, want", [
+    ("sft", {}, {"model": "BASE"}),
+    ("reward", {"sft_model"}, {"model": "SFT/merged"}),
+    ("ppo", {"sft_model", "reward_model"}, {"model": "SFT/merged", "reward_model": "RM"}),
+    ("dpo", {"sft_model"}, {"model": "SFT/merged"}),
+])
+def test_launcher_wires_the_stage_from_its_inputs(stage, inputs, want, tmp_path, monkeypatch):
+    """The launcher body (components/trainjob.py) starts a stage after SFT from SFT's merged weights, the first
+    one from the base model, and passes the reward model where it is given: by its inputs, not by stage name."""
+    import yaml
+
+    from components.trainjob import trainjob
+
+    for name in ("data", "SFT/merged", "RM"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "data" / "stats.json").write_text("{}")
+    (tmp_path / "SFT" / "merged" / "config.json").write_text("{}")
+    created = []
+    monkeypatch.setattr(tj, "run_trainjob", lambda manifest, **_: created.append(manifest))
+    arts = {"sft_model": Art(tmp_path / "sft-art", output_dir=str(tmp_path / "SFT")),
+            "reward_model": Art(tmp_path / "rm-art", output_dir=str(tmp_path / "RM"))}
+    trainjob.python_func(
+        stage=stage, image="registry/rlhf-x:dev", data=Art(tmp_path / "data-art", output_dir=str(tmp_path / "data")),
+        config={}, settings=settings_data(), gpu_node_selector={}, gpu_tolerations=[],
+        model=Art(tmp_path / "model-art"), metrics=None, base_model="BASE", kfp_run_id="run-1",
+        work_root=str(tmp_path / "work"), **{k: v for k, v in arts.items() if k in inputs})
+    assert len(created) == 1 and created[0]["spec"]["trainer"]["command"][3] == stage
+    cfg = yaml.safe_load((tmp_path / "work" / "run-1" / stage / "config.yaml").read_text())
+    expected = {k: (v if v == "BASE" else str(tmp_path / v)) for k, v in want.items()}
+    assert {k: cfg[k] for k in expected} == expected
+    assert cfg["data"] == str(tmp_path / "work" / "run-1" / "data")
