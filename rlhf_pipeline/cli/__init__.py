@@ -23,7 +23,7 @@ from rlhf_pipeline.errors import UserError
 
 # The commands that are not stages: name -> (module:attribute of a click command, one-line help).
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("rlhf_pipeline.orchestration.local_run:command", "Run the whole pipeline locally via kfp.local."),
+    "run": ("rlhf_pipeline.cli.run:run_command", "Run the whole pipeline locally via kfp.local."),
     "compile": ("rlhf_pipeline.orchestration.compile:command", "Compile the Kubeflow pipeline to YAML."),
     "submit": ("rlhf_pipeline.orchestration.submit:command", "Upload the pipeline to Kubeflow and start a run."),
     "schedule": ("rlhf_pipeline.ops.schedule:command", "Create, list and delete recurring runs."),
