@@ -1,24 +1,19 @@
-"""The `rlhf` command line: the only module that knows click (library code raises UserError, returns results).
+"""The `rlhf` command line. This package is the only code that knows click: the library takes typed arguments,
+raises UserError and returns results; the modules here turn flags into those calls and results into output.
 
-Stage commands are generated from the stage registry (stages.py) with `stage_command`: every config field
-becomes a `--flag`, `--config recipe.yaml` loads a recipe, flags override the recipe. Everything is imported
-lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
+Stage commands are generated from the stage registry (stages.py) with `stage_command` (stage_commands.py); the
+tool commands (run, compile, submit, schedule, promote) are written out in their own modules.
+Everything is imported lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import sys
-import types
-import typing
-from typing import Any, Callable
 
 import click
-import yaml
 
-from rlhf_pipeline.config import StageConfig, flag_name
+from rlhf_pipeline.cli.stage_commands import stage_command
 from rlhf_pipeline.errors import UserError
 
 # The commands that are not stages: name -> (module:attribute of a click command, one-line help).
@@ -55,7 +50,7 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # the stage itself is not built yet
+            if exc.name == module_name:  # the command is not built yet
                 raise UserError(f"command '{name}' is not available in this version") from None
             raise
         return getattr(module, attr)
@@ -89,99 +84,3 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Stage commands generated from a config class
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _parse_cli_value(annotation: Any, raw: str) -> Any:
-    """Strings from the command line -> what pydantic should validate (it does the type coercion)."""
-    ann = _unwrap_optional(annotation)
-    origin = typing.get_origin(ann)
-    if origin in (list, tuple):  # a repeatable flag: each value may itself be comma-separated
-        values = raw if isinstance(raw, (list, tuple)) else [raw]
-        return [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if origin is dict or ann is dict:
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw  # pydantic reports it as an invalid dict, naming the flag
-    if raw.lower() in ("none", "null") and ann is not str:
-        return None
-    return raw
-
-
-def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
-    """One click option per config field; defaults stay None so only flags actually given override."""
-    options = []
-    for name, field in config_cls.model_fields.items():
-        ann = _unwrap_optional(field.annotation)
-        default = field.default if field.default is not None else None
-        shown = "" if default is None or callable(default) else f" [default: {default}]"
-        help_ = (field.description or "") + shown
-        if ann is bool:
-            flag = flag_name(name)
-            decl = f"{flag}/--no-{flag[2:]}"
-            options.append(click.Option([decl, name], default=None, help=help_))
-        else:
-            repeatable = typing.get_origin(ann) is list
-            options.append(click.Option([flag_name(name), name], default=None, help=help_, multiple=repeatable,
-                                        metavar="A,B,..." if repeatable else None))
-    return options
-
-
-def _is_main_rank() -> bool:
-    """False in the non-zero ranks of a distributed launch (torchrun / `accelerate launch` set RANK, MPI its own)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))
-
-
-def stage_command(
-    name: str,
-    config_cls: type[StageConfig],
-    run: Callable[[Any], Any],
-    help: str,
-    extra_options: list[click.Option] | None = None,
-) -> click.Command:
-    """A click command whose options are `config_cls`'s fields, plus --config and --print-config.
-
-    `run(config)` does the work; if it returns a dict, it is printed as JSON on stdout (the stage summary).
-    """
-
-    def callback(config: str | None, print_config: bool, **values: Any) -> int:
-        overrides = {}
-        for key, raw in values.items():
-            if raw is None or raw == ():  # not given (a repeatable flag gives an empty tuple)
-                continue
-            field = config_cls.model_fields[key]
-            overrides[key] = raw if isinstance(raw, bool) else _parse_cli_value(field.annotation, raw)
-        cfg = config_cls.load(config, overrides)
-        if print_config:
-            click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
-            return 0
-        result = run(cfg)
-        if hasattr(result, "model_dump"):
-            result = result.model_dump(mode="json")
-        if isinstance(result, dict) and _is_main_rank():  # `accelerate launch`: one summary, not one per process
-            click.echo(json.dumps(result, indent=2, default=str))
-        return 0
-
-    params: list[click.Parameter] = [
-        click.Option(["--config", "-c"], type=click.Path(dir_okay=False), default=None,
-                     help="YAML recipe; command-line flags override its values."),
-        click.Option(["--print-config"], is_flag=True, default=False,
-                     help="Print the resolved configuration and exit."),
-        *config_options(config_cls),
-        *(extra_options or []),
-    ]
-    return click.Command(name, callback=callback, params=params, help=help,
-                         context_settings={"max_content_width": 110})
