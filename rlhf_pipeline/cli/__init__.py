@@ -2,7 +2,7 @@
 raises UserError and returns results; the modules here turn flags into those calls and results into output.
 
 Stage commands are generated from the stage registry (stages.py) with `stage_command` (stage_commands.py); the
-tool commands (run, compile, submit, schedule, promote) are written out in their own modules.
+tool commands (run, compile, submit, schedule, promote) are written out in run.py, pipeline.py and ops.py.
 Everything is imported lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
 """
 
@@ -19,10 +19,10 @@ from rlhf_pipeline.errors import UserError
 # The commands that are not stages: name -> (module:attribute of a click command, one-line help).
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("rlhf_pipeline.cli.run:run_command", "Run the whole pipeline locally via kfp.local."),
-    "compile": ("rlhf_pipeline.orchestration.compile:command", "Compile the Kubeflow pipeline to YAML."),
-    "submit": ("rlhf_pipeline.orchestration.submit:command", "Upload the pipeline to Kubeflow and start a run."),
-    "schedule": ("rlhf_pipeline.ops.schedule:command", "Create, list and delete recurring runs."),
-    "promote": ("rlhf_pipeline.ops.promote:command", "Gate a registered model and move its champion alias."),
+    "compile": ("rlhf_pipeline.cli.pipeline:compile_command", "Compile the Kubeflow pipeline to YAML."),
+    "submit": ("rlhf_pipeline.cli.pipeline:submit_command", "Upload the pipeline to Kubeflow and start a run."),
+    "schedule": ("rlhf_pipeline.cli.ops:schedule_command", "Create, list and delete recurring runs."),
+    "promote": ("rlhf_pipeline.cli.ops:promote_command", "Gate a registered model and move its champion alias."),
 }
 
 
