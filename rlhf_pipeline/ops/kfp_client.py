@@ -24,6 +24,7 @@ TOKEN_ENVS = ("KF_PIPELINES_TOKEN", "KFP_TOKEN")
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_DEFAULT = "/var/run/secrets/kubeflow/pipelines/token"
 HEALTHZ = "/apis/v2beta1/healthz"
+DESCRIPTION = "StackLLaMA-style RLHF pipeline (rlhf-pipeline)"
 
 
 def bearer_token() -> str | None:
@@ -64,6 +65,27 @@ def connect(host: str, namespace: str | None = None):
             return kfp.Client(**kwargs)
         except Exception as exc:  # noqa: BLE001 (healthz failures: ApiException, urllib3 errors)
             raise api_error(exc, f"connecting to {host}") from None
+
+
+def latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
+    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
+    if not versions.pipeline_versions:
+        raise UserError(f"pipeline '{pipeline_name}' has no versions")
+    return versions.pipeline_versions[0].pipeline_version_id
+
+
+def upload(client, package: Path, pipeline_name: str, version_name: str,
+           namespace: str | None) -> tuple[str, str, bool]:
+    """Upload a compiled pipeline: the pipeline itself the first time, else a new version named `version_name`.
+    Returns (pipeline id, version id, whether the pipeline was created)."""
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace,
+                                          description=DESCRIPTION)
+        return pipeline.pipeline_id, latest_version_id(client, pipeline.pipeline_id, pipeline_name), True
+    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
+                                             pipeline_id=pipeline_id)
+    return pipeline_id, version.pipeline_version_id, False
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.kfp_client import api_error, connect, is_api_error, quiet_stdout
+from rlhf_pipeline.ops.kfp_client import api_error, connect, is_api_error, latest_version_id, quiet_stdout, upload
 from rlhf_pipeline.ops.pipeline_params import parse_params
 
 
@@ -48,23 +48,6 @@ def _experiment_id(client, name: str, namespace: str | None, create: bool) -> st
     return client.create_experiment(name, namespace=namespace).experiment_id
 
 
-def _latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
-    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
-    if not versions.pipeline_versions:
-        raise UserError(f"pipeline '{pipeline_name}' has no versions")
-    return versions.pipeline_versions[0].pipeline_version_id
-
-
-def _upload(client, package: Path, pipeline_name: str, version_name: str, namespace: str | None) -> tuple[str, str]:
-    pipeline_id = client.get_pipeline_id(pipeline_name)
-    if pipeline_id is None:
-        pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace)
-        return pipeline.pipeline_id, _latest_version_id(client, pipeline.pipeline_id, pipeline_name)
-    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
-                                             pipeline_id=pipeline_id)
-    return pipeline_id, version.pipeline_version_id
-
-
 def _by_name(client, experiment_id: str, name: str) -> list:
     flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
     found, token = [], ""
@@ -82,13 +65,13 @@ def _create(client, *, name: str, cron: str, experiment: str, pipeline_name: str
            replace: bool) -> dict[str, Any]:
     cron = normalize_cron(cron)
     if package is not None:
-        pipeline_id, version_id = _upload(client, package, pipeline_name,
-                                          version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace)
+        pipeline_id, version_id, _ = upload(client, package, pipeline_name,
+                                            version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace)
     else:
         pipeline_id = client.get_pipeline_id(pipeline_name)
         if pipeline_id is None:
             raise UserError(f"pipeline '{pipeline_name}' not found (upload it with --package or `rlhf submit`)")
-        version_id = version_id or _latest_version_id(client, pipeline_id, pipeline_name)
+        version_id = version_id or latest_version_id(client, pipeline_id, pipeline_name)
     experiment_id = _experiment_id(client, experiment, namespace, create=True)
     previous = _by_name(client, experiment_id, name) if replace else []
     run = client.create_recurring_run(

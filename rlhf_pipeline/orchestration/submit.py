@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.kfp_client import api_error, check_reachable, connect, is_api_error
+from rlhf_pipeline.ops.kfp_client import api_error, check_reachable, connect, is_api_error, upload
 from rlhf_pipeline.ops.pipeline_params import parse_params
 
 
@@ -26,19 +26,7 @@ def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, e
     logging.disable(logging.ERROR)  # kfp.Client logs a traceback per failed attempt; we report one line
     try:
         client = client or connect(host, namespace)
-        pipeline_id = client.get_pipeline_id(pipeline_name)
-        if pipeline_id is None:
-            pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace,
-                                              description="StackLLaMA-style RLHF pipeline (rlhf-pipeline)")
-            pipeline_id = pipeline.pipeline_id
-            versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1)
-            version_id = versions.pipeline_versions[0].pipeline_version_id
-            uploaded = "pipeline"
-        else:
-            version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
-                                                     pipeline_id=pipeline_id)
-            version_id = version.pipeline_version_id
-            uploaded = "version"
+        pipeline_id, version_id, created = upload(client, package, pipeline_name, version_name, namespace)
         exp = client.create_experiment(experiment, namespace=namespace)
         run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name, params=params,
                                   pipeline_id=pipeline_id, version_id=version_id)
@@ -50,7 +38,7 @@ def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, e
         raise
     finally:
         logging.disable(logging.NOTSET)
-    return {"pipeline_id": pipeline_id, "version_id": version_id, "uploaded": uploaded,
+    return {"pipeline_id": pipeline_id, "version_id": version_id, "uploaded": "pipeline" if created else "version",
             "experiment_id": exp.experiment_id, "run_id": run.run_id,
             "run_url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 

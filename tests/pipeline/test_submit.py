@@ -85,7 +85,7 @@ class FakeClient:
         self.calls.append(("upload_pipeline", pipeline_name, Path(path).is_file()))
         return SimpleNamespace(pipeline_id="p-1")
 
-    def list_pipeline_versions(self, pipeline_id, page_size):
+    def list_pipeline_versions(self, pipeline_id, page_size, sort_by=None):
         return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id="v-1")])
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
