@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from pydantic import Field
 
 from rlhf_pipeline.config import StageConfig
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.http_probe import is_http_url, probe
 
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
 REACHABILITY_TIMEOUT_S = 5.0
@@ -50,24 +49,16 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 def check_tracking_server(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
     """Raise UserError within `timeout` seconds if an http(s) tracking server does not answer its health check."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_http_url(uri):
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the URI is the user's own)
-            if resp.status >= 500:
-                raise UserError(f"MLflow tracking server {uri} is unhealthy (HTTP {resp.status})")
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):  # auth-protected /health still proves the server is up
-            return
-        raise UserError(f"MLflow tracking server {uri} answered HTTP {exc.code} on /health") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it or set MLFLOW_TRACKING_URI / --tracking-uri"
-        ) from None
+    answer = probe(uri.rstrip("/") + "/health", timeout)
+    if not answer.reachable:
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({answer.reason}); "
+                        "start it or set MLFLOW_TRACKING_URI / --tracking-uri")
+    if not answer.healthy:
+        raise UserError(f"MLflow tracking server {uri} answered HTTP {answer.status} on /health")
 
 
 def git_commit() -> str:

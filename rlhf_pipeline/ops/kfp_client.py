@@ -1,4 +1,4 @@
-"""Small helpers around `kfp.Client` for the ops commands: connect, fail fast, one-line errors.
+"""Small helpers around `kfp.Client` for `rlhf submit` and `rlhf schedule`: connect, fail fast, one-line errors.
 
 Authentication comes from the environment only, never a flag (flags end up in shell history, CI logs and
 `ps`): `$KF_PIPELINES_TOKEN` (or `$KFP_TOKEN`, which `rlhf submit` reads) as a bearer token; else, inside a
@@ -12,18 +12,19 @@ import contextlib
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.http_probe import TIMEOUT_S, is_http_url, probe
 
 TOKEN_ENVS = ("KF_PIPELINES_TOKEN", "KFP_TOKEN")
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_DEFAULT = "/var/run/secrets/kubeflow/pipelines/token"
 HEALTHZ = "/apis/v2beta1/healthz"
+DESCRIPTION = "StackLLaMA-style RLHF pipeline (rlhf-pipeline)"
 
 
 def bearer_token() -> str | None:
@@ -37,22 +38,21 @@ def bearer_token() -> str | None:
         return None
 
 
-def check_reachable(host: str, timeout: float = 5.0) -> None:
-    """One line within `timeout` s unless an HTTP server answers at `host` (kfp.Client would retry for
-    half a minute and then print a traceback)."""
-    if not host.startswith(("http://", "https://")):
+def check_reachable(host: str, timeout: float = TIMEOUT_S) -> None:
+    """One line within `timeout` s unless the Kubeflow Pipelines API answers at `host` (kfp.Client would retry
+    for half a minute and then print a traceback)."""
+    if not is_http_url(host):
         raise UserError(f"--host must be an http(s) URL, got {host!r}")
-    try:
-        with urllib.request.urlopen(host.rstrip("/") + HEALTHZ, timeout=timeout):  # noqa: S310 (user's host)
-            return
-    except urllib.error.HTTPError:
-        return  # it answered (401/403/404 ...): the API call itself reports what is wrong
-    except (urllib.error.URLError, OSError) as exc:
-        raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({getattr(exc, 'reason', exc)})") from None
+    answer = probe(host.rstrip("/") + HEALTHZ, timeout)
+    if not answer.reachable:
+        raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({answer.reason})")
+    if not answer.healthy:
+        raise UserError(f"{host} answered HTTP {answer.status} on {HEALTHZ}: not a Kubeflow Pipelines API "
+                        "endpoint (use the ml-pipeline service or the dashboard URL)")
 
 
 def connect(host: str, namespace: str | None = None):
-    """A kfp.Client for `host` (checked reachable first)."""
+    """The kfp.Client for `host` (checked reachable first), authenticated from the environment."""
     import kfp
 
     check_reachable(host)
@@ -65,6 +65,27 @@ def connect(host: str, namespace: str | None = None):
             return kfp.Client(**kwargs)
         except Exception as exc:  # noqa: BLE001 (healthz failures: ApiException, urllib3 errors)
             raise api_error(exc, f"connecting to {host}") from None
+
+
+def latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
+    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
+    if not versions.pipeline_versions:
+        raise UserError(f"pipeline '{pipeline_name}' has no versions")
+    return versions.pipeline_versions[0].pipeline_version_id
+
+
+def upload(client, package: Path, pipeline_name: str, version_name: str,
+           namespace: str | None) -> tuple[str, str, bool]:
+    """Upload a compiled pipeline: the pipeline itself the first time, else a new version named `version_name`.
+    Returns (pipeline id, version id, whether the pipeline was created)."""
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace,
+                                          description=DESCRIPTION)
+        return pipeline.pipeline_id, latest_version_id(client, pipeline.pipeline_id, pipeline_name), True
+    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
+                                             pipeline_id=pipeline_id)
+    return pipeline_id, version.pipeline_version_id, False
 
 
 @contextlib.contextmanager

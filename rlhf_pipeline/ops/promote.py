@@ -27,90 +27,27 @@ from __future__ import annotations
 
 import getpass
 import json
-import math
 import os
-import urllib.error
-import urllib.request
+import sys
 import uuid
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from rlhf_pipeline.config import format_validation_error, read_recipe
+from rlhf_pipeline import mlflow_client
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ops.gates import DEFAULT_GATES, GateResult, Gates, evaluate_gates
 
 CHAMPION = "champion"
-DEFAULT_GATES = Path(__file__).with_name("default_gates.yaml")
 LOCK_SUFFIX = ".promotion-lock"
 EXIT_GATE_FAILED = 1
 EXIT_REFUSED = 3
 
 
-class Gates(BaseModel):
-    """Thresholds (the gates file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rm_accuracy_min: float = Field(ge=0, le=1, description="Minimum reward-model accuracy (tag/metric rm/accuracy).")
-    kl_max: float = Field(ge=0, description="Maximum KL(policy || SFT) (tag/metric eval/kl).")
-    win_rate_min: float = Field(ge=0, le=1, description="Minimum win-rate against SFT (tag/metric eval/win_rate).")
-    reward_margin: float = Field(
-        0.0, ge=0, description="eval/reward_mean may be at most this much below the champion's."
-    )
-
-    @classmethod
-    def load(cls, path: str | Path) -> Gates:
-        try:
-            return cls.model_validate(read_recipe(path))
-        except ValidationError as exc:
-            raise UserError("gates " + format_validation_error(exc, {}, str(path))) from None
-
-
-@dataclass
-class GateResult:
-    gate: str  # the tag/metric name
-    value: float | None
-    op: str  # ">=" or "<="
-    threshold: float | None
-    passed: bool
-    source: str  # "tag", "run metric", "missing: ..." or "no champion"
-
-    def line(self) -> str:
-        value = "missing" if self.value is None else f"{self.value:.4f}"
-        threshold = "-" if self.threshold is None else f"{self.threshold:.4f}"
-        verdict = "pass" if self.passed else "FAIL"
-        return f"{self.gate:<17} {value:>10} {self.op} {threshold:<10} {verdict}  ({self.source})"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # MLflow access
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _client(tracking_uri: str | None):
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        _check_reachable(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds with one line, instead of the MLflow client's minutes of retries."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):  # noqa: S310 (user's URI)
-            pass
-    except urllib.error.HTTPError:
-        pass  # it answered; auth or routing problems surface, with their own message, on the first real call
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
 
 
 def _mlflow_error(exc: Exception, what: str) -> UserError:
@@ -149,57 +86,6 @@ def resolve_candidate(client, model: str, candidate: str):
         return client.get_model_version(model, version)
     except MlflowException as exc:
         raise _mlflow_error(exc, f"version '{version}' of model '{model}'") from None
-
-
-def gate_value(client, version, name: str) -> tuple[float | None, str]:
-    """(value, source) for `name`: the version tag first, then the source run's metric."""
-    raw = (version.tags or {}).get(name)
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            return None, f"missing: tag {name}={raw!r} is not a number"
-        return (value, "tag") if math.isfinite(value) else (None, f"missing: tag {name}={raw!r} is not finite")
-    if version.run_id:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            metrics = client.get_run(version.run_id).data.metrics
-        except MlflowException:
-            return None, f"missing: no tag and source run {version.run_id} is unreadable"
-        if name in metrics and math.isfinite(metrics[name]):
-            return float(metrics[name]), "run metric"
-    return None, "missing: no tag or run metric"
-
-
-def evaluate_gates(client, candidate, champion, gates: Gates) -> list[GateResult]:
-    results = []
-    for name, op, threshold in (
-        ("rm/accuracy", ">=", gates.rm_accuracy_min),
-        ("eval/kl", "<=", gates.kl_max),
-        ("eval/win_rate", ">=", gates.win_rate_min),
-    ):
-        value, source = gate_value(client, candidate, name)
-        passed = value is not None and (value >= threshold if op == ">=" else value <= threshold)
-        results.append(GateResult(name, value, op, threshold, passed, source))
-
-    value, source = gate_value(client, candidate, "eval/reward_mean")
-    if champion is None:
-        # The first promotion has nothing to beat; the reward must still be present.
-        results.append(GateResult("eval/reward_mean", value, ">=", None, value is not None,
-                                  source if value is None else f"{source}; no champion yet"))
-    else:
-        champ_value, champ_source = gate_value(client, champion, "eval/reward_mean")
-        if champ_value is None:
-            # A champion without a reward cannot be compared against: fail closed, say why.
-            results.append(GateResult("eval/reward_mean", value, ">=", None, False,
-                                      f"champion v{champion.version} {champ_source}"))
-        else:
-            threshold = champ_value - gates.reward_margin
-            passed = value is not None and value >= threshold
-            results.append(GateResult("eval/reward_mean", value, ">=", threshold, passed,
-                                      f"{source}; champion v{champion.version} {champ_value:.4f}"))
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +139,7 @@ def _release_lock(client, model: str, token: str) -> None:
         if tags.get("promotion/lock_token") == token:  # never delete a lock someone else took
             client.delete_registered_model(lock)
     except Exception:  # noqa: BLE001 (a failed release must not hide the promotion's own outcome)
-        click.echo(f"warning: could not release promotion lock '{lock}'; delete it or use --break-lock", err=True)
+        print(f"warning: could not release promotion lock '{lock}'; delete it or use --break-lock", file=sys.stderr)
 
 
 def remove_lock(client, model: str) -> str | None:
@@ -272,7 +158,7 @@ def remove_lock(client, model: str) -> str | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def commit_promotion(client, model: str, candidate, expected_champion: str | None,
@@ -321,7 +207,7 @@ def _ci_run_url() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Orchestration and CLI
+# The whole promotion, and what `rlhf promote` prints
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +216,7 @@ def promote(model: str, candidate: str = "challenger", gates_path: str | Path = 
     """Gate `candidate` of `model` and promote it on success. Returns a JSON-able summary with
     `verdict` in {"promoted", "rejected", "already-champion", "would-promote"}."""
     gates = Gates.load(gates_path)
-    client = _client(tracking_uri)
+    client = mlflow_client.connect(tracking_uri)
     version = resolve_candidate(client, model, candidate)
     champion_v = _champion_version(client, model)
     summary: dict[str, Any] = {"model": model, "candidate": str(version.version), "requested": candidate,
@@ -348,46 +234,23 @@ def promote(model: str, candidate: str = "challenger", gates_path: str | Path = 
     return {**summary, "verdict": "promoted"}
 
 
-def _print_human(summary: dict[str, Any]) -> None:
-    for r in summary["gates"]:
-        click.echo(GateResult(**r).line())
+def break_lock(model: str, tracking_uri: str | None = None) -> str | None:
+    """`--break-lock`: remove the promotion lock a killed process left; returns who held it (None: no lock)."""
+    return remove_lock(mlflow_client.connect(tracking_uri), model)
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The decision for a person: one line per gate, then the verdict."""
+    lines = [GateResult(**r).line() for r in summary["gates"]]
     model, cand, before = summary["model"], summary["candidate"], summary["champion_before"]
     verdict = summary["verdict"]
     if verdict == "promoted":
-        click.echo(f"verdict: PROMOTED {model} version {cand} to '{CHAMPION}' (previous: {_v(before)})")
+        lines.append(f"verdict: PROMOTED {model} version {cand} to '{CHAMPION}' (previous: {_v(before)})")
     elif verdict == "would-promote":
-        click.echo(f"verdict: WOULD PROMOTE {model} version {cand} (dry run; nothing changed)")
+        lines.append(f"verdict: WOULD PROMOTE {model} version {cand} (dry run; nothing changed)")
     elif verdict == "already-champion":
-        click.echo(f"verdict: {model} version {cand} is already '{CHAMPION}'; nothing to do")
+        lines.append(f"verdict: {model} version {cand} is already '{CHAMPION}'; nothing to do")
     else:
         failed = ", ".join(r["gate"] for r in summary["gates"] if not r["passed"])
-        click.echo(f"verdict: REJECTED {model} version {cand}: failed {failed}; nothing changed")
-
-
-@click.command("promote", context_settings={"max_content_width": 110})
-@click.option("--model-name", required=True, help="Registered model name (the aligned policy).")
-@click.option("--candidate", default="challenger", show_default=True,
-              help="Version number, or an alias, of the version to gate.")
-@click.option("--gates", "gates_path", type=click.Path(dir_okay=False), default=str(DEFAULT_GATES),
-              show_default="rlhf_pipeline/ops/default_gates.yaml", help="YAML file with the thresholds.")
-@click.option("--tracking-uri", default=None,
-              help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI]. Credentials only via "
-                   "$MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD (or $MLFLOW_TRACKING_TOKEN).")
-@click.option("--dry-run", is_flag=True, help="Evaluate the gates, change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
-@click.option("--break-lock", is_flag=True,
-              help="Delete a promotion lock left by a killed process, then exit (promotes nothing).")
-def command(model_name: str, candidate: str, gates_path: str, tracking_uri: str | None, dry_run: bool,
-            as_json: bool, break_lock: bool) -> int:
-    """Gate a registered model version and move its 'champion' alias to it if every gate passes."""
-    if break_lock:
-        holder = remove_lock(_client(tracking_uri), model_name)
-        click.echo(f"removed promotion lock of '{model_name}' ({holder})" if holder
-                   else f"no promotion lock for '{model_name}'")
-        return 0
-    summary = promote(model_name, candidate, gates_path, tracking_uri, dry_run)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        _print_human(summary)
-    return EXIT_GATE_FAILED if summary["verdict"] == "rejected" else 0
+        lines.append(f"verdict: REJECTED {model} version {cand}: failed {failed}; nothing changed")
+    return lines

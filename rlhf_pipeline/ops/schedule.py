@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
-
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.kfp_client import api_error, connect, is_api_error, quiet_stdout
+from rlhf_pipeline.ops.kfp_client import api_error, connect, is_api_error, latest_version_id, quiet_stdout, upload
+from rlhf_pipeline.ops.pipeline_params import parse_params
 
 
 def normalize_cron(expr: str) -> str:
@@ -35,21 +35,6 @@ def normalize_cron(expr: str) -> str:
     if len(fields) != 6:
         raise UserError(f"--cron {expr!r}: expected 5 fields (min hour day month weekday) or 6 (seconds first)")
     return " ".join(fields)
-
-
-def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """`k=v` -> run parameters. JSON values (numbers, booleans, objects, lists) are typed; anything else is
-    a string. Quote a string that looks like JSON: --param 'tag="123"'."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep or not name.strip():
-            raise UserError(f"--param {pair!r}: expected NAME=VALUE")
-        try:
-            params[name.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[name.strip()] = raw
-    return params
 
 
 def _experiment_id(client, name: str, namespace: str | None, create: bool) -> str | None:
@@ -63,23 +48,6 @@ def _experiment_id(client, name: str, namespace: str | None, create: bool) -> st
     return client.create_experiment(name, namespace=namespace).experiment_id
 
 
-def _latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
-    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
-    if not versions.pipeline_versions:
-        raise UserError(f"pipeline '{pipeline_name}' has no versions")
-    return versions.pipeline_versions[0].pipeline_version_id
-
-
-def _upload(client, package: Path, pipeline_name: str, version_name: str, namespace: str | None) -> tuple[str, str]:
-    pipeline_id = client.get_pipeline_id(pipeline_name)
-    if pipeline_id is None:
-        pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace)
-        return pipeline.pipeline_id, _latest_version_id(client, pipeline.pipeline_id, pipeline_name)
-    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
-                                             pipeline_id=pipeline_id)
-    return pipeline_id, version.pipeline_version_id
-
-
 def _by_name(client, experiment_id: str, name: str) -> list:
     flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
     found, token = [], ""
@@ -91,19 +59,19 @@ def _by_name(client, experiment_id: str, name: str) -> list:
             return found
 
 
-def create(client, *, name: str, cron: str, experiment: str, pipeline_name: str, version_id: str | None,
+def _create(client, *, name: str, cron: str, experiment: str, pipeline_name: str, version_id: str | None,
            package: Path | None, version_name: str | None, params: dict[str, Any], namespace: str | None,
            max_concurrency: int, catchup: bool, enabled: bool, service_account: str | None,
            replace: bool) -> dict[str, Any]:
     cron = normalize_cron(cron)
     if package is not None:
-        pipeline_id, version_id = _upload(client, package, pipeline_name,
-                                          version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace)
+        pipeline_id, version_id, _ = upload(client, package, pipeline_name,
+                                            version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace)
     else:
         pipeline_id = client.get_pipeline_id(pipeline_name)
         if pipeline_id is None:
             raise UserError(f"pipeline '{pipeline_name}' not found (upload it with --package or `rlhf submit`)")
-        version_id = version_id or _latest_version_id(client, pipeline_id, pipeline_name)
+        version_id = version_id or latest_version_id(client, pipeline_id, pipeline_name)
     experiment_id = _experiment_id(client, experiment, namespace, create=True)
     previous = _by_name(client, experiment_id, name) if replace else []
     run = client.create_recurring_run(
@@ -132,72 +100,28 @@ def _call(host: str, fn, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI
+# The three subcommands: bad input fails before any network call
 # ----------------------------------------------------------------------------------------------------------
 
-host_option = click.option("--host", envvar="KF_PIPELINES_ENDPOINT", required=True, show_envvar=True,
-                           help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
-namespace_option = click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs).")
-experiment_option = click.option("--experiment", default="rlhf-pipeline", show_default=True,
-                                 help="Experiment the recurring runs belong to.")
 
-
-@click.group("schedule", context_settings={"max_content_width": 110})
-def command() -> None:
-    """Create, list and delete recurring runs (token: $KF_PIPELINES_TOKEN, never a flag)."""
-
-
-@command.command("create")
-@host_option
-@namespace_option
-@experiment_option
-@click.option("--name", required=True, help="Recurring run name (unique within the experiment with --replace).")
-@click.option("--cron", required=True, help='Cron schedule, 5 fields ("0 3 * * 1") or KFP\'s 6 (seconds first).')
-@click.option("--pipeline-name", default="rlhf-pipeline", show_default=True, help="Pipeline on the server.")
-@click.option("--version-id", default=None, help="Pipeline version to run [default: the newest].")
-@click.option("--package", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Upload this compiled pipeline as a new version first and schedule it.")
-@click.option("--version-name", default=None, help="Name of the uploaded version [default: <name>-<time>].")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Run parameter (repeatable; JSON typed).")
-@click.option("--max-concurrency", default=1, show_default=True, type=click.IntRange(1, 10),
-              help="Runs of this schedule allowed at once.")
-@click.option("--catchup/--no-catchup", default=False, show_default=True,
-              help="Backfill every missed interval after a pause (retraining wants only the latest).")
-@click.option("--disabled", is_flag=True, help="Create it paused.")
-@click.option("--service-account", default=None, help="Kubernetes service account the runs use.")
-@click.option("--replace/--no-replace", default=True, show_default=True,
-              help="Delete older recurring runs with the same name after creating this one.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def create_command(host: str, namespace: str | None, experiment: str, name: str, cron: str, pipeline_name: str,
-                   version_id: str | None, package: Path | None, version_name: str | None, params: tuple[str, ...],
-                   max_concurrency: int, catchup: bool, disabled: bool, service_account: str | None,
-                   replace: bool, as_json: bool) -> int:
-    """Create (or replace) a recurring run of a pipeline version."""
+def create(*, host: str, namespace: str | None, experiment: str, name: str, cron: str, pipeline_name: str,
+           version_id: str | None, package: Path | None, version_name: str | None, params: tuple[str, ...],
+           max_concurrency: int, catchup: bool, enabled: bool, service_account: str | None,
+           replace: bool) -> dict[str, Any]:
+    """Create (or replace) a recurring run of a pipeline version; returns its ids and what it replaced."""
     if package is not None and version_id is not None:
         raise UserError("--package and --version-id are exclusive: the uploaded version is the one scheduled")
-    normalize_cron(cron)  # bad input fails before any network call
+    normalize_cron(cron)
     args = parse_params(params)
     client = connect(host, namespace)
-    result = _call(host, create, client, name=name, cron=cron, experiment=experiment, pipeline_name=pipeline_name,
-                   version_id=version_id, package=package, version_name=version_name, params=args,
-                   namespace=namespace, max_concurrency=max_concurrency, catchup=catchup, enabled=not disabled,
-                   service_account=service_account, replace=replace)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        replaced = f"; replaced {', '.join(result['replaced'])}" if result["replaced"] else ""
-        click.echo(f"created recurring run {result['recurring_run_id']} '{name}' ({result['cron']}) of "
-                   f"{pipeline_name} version {result['version_id']}{replaced}")
-    return 0
+    return _call(host, _create, client, name=name, cron=cron, experiment=experiment, pipeline_name=pipeline_name,
+                 version_id=version_id, package=package, version_name=version_name, params=args,
+                 namespace=namespace, max_concurrency=max_concurrency, catchup=catchup, enabled=enabled,
+                 service_account=service_account, replace=replace)
 
 
-@command.command("list")
-@host_option
-@namespace_option
-@click.option("--experiment", default=None, help="Only this experiment's recurring runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def list_command(host: str, namespace: str | None, experiment: str | None, as_json: bool) -> int:
-    """List recurring runs."""
+def list_recurring(*, host: str, namespace: str | None, experiment: str | None) -> list[dict[str, Any]]:
+    """Every recurring run (of `experiment` when given), one row each."""
     client = connect(host, namespace)
     experiment_id = None
     if experiment:
@@ -216,26 +140,14 @@ def list_command(host: str, namespace: str | None, experiment: str | None, as_js
                          "mode": r.mode, "experiment_id": r.experiment_id, "version_id": version})
         token = page.next_page_token or ""
         if not token:
-            break
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-    elif not rows:
-        click.echo("no recurring runs")
-    else:
-        for row in rows:
-            click.echo(f"{row['recurring_run_id']}  {row['name']:<24} {row['cron'] or '-':<16} {row['mode']:<8} "
-                       f"version {row['version_id']}")
-    return 0
+            return rows
 
 
-@command.command("delete")
-@host_option
-@namespace_option
-@experiment_option
-@click.option("--id", "run_id", default=None, help="Recurring run id.")
-@click.option("--name", default=None, help="Delete every recurring run of this name in --experiment.")
-def delete_command(host: str, namespace: str | None, experiment: str, run_id: str | None, name: str | None) -> int:
-    """Delete a recurring run (by id, or all of one name in an experiment)."""
+def delete(*, host: str, namespace: str | None, experiment: str, run_id: str | None,
+           name: str | None) -> Iterator[str]:
+    """Delete a recurring run by id, or every one of `name` in `experiment`. What to delete is checked first;
+    the deletions then happen as the result is iterated, each id yielded once it is gone (so the caller reports
+    progress even if a later deletion fails)."""
     if (run_id is None) == (name is None):
         raise UserError("give exactly one of --id or --name")
     client = connect(host, namespace)
@@ -256,7 +168,10 @@ def delete_command(host: str, namespace: str | None, experiment: str, run_id: st
         if not found:
             raise UserError(f"no recurring run named '{name}' in experiment '{experiment}'")
         ids = [r.recurring_run_id for r in found]
+    return _deleting(host, client, ids)
+
+
+def _deleting(host: str, client, ids: list[str]) -> Iterator[str]:
     for rid in ids:
         _call(host, client.delete_recurring_run, rid)
-        click.echo(f"deleted recurring run {rid}")
-    return 0
+        yield rid

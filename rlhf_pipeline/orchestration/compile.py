@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import click
 import yaml
 
 from rlhf_pipeline.errors import UserError
@@ -24,6 +23,11 @@ def load_settings(settings_path: str | None, trainjob: bool = False):
 
     overrides: dict[str, Any] = {"distributed": "trainjob"} if trainjob else {}
     return PipelineSettings.load(settings_path, overrides)
+
+
+def uses_trainjob(settings_path: str | None, trainjob: bool = False) -> bool:
+    """Whether the training steps launch Kubeflow Trainer TrainJobs (else they train in their own pod)."""
+    return load_settings(settings_path, trainjob).distributed == "trainjob"
 
 
 def compile_to(output: str | Path, settings_path: str | None = None, trainjob: bool = False) -> Path:
@@ -71,30 +75,3 @@ def summary(path: Path) -> dict[str, Any]:
     order = list(DISPLAY.values())
     tasks.sort(key=lambda t: next((i for i, d in enumerate(order) if t.startswith(d)), len(order)))
     return {"tasks": tasks, "parameters": sorted(spec["root"].get("inputDefinitions", {}).get("parameters", {}))}
-
-
-@click.command("compile", context_settings={"max_content_width": 110})
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the YAML [default: pipelines/rlhf_pipeline.yaml, the committed file].")
-@click.option("--settings", "settings_path", type=click.Path(dir_okay=False), default=None,
-              help="Kubernetes settings YAML (GPU node pool, resources, retries, caching, PVC, secrets, TrainJob); "
-                   "see docs/pipeline.md.")
-@click.option("--trainjob", is_flag=True, default=False,
-              help="Training steps launch Kubeflow Trainer TrainJobs (same as settings `distributed: trainjob`).")
-@click.option("--check", is_flag=True, default=False,
-              help="Do not write: exit 1 if the output file differs from a fresh compile (CI staleness check).")
-def command(output: str | None, settings_path: str | None, trainjob: bool, check: bool) -> int:
-    """Compile the Kubeflow pipeline to YAML with the real KFP compiler."""
-    out = Path(output) if output else default_output()
-    if check:
-        if is_stale(out, settings_path, trainjob):
-            click.echo(f"{out} is stale: run `rlhf compile` and commit it", err=True)
-            return 1
-        click.echo(f"{out} is up to date")
-        return 0
-    path = compile_to(out, settings_path, trainjob)
-    info = summary(path)
-    mode = "TrainJob launchers" if trainjob or load_settings(settings_path).distributed == "trainjob" else "in-pod training"
-    click.echo(f"wrote {path} ({len(info['tasks'])} tasks, {mode})")
-    click.echo("tasks: " + ", ".join(dict.fromkeys(info["tasks"])))
-    return 0

@@ -8,23 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline import mlflow_client
 from rlhf_pipeline.errors import UserError
 
 CHALLENGER = "challenger"
 FENCE = "`" * 3
 HEADLINE = ("rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate")
-
-
-def mlflow_client(tracking_uri: str | None):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from rlhf_pipeline.tracking import check_tracking_server, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri or None)
-    check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
 
 
 def find_version(client, name: str, *, version: str | None = None, kfp_run_id: str | None = None):
@@ -101,7 +90,8 @@ def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], ve
         lines += ["", "## All step metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(metrics[k])} |" for k in others]
     if versions:
-        lines += ["", "## Registered model versions", "", "| model | version | aliases | lineage |", "|---|---|---|---|"]
+        lines += ["", "## Registered model versions", "",
+                  "| model | version | aliases | lineage |", "|---|---|---|---|"]
         for v in versions:
             lineage = ", ".join(f"{k}={_short(str(v['tags'][k]))}" for k in
                                 ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
@@ -186,7 +176,7 @@ def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: A
     metrics.update({k: float(v) for k, v in (eval_metrics.metadata or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client.connect(tracking_uri or None)
     run_id = kfp_run_id if kfp_run_id and not kfp_run_id.startswith("{{") else None
     versions = []
     policy_version = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -195,10 +194,6 @@ def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | 
     (dest / "step.json").write_text(json.dumps(
         {"step": step, "output_dir": str(output_dir), "registered": versions, "metrics": values}, indent=2))
     return values
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def stage_config_class(stage: str) -> type:

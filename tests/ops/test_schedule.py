@@ -209,8 +209,8 @@ def test_bad_cron_fails_before_any_request(kfp_stub, capsys, cron):
 def test_token_is_not_a_command_line_option():
     from click.testing import CliRunner
 
-    from rlhf_pipeline.ops.schedule import command
+    from rlhf_pipeline.cli.ops import schedule_command
 
     for sub in ("create", "list", "delete"):
-        help_text = CliRunner().invoke(command, [sub, "--help"]).output
+        help_text = CliRunner().invoke(schedule_command, [sub, "--help"]).output
         assert "--token" not in help_text

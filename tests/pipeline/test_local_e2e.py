@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pipeline.orchestration import local_run
+from rlhf_pipeline.orchestration import local_run, run_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,8 @@ LINEAGE = ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
 
 
 def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[str, ...] = ()):
-    return local_run.load_config(None, {"model": str(model), "input": str(beer), "output": str(out),
-                                        "alignment": alignment, "num_threads": 2}, (
+    return run_config.load_config(None, {"model": str(model), "input": str(beer), "output": str(out),
+                                         "alignment": alignment, "num_threads": 2}, (
         "prepare_data.finetune_max_pairs=48", "prepare_data.reward_max_pairs=64", "prepare_data.rl_max_pairs=16",
         "prepare_data.evaluation_max_pairs=16",
         "sft.max_steps=2", "sft.seq_length=128", "sft.batch_size=2", "sft.max_eval_samples=4",

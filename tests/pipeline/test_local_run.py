@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.orchestration import local_run
+from rlhf_pipeline.orchestration import run_config
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
 
 def test_the_default_recipe_is_the_defaults():
-    recipe = yaml.safe_load(local_run.DEFAULT_RECIPE.read_text())
-    cfg = local_run.load_config(None, {})
-    for section in local_run.STAGE_SECTIONS:
+    recipe = yaml.safe_load(run_config.DEFAULT_RECIPE.read_text())
+    cfg = run_config.load_config(None, {})
+    for section in run_config.STAGE_SECTIONS:
         assert {k: v for k, v in getattr(cfg, section).items() if k not in ("precision", "mixed_precision")} == {
             k: v for k, v in recipe[section].items() if k not in ("precision", "mixed_precision")}, section
     assert cfg.alignment == recipe["alignment"] == "ppo" and cfg.model == recipe["model"] == "smollm2-135m-instruct"
@@ -27,9 +27,9 @@ def test_the_default_recipe_is_the_defaults():
 def test_precedence_defaults_recipe_flags_set(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("alignment: dpo\nsft: {max_steps: 7}\nreward: {batch_size: 8}\n")
-    cfg = local_run.load_config(str(recipe), {"alignment": "ppo"}, ("sft.max_steps=9", "ppo.temperature=0.7"))
+    cfg = run_config.load_config(str(recipe), {"alignment": "ppo"}, ("sft.max_steps=9", "ppo.temperature=0.7"))
     assert cfg.alignment == "ppo"
-    default_seq_length = yaml.safe_load(local_run.DEFAULT_RECIPE.read_text())["sft"]["seq_length"]
+    default_seq_length = yaml.safe_load(run_config.DEFAULT_RECIPE.read_text())["sft"]["seq_length"]
     assert cfg.sft["max_steps"] == 9 and cfg.sft["seq_length"] == default_seq_length
     assert cfg.reward["batch_size"] == 8 and cfg.ppo["temperature"] == 0.7
 
@@ -38,10 +38,10 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
     from rlhf_pipeline.modeling import loading
 
     monkeypatch.setattr(loading, "native_bf16_available", lambda: True)
-    cfg = local_run.load_config(None, {})
+    cfg = run_config.load_config(None, {})
     assert (cfg.sft["precision"], cfg.ppo["mixed_precision"]) == ("bf16", "bf16")
     monkeypatch.setattr(loading, "native_bf16_available", lambda: False)
-    cfg = local_run.load_config(None, {}, ("dpo.precision=bf16",))  # an explicit --set still wins
+    cfg = run_config.load_config(None, {}, ("dpo.precision=bf16",))  # an explicit --set still wins
     for section in ("sft", "reward", "ppo"):
         assert (getattr(cfg, section)["precision"], getattr(cfg, section)["mixed_precision"]) == ("fp32", "no")
     assert cfg.dpo["precision"] == "bf16"
@@ -53,7 +53,7 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
 ])
 def test_bad_set(sets, message):
     with pytest.raises(UserError, match=message):
-        local_run.load_config(None, {}, sets)
+        run_config.load_config(None, {}, sets)
 
 
 def test_unknown_stage_option_fails_before_anything_runs(tmp_path):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ops.pipeline_params import parse_params
 from rlhf_pipeline.orchestration import submit as sub
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -19,8 +20,8 @@ KNOWN = {"alignment": {"parameterType": "STRING"}, "sft_config": {"parameterType
 
 
 def test_params_are_typed_by_the_pipeline_definition():
-    assert sub.parse_params(["alignment=dpo", 'sft_config={"max_steps": 5}', "report_samples=3",
-                             'gpu_tolerations=[{"key": "a", "operator": "Exists"}]'], KNOWN) == {
+    assert parse_params(["alignment=dpo", 'sft_config={"max_steps": 5}', "report_samples=3",
+                         'gpu_tolerations=[{"key": "a", "operator": "Exists"}]'], KNOWN) == {
         "alignment": "dpo", "sft_config": {"max_steps": 5}, "report_samples": 3,
         "gpu_tolerations": [{"key": "a", "operator": "Exists"}]}
 
@@ -32,7 +33,24 @@ def test_params_are_typed_by_the_pipeline_definition():
 ])
 def test_bad_params(pair, message):
     with pytest.raises(UserError, match=message):
-        sub.parse_params([pair], KNOWN)
+        parse_params([pair], KNOWN)
+
+
+def test_strings_stay_as_given_unless_quoted_as_json():
+    assert parse_params(["alignment=ppo"], KNOWN) == parse_params(['alignment="ppo"'], KNOWN) == {"alignment": "ppo"}
+    known = {"tag": {"parameterType": "STRING"}}
+    assert parse_params(["tag=[1"], known) == {"tag": "[1"}
+    assert parse_params(["tag=123"], known) == {"tag": "123"} == parse_params(['tag="123"'], known)
+
+
+def test_without_definitions_values_are_json_or_strings():
+    """`rlhf schedule create` has no compiled spec at hand: names are not checked, JSON types the values."""
+    assert parse_params(["max_steps=500", "flag=true", "name=weekly", 'tag="123"', 'cfg={"a": 1}']) == {
+        "max_steps": 500, "flag": True, "name": "weekly", "tag": "123", "cfg": {"a": 1}}
+    with pytest.raises(UserError, match="NAME=VALUE"):
+        parse_params(["=3"])
+    with pytest.raises(UserError, match="ppo or dpo"):
+        parse_params(["alignment=rlaif"])
 
 
 def _closed_port() -> int:
@@ -67,7 +85,7 @@ class FakeClient:
         self.calls.append(("upload_pipeline", pipeline_name, Path(path).is_file()))
         return SimpleNamespace(pipeline_id="p-1")
 
-    def list_pipeline_versions(self, pipeline_id, page_size):
+    def list_pipeline_versions(self, pipeline_id, page_size, sort_by=None):
         return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id="v-1")])
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):

@@ -1,99 +1,19 @@
-"""The `rlhf` command line: the only module that knows click (library code raises UserError, returns results).
-
-Stage commands are generated from the stage registry (stages.py) with `stage_command`: every config field
-becomes a `--flag`, `--config recipe.yaml` loads a recipe, flags override the recipe. Everything is imported
-lazily, so `rlhf --help` and `rlhf prepare-data` do not pay for importing torch.
-"""
+"""Stage commands generated from a config class: every field becomes a `--flag`, `--config recipe.yaml` loads a
+recipe, flags override the recipe (the precedence itself is StageConfig.load's)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 import yaml
 
 from rlhf_pipeline.config import StageConfig, flag_name
-from rlhf_pipeline.errors import UserError
-
-# The commands that are not stages: name -> (module:attribute of a click command, one-line help).
-TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("rlhf_pipeline.orchestration.local_run:command", "Run the whole pipeline locally via kfp.local."),
-    "compile": ("rlhf_pipeline.orchestration.compile:command", "Compile the Kubeflow pipeline to YAML."),
-    "submit": ("rlhf_pipeline.orchestration.submit:command", "Upload the pipeline to Kubeflow and start a run."),
-    "schedule": ("rlhf_pipeline.ops.schedule:command", "Create, list and delete recurring runs."),
-    "promote": ("rlhf_pipeline.ops.promote:command", "Gate a registered model and move its champion alias."),
-}
-
-
-def commands() -> dict[str, str]:
-    """Every subcommand and its one-line help: the registry's stages, then the tools."""
-    from rlhf_pipeline.stages import STAGES
-
-    return {**{s.command: s.help for s in STAGES.values()}, **{n: h for n, (_, h) in TOOL_COMMANDS.items()}}
-
-
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(commands())
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        from rlhf_pipeline.stages import STAGES
-
-        stage = STAGES.get(name.replace("-", "_"))
-        if stage is not None and stage.command == name:
-            return stage_command(name, stage.config_class(), stage.run_function(), help=stage.help)
-        if name not in TOOL_COMMANDS:
-            return None
-        target, _ = TOOL_COMMANDS[name]
-        module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # the stage itself is not built yet
-                raise UserError(f"command '{name}' is not available in this version") from None
-            raise
-        return getattr(module, attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl(list(commands().items()))
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="rlhf-pipeline")
-def cli() -> None:
-    """rlhf-pipeline: align language models with human preferences, the StackLLaMA way."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    prog = "rlhf " + args[0] if args and not args[0].startswith("-") else "rlhf"
-    try:
-        rv = cli.main(args=args, prog_name="rlhf", standalone_mode=False)
-    except UserError as exc:
-        click.echo(f"{prog}: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo(f"{prog}: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
-        sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Stage commands generated from a config class
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _unwrap_optional(annotation: Any) -> Any:

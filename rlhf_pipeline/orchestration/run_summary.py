@@ -1,0 +1,112 @@
+"""What `rlhf run` reports at the end: the summary (step times, metrics, registered versions, paths) and its
+tables on the console."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline.orchestration.run_config import LocalRunConfig
+from rlhf_pipeline.orchestration.run_console import StepTimer
+
+
+def _latest(pattern: str, root: Path) -> Path | None:
+    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def collect_summary(cfg: LocalRunConfig, out: Path, run_dir: Path | None, pipeline_root: Path, timer: StepTimer,
+                    total: float, log_path: Path) -> dict[str, Any]:
+    from rlhf_pipeline.orchestration import steps
+
+    metrics: dict[str, dict[str, Any]] = {}
+    if run_dir is not None:
+        for step in ("sft", "reward", cfg.alignment, "evaluate"):
+            raw = steps.read_metrics(run_dir / step)
+            metrics[step] = steps.namespaced(step, steps.flat_metrics(raw))
+    report_md = _latest("*/report*/report_md", pipeline_root)
+    report_html = _latest("*/report*/report_html", pipeline_root)
+    paths = {}
+    if report_md is not None:
+        shutil.copy2(report_md, out / "report.md")
+        paths["report_md"] = str(out / "report.md")
+    if report_html is not None:
+        shutil.copy2(report_html, out / "report.html")
+        paths["report_html"] = str(out / "report.html")
+    versions = registered_versions(cfg, run_dir.name if run_dir else None)
+    timings = {timer.label(t): round(d, 1) for t, d in timer.durations.items()}
+    cpu = {timer.label(t): round(c, 1) for t, c in timer.cpu.items()}
+    return {
+        "alignment": cfg.alignment, "run": run_dir.name if run_dir else None, "total_seconds": round(total, 1),
+        "step_seconds": timings, "step_cpu_seconds": cpu, "metrics": metrics, "registered": versions,
+        "tracking_uri": cfg.tracking(),
+        "work_dir": str(run_dir) if run_dir else None, "log": str(log_path), **paths,
+    }
+
+
+def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[str, Any]]:
+    if not run_key:
+        return []
+    from rlhf_pipeline import mlflow_client
+
+    client = mlflow_client.connect(cfg.tracking())
+    rows = []
+    for stage in ("sft", "reward", "policy"):
+        name = f"{cfg.registered_model_prefix}-{stage}"
+        try:
+            found = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{run_key}'")
+        except Exception:  # noqa: BLE001 (a missing model is just not listed)
+            found = []
+        for mv in sorted(found, key=lambda v: int(v.version)):
+            mv = client.get_model_version(mv.name, mv.version)  # search results carry no aliases
+            rows.append({"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []),
+                         "tags": dict(mv.tags or {})})
+    return rows
+
+
+HEADLINE = [("RM accuracy", "reward", "rm/accuracy"), ("eval reward (policy)", "evaluate", "eval/reward_mean"),
+            ("eval KL (policy‖SFT)", "evaluate", "eval/kl"), ("eval win-rate vs SFT", "evaluate", "eval/win_rate")]
+
+
+def print_summary(summary: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title="Step times", show_header=True)
+    t.add_column("step")
+    t.add_column("wall s", justify="right")
+    t.add_column("CPU s", justify="right")
+    cpu = summary.get("step_cpu_seconds", {})
+    for step, secs in summary["step_seconds"].items():
+        t.add_row(step, f"{secs:.1f}", f"{cpu[step]:.1f}" if step in cpu else "")
+    t.add_row("[bold]total[/]", f"[bold]{summary['total_seconds']:.1f}[/]", f"{sum(cpu.values()):.1f}")
+    console.print(t)
+
+    m = summary["metrics"]
+    t = Table(title="Results", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for label, step, key in HEADLINE:
+        value = m.get(step, {}).get(key)
+        t.add_row(label, f"{value:.4g}" if isinstance(value, float) else "n/a")
+    align = summary["alignment"]
+    for key, value in sorted(m.get(align, {}).items()):
+        if any(w in key for w in ("reward", "kl", "loss", "accuracy", "margin")):
+            t.add_row(key, f"{value:.4g}")
+    console.print(t)
+
+    if summary["registered"]:
+        t = Table(title="Registered model versions (MLflow)", show_header=True)
+        for col in ("model", "version", "aliases", "lineage"):
+            t.add_column(col)
+        for v in summary["registered"]:
+            lineage = " ".join(f"{k}={str(v['tags'][k])[:10]}" for k in ("data_hash", "git_commit", "config_hash")
+                               if k in v["tags"])
+            t.add_row(v["name"], v["version"], ",".join(v["aliases"]), lineage)
+        console.print(t)
+    uri = summary["tracking_uri"]
+    console.print(f"MLflow UI:  [bold]mlflow ui --backend-store-uri {uri}[/]")
+    if summary.get("report_md"):
+        console.print(f"Report:     {summary['report_md']}  ({summary.get('report_html', '')})")
+    console.print(f"Outputs:    {summary['work_dir']}")
+    console.print(f"Log:        {summary['log']}")
