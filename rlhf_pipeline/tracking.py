@@ -195,3 +195,14 @@ def stage_run(cfg: TrackingOptions, stage: str, *, data_dir: str | Path | None =
         mlflow.log_params(_flat_params(stage, cfg.to_flat_dict()))
         yield StageRun(stage=stage, run_id=run.info.run_id, prefix=cfg.registered_model_prefix,
                        register_enabled=cfg.register_model, lineage=lineage)
+
+
+def client(tracking_uri: str | None = None):
+    """The one MlflowClient builder for tools outside a stage run (the report step, `rlhf run`'s summary,
+    `rlhf promote`): the stages' URI resolution ($MLFLOW_TRACKING_URI, else ./mlflow.db), checked reachable
+    first, so an unreachable server fails in seconds with one line."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

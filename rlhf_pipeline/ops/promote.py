@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rlhf_pipeline import mlflow_client
+from rlhf_pipeline import tracking
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.ops.gates import DEFAULT_GATES, GateResult, Gates, evaluate_gates
 
@@ -216,7 +216,7 @@ def promote(model: str, candidate: str = "challenger", gates_path: str | Path = 
     """Gate `candidate` of `model` and promote it on success. Returns a JSON-able summary with
     `verdict` in {"promoted", "rejected", "already-champion", "would-promote"}."""
     gates = Gates.load(gates_path)
-    client = mlflow_client.connect(tracking_uri)
+    client = tracking.client(tracking_uri)
     version = resolve_candidate(client, model, candidate)
     champion_v = _champion_version(client, model)
     summary: dict[str, Any] = {"model": model, "candidate": str(version.version), "requested": candidate,
@@ -236,7 +236,7 @@ def promote(model: str, candidate: str = "challenger", gates_path: str | Path = 
 
 def break_lock(model: str, tracking_uri: str | None = None) -> str | None:
     """`--break-lock`: remove the promotion lock a killed process left; returns who held it (None: no lock)."""
-    return remove_lock(mlflow_client.connect(tracking_uri), model)
+    return remove_lock(tracking.client(tracking_uri), model)
 
 
 def verdict_lines(summary: dict[str, Any]) -> list[str]:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.kfp_client import api_error, connect, is_api_error, latest_version_id, quiet_stdout, upload
-from rlhf_pipeline.ops.pipeline_params import parse_params
+from rlhf_pipeline.orchestration.kfp_client import api_error, connect, is_api_error, latest_version_id, quiet_stdout, upload
+from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 
 def normalize_cron(expr: str) -> str:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf_pipeline import mlflow_client
+from rlhf_pipeline import tracking
 from rlhf_pipeline.errors import UserError
 
 CHALLENGER = "challenger"
@@ -176,7 +176,7 @@ def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: A
     metrics.update({k: float(v) for k, v in (eval_metrics.metadata or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
-    client = mlflow_client.connect(tracking_uri or None)
+    client = tracking.client(tracking_uri or None)
     run_id = kfp_run_id if kfp_run_id and not kfp_run_id.startswith("{{") else None
     versions = []
     policy_version = None

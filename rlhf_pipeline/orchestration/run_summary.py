@@ -48,9 +48,9 @@ def collect_summary(cfg: LocalRunConfig, out: Path, run_dir: Path | None, pipeli
 def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[str, Any]]:
     if not run_key:
         return []
-    from rlhf_pipeline import mlflow_client
+    from rlhf_pipeline import tracking
 
-    client = mlflow_client.connect(cfg.tracking())
+    client = tracking.client(cfg.tracking())
     rows = []
     for stage in ("sft", "reward", "policy"):
         name = f"{cfg.registered_model_prefix}-{stage}"

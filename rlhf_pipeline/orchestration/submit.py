@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.kfp_client import api_error, check_reachable, connect, is_api_error, upload
-from rlhf_pipeline.ops.pipeline_params import parse_params
+from rlhf_pipeline.orchestration.kfp_client import api_error, check_reachable, connect, is_api_error, upload
+from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 
 def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, experiment: str,

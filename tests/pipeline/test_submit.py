@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ops.pipeline_params import parse_params
+from rlhf_pipeline.orchestration.pipeline_params import parse_params
 from rlhf_pipeline.orchestration import submit as sub
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
