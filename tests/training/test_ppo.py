@@ -201,6 +201,85 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
     assert torch.allclose(sampled, trained, atol=1e-4)
 
 
+# --- the dropout-off invariant: pi_old == pi_theta before the first update -----------------------------------
+
+def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
+    """cpu_kernels=eager swaps LoRA's nn.Dropout for FastDropout (an nn.Dropout subclass): disable_dropout must
+    switch it off too, so a train-mode forward (PPO's update) gives the eval-mode log-probs bit for bit."""
+    from rlhf_pipeline.cpu.fast_dropout import FastDropout
+    from rlhf_pipeline.modeling.loading import load_causal_lm
+
+    cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4, lora_dropout=0.1, cpu_kernels="eager")
+    model = PolicyWithValue.build(load_causal_lm(str(tiny_model_dir), device="cpu"), cfg)
+    fast = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert fast and all(m.p == pytest.approx(0.1) for m in fast)
+    randomize_lora(model)  # B != 0: LoRA's input dropout reaches the output
+    _, prompt_ids = prompts(tokenizer)
+    torch.manual_seed(0)
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS,
+                               force_length=True)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
+
+    def old_and_new():
+        with torch.no_grad():
+            old = model.eval()(*args).logprobs  # the old pass (no grad)
+            new = model.train()(*args).logprobs  # the update's forward (train mode)
+        return old, new
+
+    old, new = old_and_new()
+    assert not torch.equal(old, new)  # dropout still on: the ratio would not be 1 (the check below can fail)
+    disable_dropout(model)
+    assert all(m.p == 0.0 and m.threshold == 32768 for m in fast)
+    old, new = old_and_new()
+    assert torch.equal(old, new)
+    assert torch.equal(torch.exp(new - old), torch.ones_like(old))
+
+
+@pytest.mark.parametrize("dropout_off", [True, False])
+def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite,
+                                                                  monkeypatch, dropout_off):
+    """A whole run with lora_dropout=0.1 and cpu_kernels=eager, instrumented: in every PPO step the first
+    minibatch's new log-probs (train mode, recomputed: minibatch < batch) equal the old pass's bit for bit, so
+    ratio == 1, approx_kl == 0 and clipfrac == 0 before the step's first optimizer step. With disable_dropout
+    made a no-op the same check fails (from step 2 on, once LoRA's B is no longer zero)."""
+    import rlhf_pipeline.ppo.trainer as trainer
+
+    if not dropout_off:
+        monkeypatch.setattr(trainer, "disable_dropout", lambda model: None)
+    first = {"pending": False, "seen": []}
+    real_update, real_loss = trainer.ppo_update, trainer.ppo_policy_loss
+
+    def update(*args, **kwargs):
+        first["pending"] = True
+        return real_update(*args, **kwargs)
+
+    def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+        out = real_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+        if first["pending"]:
+            first["pending"] = False
+            ratio = torch.exp(logprobs.detach() - old_logprobs)
+            first["seen"].append((torch.equal(ratio, torch.ones_like(ratio)), float(out[1]), float(out[2])))
+        return out
+
+    monkeypatch.setattr(trainer, "ppo_update", update)
+    monkeypatch.setattr(trainer, "ppo_policy_loss", policy_loss)
+
+    def dense(questions, responses, rollout):  # every response scores differently: LoRA's B moves at step 1
+        ids, mask = rollout.response_ids.float(), rollout.response_mask.float()
+        return ((ids % 97) * mask).sum(1) / mask.sum(1) / 97
+
+    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "ppo", steps=3, batch_size=4, mini_batch_size=2,
+                  ppo_epochs=1, lora_dropout=0.1, cpu_kernels="eager", learning_rate=1e-2)
+    run_ppo(cfg, reward_fn=dense)
+    assert len(first["seen"]) == 3
+    if dropout_off:
+        assert first["seen"] == [(True, 0.0, 0.0)] * 3, first["seen"]  # (ratio == 1, clipfrac, approx_kl)
+    else:
+        assert first["seen"][0][0]  # step 1: B == 0, the adapter adds nothing whatever dropout does
+        assert not any(equal for equal, _, _ in first["seen"][1:]), first["seen"]
+        assert all(approx_kl > 0 for _, _, approx_kl in first["seen"][1:]), first["seen"]
+
+
 # --- NaN guard ---------------------------------------------------------------------------------------------------
 
 def _update_inputs(model, tokenizer):
