@@ -14,13 +14,14 @@ algorithm reads top to bottom in this file; each PPO step (numbered as in the co
   (6) clipped policy + value loss           ppo_update below: minibatches x ppo_epochs, approx-KL early stop
 By role: config.py (options), rollout.py (which prompts, how long, the samples), policy.py (policy + reference +
 critic on one base, PPO's checkpoints), rewards.py (reward sources); the math is training/losses.py, every
-forward modeling/forward.py.
+forward modeling/forward.py. The result is a `results.StageResult`, also written as <output>/metrics.json.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +35,7 @@ from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout, restore_ppo_state, save_ppo_state
 from rlhf_pipeline.ppo.rewards import FunctionReward, read_reward_model_dir, score_responses
 from rlhf_pipeline.ppo.rollout import log_generations, sample_rollout, step_prompts
+from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.training.loop import (
     build_accelerator,
     build_optimizer,
@@ -41,7 +43,6 @@ from rlhf_pipeline.training.loop import (
     finished_run,
     set_seed,
     tracked_run,
-    write_metrics,
 )
 from rlhf_pipeline.training.losses import (
     AdaptiveKLController,
@@ -57,7 +58,7 @@ from rlhf_pipeline.training.losses import (
 )
 
 
-def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
+def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
     """Train the policy; `reward_fn(questions, responses, rollout) -> scores` replaces the reward model (tests)."""
     if reward_fn is None and cfg.reward_model is None:
         raise UserError("--reward-model is required (the reward stage's output directory)")
@@ -65,7 +66,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
         read_reward_model_dir(cfg.reward_model)  # a bad path fails before anything is loaded or logged
     done = finished_run(cfg.output)
     if done is not None:
-        return done
+        return reused_result(done, cfg)
     questions = read_questions(cfg.data, "rl", cfg.max_train_samples, cfg.seed)
     if len(questions) < cfg.batch_size:
         raise UserError(f"{cfg.data}/rl.parquet has {len(questions)} questions, "
@@ -137,9 +138,11 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
         summary = summarize(history, cfg)
         adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
-        summary.update(adapter=str(adapter_dir), merged=str(merged_dir), registered=entry)
-        write_metrics(cfg.output, summary)
-        return summary
+        result = StageResult(stage="ppo", status="trained", output=str(cfg.output),
+                             processes=accelerator.num_processes, registered=registered_versions(entry),
+                             adapter=str(adapter_dir), merged=str(merged_dir), **summary)
+        result.write()
+        return result
 
 def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
                accelerator, first_forward=None) -> dict:
@@ -255,3 +258,19 @@ def step_metrics(scores, raw_scores, sequence_kl: float, kl_coef: float, entropy
         **{f"ppo/time_{k}_s": v for k, v in clock.seconds.items()},
     }
 
+
+def registered_versions(entry: dict[str, Any] | None) -> list[RegisteredVersion]:
+    """tracking's `StageRun.register` entry {name, version, uri, run_id} (None: registration off) as a list."""
+    if not entry:
+        return []
+    return [RegisteredVersion(name=entry["name"], version=str(entry["version"]), uri=entry["uri"],
+                              run_id=entry.get("run_id"))]
+
+
+def reused_result(done: dict[str, Any] | StageResult, cfg: PPOConfig) -> StageResult:
+    """The run that already finished in --output, as status "reused" (output: where it was found). Also reads a
+    metrics.json written before StageResult (no envelope; `registered` one entry or null)."""
+    data = done.model_dump() if isinstance(done, StageResult) else dict(done)
+    if not isinstance(data.get("registered"), list):
+        data["registered"] = registered_versions(data.get("registered"))
+    return StageResult.model_validate({"stage": "ppo", **data, "output": str(cfg.output), "status": "reused"})

@@ -18,6 +18,7 @@ from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, Shared
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.modeling.forward import response_forward
 
 EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
@@ -469,12 +470,14 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
 
     cfg = ppo_cfg(peaky_model_dir, data_dir, tmp_path / "ppo", steps=16, register_model=True)
     summary = run_ppo(cfg, reward_fn=target_share)
-    rewards = [h["reward_mean"] for h in summary["history"]]
-    kls = [h["kl"] for h in summary["history"]]
+    assert isinstance(summary, StageResult)
+    assert (summary.stage, summary.status, summary.output, summary.processes) == ("ppo", "trained", str(cfg.output), 1)
+    rewards = [h["reward_mean"] for h in summary.history]
+    kls = [h["kl"] for h in summary.history]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.05, rewards
     assert max(kls) < 10.0 and sum(kls[-4:]) / 4 > 0, kls
-    assert summary["skipped_updates"] == 0
+    assert summary.skipped_updates == 0
 
     out = tmp_path / "ppo"
     for path in ("adapter/adapter_config.json", "adapter/value_head.safetensors", "merged/config.json",
@@ -482,14 +485,22 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
         assert (out / path).is_file(), path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_first"] == rewards[0] and metrics["ppo/samples_per_s"] > 0
+    for key in ("reward_last", "kl_first", "kl_last", "kl_coef_last", "reward_mean_last5", "kl_mean_last5",
+                "steps", "samples", "skipped_updates", "ppo/tokens_per_s", "adapter", "merged"):
+        assert key in metrics, key
+    assert metrics["history"] == json.loads(json.dumps(summary.history))  # (NaN -> null in the file)
+    assert StageResult.read(out) == summary
+    (registered,) = summary.registered
+    assert metrics["registered"] == [registered.model_dump()]
     client = mlflow.tracking.MlflowClient()
-    run = client.get_run(summary["registered"]["run_id"])
+    run = client.get_run(registered.run_id)
     for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/approx_kl",
                 "ppo/clipfrac", "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance",
                 "ppo/response_length", "ppo/tokens_per_s", "ppo/samples_per_s", "ppo/skipped_updates"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "ppo/reward_mean")) == 16
-    version = client.get_model_version("rlhf-policy", summary["registered"]["version"])
+    assert (registered.name, registered.uri) == ("rlhf-policy", f"models:/rlhf-policy/{registered.version}")
+    version = client.get_model_version("rlhf-policy", registered.version)
     assert version.tags["algorithm"] == "ppo" and version.tags["stage"] == "ppo"
     tables = [a.path for a in client.list_artifacts(run.info.run_id, "generations")]
     assert len(tables) >= 3  # steps 1, 5, 10, 15
@@ -519,15 +530,32 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_
     assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     resumed = run_ppo(cfg, reward_fn=target_share)
-    assert resumed["steps"] == 4
-    for a, b in zip(straight["history"], resumed["history"]):
+    assert resumed.steps == 4 and resumed.status == "trained"
+    for a, b in zip(straight.history, resumed.history):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"]) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert run_ppo(cfg, reward_fn=target_share)["steps"] == 4  # a finished run is not redone
+    again = run_ppo(cfg, reward_fn=target_share)  # a finished run is not redone
+    assert again.status == "reused" and again.steps == 4 and again.reward_last == resumed.reward_last
+    assert again.registered == [] and StageResult.read(cfg.output).status == "trained"
+
+
+def test_a_finished_run_from_before_stage_result_is_reused(tmp_path):
+    """A metrics.json without the envelope (registered = one entry with an int version) still reads as reused."""
+    from rlhf_pipeline.ppo.trainer import reused_result
+
+    legacy = {"steps": 4, "reward_last": 0.5, "history": [], "registered": {
+        "name": "rlhf-policy", "version": 3, "uri": "models:/rlhf-policy/3", "run_id": "abc"}}
+    cfg = PPOConfig(model="x", data="x", output=str(tmp_path))
+    result = reused_result(legacy, cfg)
+    assert (result.stage, result.status, result.output, result.steps) == ("ppo", "reused", str(tmp_path), 4)
+    assert [r.model_dump() for r in result.registered] == [
+        {"name": "rlhf-policy", "version": "3", "uri": "models:/rlhf-policy/3", "run_id": "abc"}]
+    assert reused_result({**legacy, "registered": None}, cfg).registered == []
+    assert reused_result(result.model_copy(update={"status": "trained"}), cfg) == result
 
 
 def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,
@@ -536,8 +564,8 @@ def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_d
                   reward_model=str(reward_model_dir), reward_clip=3.0, missing_eos_penalty=1.0,
                   value_head_init="reward", force_length=False, kl_estimator="k3")
     summary = run_ppo(cfg)
-    assert summary["steps"] == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary["history"])
-    assert all(h["kl"] >= 0 for h in summary["history"])  # k3 is never negative
+    assert summary.steps == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary.history)
+    assert all(h["kl"] >= 0 for h in summary.history)  # k3 is never negative
 
 
 def test_cli_reports_a_missing_reward_model_in_one_line(tmp_path, data_dir, capsys):
