@@ -17,10 +17,18 @@ from rlhf_pipeline.training.trainable import trainable_model
 
 
 def disable_dropout(module: nn.Module) -> None:
-    """PPO needs pi_old == pi_theta before the first update (ratio 1): no dropout anywhere."""
+    """PPO needs pi_old == pi_theta before the first update (ratio 1): no dropout anywhere, also in train mode.
+
+    Every nn.Dropout (LoRA's, and FastDropout, a subclass) gets p = 0; so does every float `*dropout` attribute,
+    the form in which transformers modules keep the dropout they apply in train mode (LlamaAttention's
+    `attention_dropout`, BART-style layers' `dropout`, ...).
+    """
     for sub in module.modules():
         if isinstance(sub, nn.Dropout):
             sub.p = 0.0
+        for name, value in list(vars(sub).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(sub, name, 0.0)
 
 
 class PolicyWithValue(nn.Module):

@@ -236,6 +236,24 @@ def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
     assert torch.equal(torch.exp(new - old), torch.ones_like(old))
 
 
+def test_disable_dropout_also_zeros_the_attention_dropout_transformers_reads_in_train_mode(tiny_model_dir,
+                                                                                           tokenizer):
+    """Llama (like most transformers models) keeps attention dropout as a float attribute, not an nn.Dropout, and
+    applies it whenever the module is in train mode -- as it is in ppo_update."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
+    cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4)
+    model = PolicyWithValue.build(base, cfg)
+    _, prompt_ids = prompts(tokenizer)
+    ids, mask = pad(prompt_ids, EOS, "left")
+    args = (ids, mask, ids.shape[1] - 3)
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(*args).logprobs, model.train()(*args).logprobs)
+        disable_dropout(model)
+        assert torch.equal(model.eval()(*args).logprobs, model.train()(*args).logprobs)
+
+
 @pytest.mark.parametrize("dropout_off", [True, False])
 def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite,
                                                                   monkeypatch, dropout_off):
