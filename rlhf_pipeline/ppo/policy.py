@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.modeling.forward import ResponseOutputs, response_forward
+from rlhf_pipeline.modeling.generation import Rollout
+from rlhf_pipeline.modeling.lora import save_adapter_and_merged
 from rlhf_pipeline.modeling.value_head import ValueHead
+from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_pipeline.training.trainable import trainable_model
 
+
 def disable_dropout(module: nn.Module) -> None:
-    """PPO needs pi_old == pi_theta before the first update (ratio 1): no dropout anywhere."""
+    """PPO needs pi_old == pi_theta before the first update (ratio 1): no dropout anywhere, also in train mode.
+
+    Every nn.Dropout (LoRA's, and FastDropout, a subclass) gets p = 0; so does every float `*dropout` attribute,
+    the form in which transformers modules keep the dropout they apply in train mode (LlamaAttention's
+    `attention_dropout`, BART-style layers' `dropout`, ...).
+    """
     for sub in module.modules():
         if isinstance(sub, nn.Dropout):
             sub.p = 0.0
+        for name, value in list(vars(sub).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(sub, name, 0.0)
 
 
 class PolicyWithValue(nn.Module):
@@ -41,6 +55,32 @@ class PolicyWithValue(nn.Module):
         return response_forward(self.policy, input_ids, attention_mask, response_start,
                                 value_head=self.value_head if with_values else None,
                                 temperature=self.temperature, with_entropy=with_entropy)
+
+    # -- step (3): the reference and the old policy on a rollout ---------------------------------------------
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """The frozen SFT model's log-probs of the responses [B, R]: the same weights with the adapter disabled."""
+        with self.policy.disable_adapter():
+            return self(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
+
+    def old_outputs(self, rollout: Rollout, *, keep_graph: bool) -> ResponseOutputs:
+        """pi_old's log-probs, values and entropy of the responses. `keep_graph`: run it with its graph (and in train
+        mode, which only matters for gradient checkpointing), so that `ppo_update` can use it as the first
+        minibatch's forward when that minibatch is the whole batch (same weights, no dropout: pi_old = pi_theta)."""
+        self.train(keep_graph)
+        with torch.set_grad_enabled(keep_graph):
+            return self(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True,
+                        with_entropy=True)
+
+    def save_trained(self, output: str | Path, tokenizer) -> tuple[Path, Path]:
+        """The trained policy: value head in `output`, adapter/ (with the value head) and merged/; a shared reward
+        adapter is removed first, so only the policy's adapter is written and merged. Returns (adapter, merged)."""
+        self.detach_reward_model()
+        self.value_head.save(Path(output))
+        adapter_dir, merged_dir = save_adapter_and_merged(self.policy, tokenizer, output)
+        self.value_head.save(adapter_dir)
+        return adapter_dir, merged_dir
 
     # -- reward model ---------------------------------------------------------------------------------------
 
@@ -74,3 +114,24 @@ class PolicyWithValue(nn.Module):
         if self.reward_scorer is not None and hasattr(self.reward_scorer, "detach"):
             self.reward_scorer.detach()
         self.reward_scorer = None
+
+
+# -- PPO's checkpoints: the trainable weights, optimizer, scheduler, RNG (training.checkpoint) + PPO's own state ----
+
+def save_ppo_state(output: str | Path, step: int, model: PolicyWithValue, optimizer, scheduler, kl_ctl,
+                   history: list[dict], skipped_updates: int) -> None:
+    """Checkpoint after `step` PPO steps, with the metrics history, skipped-update count and KL controller."""
+    save_checkpoint(output, step, model, optimizer, scheduler, extra={
+        "history": history, "skipped_updates": skipped_updates, "kl_ctl": kl_ctl.state_dict()})
+
+
+def restore_ppo_state(output: str | Path, model: PolicyWithValue, optimizer, scheduler,
+                      kl_ctl) -> tuple[int, list[dict], int]:
+    """Resume from the latest checkpoint in `output`, if any: (steps done, metrics history, skipped updates)."""
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        return 0, [], 0
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+    tqdm.write(f"resuming from {checkpoint} (step {state['step']})")
+    return state["step"], state["extra"]["history"], state["extra"]["skipped_updates"]

@@ -236,3 +236,19 @@ def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: fl
     if missing_eos_penalty:
         scores = scores - missing_eos_penalty * (~has_eos.cpu()).to(scores.dtype)
     return scores
+
+def score_responses(reward: RewardSource, questions: list[str], responses: list[str], rollout: Rollout,
+                    cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step (2) of PPO: (raw scores, for the logs; the scores PPO optimizes) [B], the latter on the rollout's device.
+
+    The reward model's raw score is normalized by the reward stage's held-out mean/std; a function reward is taken
+    as already normalized. Then `shape_scores`: the optional clip and the no-EOS penalty.
+    """
+    if isinstance(reward, RewardModelScorer):  # keep the raw score too
+        raw = reward.raw_scores(questions, responses).float()
+        normalized = reward.normalize(raw)
+    else:
+        raw = normalized = reward(questions, responses, rollout).float().cpu()
+    scores = shape_scores(normalized, rollout.has_eos, reward_clip=cfg.reward_clip,
+                          missing_eos_penalty=cfg.missing_eos_penalty)
+    return raw, scores.to(rollout.response_mask.device)

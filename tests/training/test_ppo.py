@@ -18,6 +18,7 @@ from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, Shared
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.modeling.forward import response_forward
 
 EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
@@ -199,6 +200,103 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
     with torch.no_grad():
         trained = model(out.sequences, torch.cat([query_mask, mask], 1), query.shape[1]).logprobs
     assert torch.allclose(sampled, trained, atol=1e-4)
+
+
+# --- the dropout-off invariant: pi_old == pi_theta before the first update -----------------------------------
+
+def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
+    """cpu_kernels=eager swaps LoRA's nn.Dropout for FastDropout (an nn.Dropout subclass): disable_dropout must
+    switch it off too, so a train-mode forward (PPO's update) gives the eval-mode log-probs bit for bit."""
+    from rlhf_pipeline.cpu.fast_dropout import FastDropout
+    from rlhf_pipeline.modeling.loading import load_causal_lm
+
+    cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4, lora_dropout=0.1, cpu_kernels="eager")
+    model = PolicyWithValue.build(load_causal_lm(str(tiny_model_dir), device="cpu"), cfg)
+    fast = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert fast and all(m.p == pytest.approx(0.1) for m in fast)
+    randomize_lora(model)  # B != 0: LoRA's input dropout reaches the output
+    _, prompt_ids = prompts(tokenizer)
+    torch.manual_seed(0)
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS,
+                               force_length=True)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
+
+    def old_and_new():
+        with torch.no_grad():
+            old = model.eval()(*args).logprobs  # the old pass (no grad)
+            new = model.train()(*args).logprobs  # the update's forward (train mode)
+        return old, new
+
+    old, new = old_and_new()
+    assert not torch.equal(old, new)  # dropout still on: the ratio would not be 1 (the check below can fail)
+    disable_dropout(model)
+    assert all(m.p == 0.0 and m.threshold == 32768 for m in fast)
+    old, new = old_and_new()
+    assert torch.equal(old, new)
+    assert torch.equal(torch.exp(new - old), torch.ones_like(old))
+
+
+def test_disable_dropout_also_zeros_the_attention_dropout_transformers_reads_in_train_mode(tiny_model_dir,
+                                                                                           tokenizer):
+    """Llama (like most transformers models) keeps attention dropout as a float attribute, not an nn.Dropout, and
+    applies it whenever the module is in train mode -- as it is in ppo_update."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
+    cfg = PPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4)
+    model = PolicyWithValue.build(base, cfg)
+    _, prompt_ids = prompts(tokenizer)
+    ids, mask = pad(prompt_ids, EOS, "left")
+    args = (ids, mask, ids.shape[1] - 3)
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(*args).logprobs, model.train()(*args).logprobs)
+        disable_dropout(model)
+        assert torch.equal(model.eval()(*args).logprobs, model.train()(*args).logprobs)
+
+
+@pytest.mark.parametrize("dropout_off", [True, False])
+def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite,
+                                                                  monkeypatch, dropout_off):
+    """A whole run with lora_dropout=0.1 and cpu_kernels=eager, instrumented: in every PPO step the first
+    minibatch's new log-probs (train mode, recomputed: minibatch < batch) equal the old pass's bit for bit, so
+    ratio == 1, approx_kl == 0 and clipfrac == 0 before the step's first optimizer step. With disable_dropout
+    made a no-op the same check fails (from step 2 on, once LoRA's B is no longer zero)."""
+    import rlhf_pipeline.ppo.trainer as trainer
+
+    if not dropout_off:
+        monkeypatch.setattr(trainer, "disable_dropout", lambda model: None)
+    first = {"pending": False, "seen": []}
+    real_update, real_loss = trainer.ppo_update, trainer.ppo_policy_loss
+
+    def update(*args, **kwargs):
+        first["pending"] = True
+        return real_update(*args, **kwargs)
+
+    def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+        out = real_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+        if first["pending"]:
+            first["pending"] = False
+            ratio = torch.exp(logprobs.detach() - old_logprobs)
+            first["seen"].append((torch.equal(ratio, torch.ones_like(ratio)), float(out[1]), float(out[2])))
+        return out
+
+    monkeypatch.setattr(trainer, "ppo_update", update)
+    monkeypatch.setattr(trainer, "ppo_policy_loss", policy_loss)
+
+    def dense(questions, responses, rollout):  # every response scores differently: LoRA's B moves at step 1
+        ids, mask = rollout.response_ids.float(), rollout.response_mask.float()
+        return ((ids % 97) * mask).sum(1) / mask.sum(1) / 97
+
+    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "ppo", steps=3, batch_size=4, mini_batch_size=2,
+                  ppo_epochs=1, lora_dropout=0.1, cpu_kernels="eager", learning_rate=1e-2)
+    run_ppo(cfg, reward_fn=dense)
+    assert len(first["seen"]) == 3
+    if dropout_off:
+        assert first["seen"] == [(True, 0.0, 0.0)] * 3, first["seen"]  # (ratio == 1, clipfrac, approx_kl)
+    else:
+        assert first["seen"][0][0]  # step 1: B == 0, the adapter adds nothing whatever dropout does
+        assert not any(equal for equal, _, _ in first["seen"][1:]), first["seen"]
+        assert all(approx_kl > 0 for _, _, approx_kl in first["seen"][1:]), first["seen"]
 
 
 # --- NaN guard ---------------------------------------------------------------------------------------------------
@@ -390,12 +488,14 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
 
     cfg = ppo_cfg(peaky_model_dir, data_dir, tmp_path / "ppo", steps=16, register_model=True)
     summary = run_ppo(cfg, reward_fn=target_share)
-    rewards = [h["reward_mean"] for h in summary["history"]]
-    kls = [h["kl"] for h in summary["history"]]
+    assert isinstance(summary, StageResult)
+    assert (summary.stage, summary.status, summary.output, summary.processes) == ("ppo", "trained", str(cfg.output), 1)
+    rewards = [h["reward_mean"] for h in summary.history]
+    kls = [h["kl"] for h in summary.history]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.05, rewards
     assert max(kls) < 10.0 and sum(kls[-4:]) / 4 > 0, kls
-    assert summary["skipped_updates"] == 0
+    assert summary.skipped_updates == 0
 
     out = tmp_path / "ppo"
     for path in ("adapter/adapter_config.json", "adapter/value_head.safetensors", "merged/config.json",
@@ -403,14 +503,22 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
         assert (out / path).is_file(), path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_first"] == rewards[0] and metrics["ppo/samples_per_s"] > 0
+    for key in ("reward_last", "kl_first", "kl_last", "kl_coef_last", "reward_mean_last5", "kl_mean_last5",
+                "steps", "samples", "skipped_updates", "ppo/tokens_per_s", "adapter", "merged"):
+        assert key in metrics, key
+    assert metrics["history"] == json.loads(json.dumps(summary.history))  # (NaN -> null in the file)
+    assert StageResult.read(out) == summary
+    (registered,) = summary.registered
+    assert metrics["registered"] == [registered.model_dump()]
     client = mlflow.tracking.MlflowClient()
-    run = client.get_run(summary["registered"]["run_id"])
+    run = client.get_run(registered.run_id)
     for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/approx_kl",
                 "ppo/clipfrac", "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance",
                 "ppo/response_length", "ppo/tokens_per_s", "ppo/samples_per_s", "ppo/skipped_updates"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "ppo/reward_mean")) == 16
-    version = client.get_model_version("rlhf-policy", summary["registered"]["version"])
+    assert (registered.name, registered.uri) == ("rlhf-policy", f"models:/rlhf-policy/{registered.version}")
+    version = client.get_model_version("rlhf-policy", registered.version)
     assert version.tags["algorithm"] == "ppo" and version.tags["stage"] == "ppo"
     tables = [a.path for a in client.list_artifacts(run.info.run_id, "generations")]
     assert len(tables) >= 3  # steps 1, 5, 10, 15
@@ -440,15 +548,32 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_
     assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     resumed = run_ppo(cfg, reward_fn=target_share)
-    assert resumed["steps"] == 4
-    for a, b in zip(straight["history"], resumed["history"]):
+    assert resumed.steps == 4 and resumed.status == "trained"
+    for a, b in zip(straight.history, resumed.history):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"]) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert run_ppo(cfg, reward_fn=target_share)["steps"] == 4  # a finished run is not redone
+    again = run_ppo(cfg, reward_fn=target_share)  # a finished run is not redone
+    assert again.status == "reused" and again.steps == 4 and again.reward_last == resumed.reward_last
+    assert again.registered == [] and StageResult.read(cfg.output).status == "trained"
+
+
+def test_a_finished_run_from_before_stage_result_is_reused(tmp_path):
+    """A metrics.json without the envelope (registered = one entry with an int version) still reads as reused."""
+    from rlhf_pipeline.ppo.trainer import reused_result
+
+    legacy = {"steps": 4, "reward_last": 0.5, "history": [], "registered": {
+        "name": "rlhf-policy", "version": 3, "uri": "models:/rlhf-policy/3", "run_id": "abc"}}
+    cfg = PPOConfig(model="x", data="x", output=str(tmp_path))
+    result = reused_result(legacy, cfg)
+    assert (result.stage, result.status, result.output, result.steps) == ("ppo", "reused", str(tmp_path), 4)
+    assert [r.model_dump() for r in result.registered] == [
+        {"name": "rlhf-policy", "version": "3", "uri": "models:/rlhf-policy/3", "run_id": "abc"}]
+    assert reused_result({**legacy, "registered": None}, cfg).registered == []
+    assert reused_result(result.model_copy(update={"status": "trained"}), cfg) == result
 
 
 def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,
@@ -457,8 +582,8 @@ def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_d
                   reward_model=str(reward_model_dir), reward_clip=3.0, missing_eos_penalty=1.0,
                   value_head_init="reward", force_length=False, kl_estimator="k3")
     summary = run_ppo(cfg)
-    assert summary["steps"] == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary["history"])
-    assert all(h["kl"] >= 0 for h in summary["history"])  # k3 is never negative
+    assert summary.steps == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary.history)
+    assert all(h["kl"] >= 0 for h in summary.history)  # k3 is never negative
 
 
 def test_cli_reports_a_missing_reward_model_in_one_line(tmp_path, data_dir, capsys):
