@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import METRICS_FILE, RegisteredVersion, StageResult
 from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
-METRICS_FILE = "metrics.json"
 
 # loss_fn(prepared_module, batch) -> (loss to backpropagate, {metric name: float}, items in this micro-batch)
 # "items" feed the throughput metric: tokens for SFT, pairs for the reward model.
@@ -146,22 +144,27 @@ def resume_if_possible(output: str | Path, module: torch.nn.Module, optimizer: t
     return int(state["step"])
 
 
-def write_metrics(output: str | Path, metrics: dict[str, Any]) -> Path:
-    """`<output>/metrics.json`, written atomically: its presence marks a finished run."""
-    path = Path(output) / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+def write_metrics(output: str | Path, result: StageResult | Mapping[str, Any]) -> Path:
+    """`result` as `<output>/metrics.json`, written atomically: its presence marks a finished run (write it last)."""
+    if not isinstance(result, StageResult):
+        # Transitional: ppo/trainer.py still passes its summary dict (the only caller that does); it becomes a
+        # StageResult there. Its `registered` is tracking's single entry (or None).
+        metrics = {k: v for k, v in result.items() if k != "registered"}
+        result = StageResult.of("ppo", "trained", output, metrics,
+                                registered=RegisteredVersion.from_entries(result.get("registered")))
+    return result.write(output)
 
 
-def finished_run(output: str | Path) -> dict[str, Any] | None:
-    """The metrics of a run that already finished in `output` (model written, metrics.json present), else None."""
+def finished_run(output: str | Path, stage: str | None = None) -> StageResult | None:
+    """The result of a run that already finished in `output` (model written, metrics.json present), with status
+    "reused"; None when there is none. A finished run of another stage there is an error, not a result."""
     out = Path(output)
-    metrics = out / METRICS_FILE
-    if metrics.is_file() and (out / "merged" / "config.json").is_file():
-        return json.loads(metrics.read_text())
-    return None
+    if not ((out / METRICS_FILE).is_file() and (out / "merged" / "config.json").is_file()):
+        return None
+    result = StageResult.read(out)
+    if stage is not None and result.stage != stage:
+        raise UserError(f"{out} holds a finished {result.stage} run, not {stage}: use another --output")
+    return result.reused()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, Shared
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.modeling.forward import response_forward
 
 EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
@@ -79,7 +80,7 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     merged = model.merge_and_unload()
     merged.save_pretrained(out / "merged", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
-    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}))
+    StageResult.of("reward", "trained", out, {"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}).write()
     return out
 
 
@@ -448,7 +449,8 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_
     wa = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert run_ppo(cfg, reward_fn=target_share)["steps"] == 4  # a finished run is not redone
+    again = run_ppo(cfg, reward_fn=target_share)  # a finished run is not redone
+    assert (again.stage, again.status, again.steps) == ("ppo", "reused", 4)
 
 
 def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,
