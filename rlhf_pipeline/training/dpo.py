@@ -19,7 +19,7 @@ from pydantic import Field
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import RegisteredVersion, StageResult
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.padding import collate_pairs
 from rlhf_pipeline.batching.shared_prefix import is_shared_prefix_batch
 from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
@@ -27,7 +27,7 @@ from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 
 
-class DPOConfig(TrainingOptions):
+class DPOConfig(LoopOptions):
     loss: Literal["dpo", "ipo"] = Field("dpo", description="dpo (Rafailov et al.) or ipo (Azar et al.).")
     beta: float = Field(0.1, gt=0, description="DPO beta / IPO tau: strength of the KL regularization.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")

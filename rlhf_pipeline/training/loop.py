@@ -70,7 +70,9 @@ def build_accelerator(cfg: Any):
 
     if getattr(cfg, "num_threads", None):
         torch.set_num_threads(cfg.num_threads)
-    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
+    # PPO has no gradient_accumulation_steps (one optimizer step per minibatch)
+    plugin = GradientAccumulationPlugin(num_steps=getattr(cfg, "gradient_accumulation_steps", 1),
+                                        sync_with_dataloader=False)
     return Accelerator(mixed_precision=getattr(cfg, "mixed_precision", "no"), gradient_accumulation_plugin=plugin)
 
 

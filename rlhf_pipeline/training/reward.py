@@ -30,13 +30,13 @@ from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.trainable import trainable_model
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.batching.tokenize import tokenize_pairs
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
 from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 
 
-class RewardConfig(TrainingOptions):
+class RewardConfig(LoopOptions):
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")

@@ -28,12 +28,12 @@ from rlhf_pipeline.training.trainable import trainable_model
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
 from rlhf_pipeline.modeling.forward import transformer_parts
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, collate_packed, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
 
 
-class SFTConfig(TrainingOptions):
+class SFTConfig(LoopOptions):
     seq_length: int = Field(512, ge=16, description="Tokens per packed block (or max tokens per padded document).")
     packing: bool = Field(True, description="Pack documents into dense blocks (no padding); off = padded batches.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for eval loss/perplexity.")
