@@ -61,3 +61,11 @@ class PPOConfig(TrainingOptions):
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
         return self
+
+    def fp16_problem(self) -> str | None:
+        """PPO's update calls loss.backward() itself: accelerate's gradient scaler never sees it (ppo/trainer.py)."""
+        if "fp16" in (self.precision, self.mixed_precision):
+            return ("PPO's update has no gradient scaler, so it cannot train in fp16 (precision or "
+                    "mixed_precision): use bf16 or fp32")
+        return None
+

@@ -66,14 +66,21 @@ def build_accelerator(cfg: Any):
     force a short optimizer step; that keeps "step N" = "N x accumulation micro-batches", which resume relies on.
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin
 
     if getattr(cfg, "num_threads", None):
         torch.set_num_threads(cfg.num_threads)
     # PPO has no gradient_accumulation_steps (one optimizer step per minibatch)
     plugin = GradientAccumulationPlugin(num_steps=getattr(cfg, "gradient_accumulation_steps", 1),
                                         sync_with_dataloader=False)
-    return Accelerator(mixed_precision=getattr(cfg, "mixed_precision", "no"), gradient_accumulation_plugin=plugin)
+    mixed_precision = getattr(cfg, "mixed_precision", "no")
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin)
+    own_scaling = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if mixed_precision == "fp16" and accelerator.scaler is None and not own_scaling:
+        # accelerate creates the GradScaler only on a GPU-like device; on a CPU fp16 is not even autocast
+        raise UserError(f"--mixed-precision fp16 needs a gradient scaler, which accelerate only creates on a GPU "
+                        f"(this process runs on {accelerator.device.type}); use --mixed-precision bf16 or no")
+    return accelerator
 
 
 def build_optimizer(params, cfg: Any) -> torch.optim.Optimizer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_pipeline.modeling.options import ModelOptions
 from rlhf_pipeline.tracking import TrackingOptions
@@ -51,6 +51,24 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+
+    @model_validator(mode="after")
+    def _fp16_has_a_gradient_scaler(self):
+        problem = self.fp16_problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def fp16_problem(self) -> str | None:
+        """Why these options would train in fp16 without a gradient scaler (small gradients flush to zero), or None.
+
+        fp16 weights (the LoRA weights stay fp32) backpropagate through fp16 activations; accelerate scales the
+        loss only with mixed_precision fp16 (and only on a GPU: build_accelerator refuses it elsewhere).
+        """
+        if self.precision == "fp16" and self.mixed_precision != "fp16":
+            return (f"precision fp16 with mixed_precision {self.mixed_precision} trains without a gradient scaler: "
+                    "use precision bf16 or fp32, or mixed_precision fp16 (GPU only)")
+        return None
 
 
 class LoopOptions(TrainingOptions):

@@ -57,6 +57,9 @@ class RewardConfig(LoopOptions):
         "once (see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
     )
 
+    def fp16_problem(self) -> str | None:
+        return None if self.evaluate_only else super().fp16_problem()  # scoring has no gradients to scale
+
 
 def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
     chosen, rejected = split_chosen_rejected(module(**batch))
