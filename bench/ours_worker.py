@@ -65,9 +65,14 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = fn(cfg)
     t_run = time.perf_counter() - t0
+    from rlhf_pipeline.results import METRICS_FILE, StageResult
+
     out_dir = spec["output"]
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    metrics = json.load(open(metrics_path)) if os.path.isfile(metrics_path) else {}
+    # the StageResult as flat JSON: envelope (status, processes, registered, ...) + the stage's metrics at top level
+    metrics = StageResult.read(out_dir).model_dump(mode="json") if os.path.isfile(
+        os.path.join(out_dir, METRICS_FILE)) else {}
+    if hasattr(summary, "model_dump"):
+        summary = summary.model_dump(mode="json")
     res = {
         "bench": f"ours_{spec['stage']}",
         "stage": spec["stage"],

@@ -48,8 +48,8 @@ def evaluate(
             alignment=alignment, output=out),
         **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
     )
-    summary = run_evaluate(cfg)
-    values = steps.namespaced("evaluate", steps.flat_metrics(steps.read_metrics(out) or summary))
+    result = run_evaluate(cfg)
+    values = steps.namespaced("evaluate", steps.flat_metrics(result))
     steps.log_kfp_metrics(metrics, values)
     Path(generations.path).mkdir(parents=True, exist_ok=True)
     if (out / "generations.jsonl").is_file():

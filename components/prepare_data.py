@@ -25,14 +25,14 @@ def prepare_data(
     from rlhf_pipeline.orchestration import steps
 
     cfg = steps.build_config(PrepareDataConfig, config, input=input_data, output=data.path)
-    summary = run_prepare_data(cfg)
+    stats = run_prepare_data(cfg).metrics
     data.metadata["output_dir"] = data.path
     data.metadata["stage"] = "prepare_data"
-    data.metadata["input_sha256"] = str(summary.get("input_sha256", ""))
-    data.metadata["pairs_per_subset"] = summary.get("pairs_per_subset", {})
+    data.metadata["input_sha256"] = str(stats.get("input_sha256", ""))
+    data.metadata["pairs_per_subset"] = stats.get("pairs_per_subset", {})
     steps.log_kfp_metrics(metrics, steps.namespaced("prepare_data", steps.flat_metrics({
-        "pairs": summary.get("pairs_per_subset", {}),
-        "questions": summary.get("questions_per_subset", {}),
-        "pairs_total": summary.get("pairs_total", 0),
-        "posts_read": summary.get("posts_read", 0),
+        "pairs": stats.get("pairs_per_subset", {}),
+        "questions": stats.get("questions_per_subset", {}),
+        "pairs_total": stats.get("pairs_total", 0),
+        "posts_read": stats.get("posts_read", 0),
     })))

@@ -73,4 +73,4 @@ def trainjob(
         raise RuntimeError("invalid TrainJob manifest: " + "; ".join(problems))
     tj.run_trainjob(manifest, poll_seconds=settings["trainjob"]["poll_seconds"],
                     timeout_s=settings["trainjob"]["timeout_hours"] * 3600)
-    steps.publish(stage, out, model, metrics, {})
+    steps.publish(stage, out, model, metrics)  # its result: <out>/metrics.json

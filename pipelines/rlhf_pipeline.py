@@ -89,7 +89,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
                 "smollm2-135m-instruct" (the embedded SmolLM2-135M-Instruct).
             prepare_data_config: Extra prepare-data options as a JSON object (fractions, caps, seed), e.g.
                 {"finetune_max_questions": 2000}. Field names as in `rlhf prepare-data --help`, with underscores.
-            sft_config: Extra SFT options as a JSON object, e.g. {"max_steps": 500, "max_seq_length": 1024}.
+            sft_config: Extra SFT options as a JSON object, e.g. {"max_steps": 500, "seq_length": 1024}.
             reward_config: Extra reward-model options as a JSON object, e.g. {"max_steps": 1000}.
             ppo_config: Extra PPO options as a JSON object, e.g. {"steps": 200, "batch_size": 32}.
             dpo_config: Extra DPO options as a JSON object, e.g. {"beta": 0.1}.

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf_pipeline.errors import UserError
 
@@ -29,6 +30,16 @@ class RegisteredVersion(BaseModel):
     uri: str  # models:/<name>/<version>
     run_id: str | None = None
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # MLflow's are ints
+
+    @classmethod
+    def from_entries(cls, *entries: Mapping[str, Any] | None) -> list[RegisteredVersion]:
+        """`tracking.StageRun.register`'s entries (None: registration off, or not the main process) as versions."""
+        return [cls.model_validate(dict(entry)) for entry in entries if entry]
+
 
 class StageResult(BaseModel):
     model_config = ConfigDict(extra="allow")  # extra fields = the stage's own metrics
@@ -39,6 +50,20 @@ class StageResult(BaseModel):
     output: str = Field(description="The stage's output directory.")
     processes: int = Field(1, description="Processes that ran the stage (accelerate launch).")
     registered: list[RegisteredVersion] = Field(default_factory=list, description="Model versions registered.")
+
+    @classmethod
+    def of(cls, stage: str, status: str, output: str | Path, metrics: Mapping[str, Any], *, processes: int = 1,
+           registered: list[RegisteredVersion] | None = None) -> StageResult:
+        """The envelope around a stage's own `metrics` (whose names may not be envelope fields)."""
+        clash = sorted(set(metrics) & (set(cls.model_fields) | {"metrics"}))
+        if clash:
+            raise ValueError(f"metric names {clash} are StageResult fields")
+        return cls.model_validate({**metrics, "stage": stage, "status": status, "output": str(output),
+                                   "processes": processes, "registered": list(registered or [])})
+
+    def reused(self) -> StageResult:
+        """The same result, reported by a call that found the run finished instead of doing it."""
+        return self.model_copy(update={"status": "reused"})
 
     @property
     def metrics(self) -> dict[str, Any]:

@@ -9,6 +9,8 @@
     markdown.py     HTML -> Markdown
     writer.py       incremental parquet + stats.json, moved into place only on success
 
+The returned StageResult (status "prepared", the stats summary as its metrics) is also `<output>/metrics.json`.
+
 Everything streams: memory does not grow with the dump (see docs/data.md for the measurements).
 """
 
@@ -38,10 +40,11 @@ from rlhf_pipeline.data.splits import SubsetAssigner
 from rlhf_pipeline.data.stats import Stats
 from rlhf_pipeline.data.writer import SubsetWriters
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import StageResult
 
 
-def run_prepare_data(cfg: PrepareDataConfig) -> dict[str, Any]:
-    """Run the stage; returns the stats summary that is also written to <output>/stats.json."""
+def run_prepare_data(cfg: PrepareDataConfig) -> StageResult:
+    """Run the stage; its metrics are the stats summary that is also written to <output>/stats.json."""
     inputs = discover_inputs(cfg.input, cfg.site)
     output_dir = Path(cfg.output)
     if output_dir.exists() and not output_dir.is_dir():
@@ -67,7 +70,9 @@ def run_prepare_data(cfg: PrepareDataConfig) -> dict[str, Any]:
     except BaseException:
         writers.abort()
         raise
-    return summary
+    result = StageResult.of("prepare_data", "prepared", output_dir, summary)
+    result.write()
+    return result
 
 
 def _questions(inp: InputFile, scratch: Path, stats: Stats) -> Iterator[Question]:

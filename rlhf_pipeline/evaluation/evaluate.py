@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import METRICS_FILE, StageResult
 from rlhf_pipeline.modeling.options import ModelOptions
 from rlhf_pipeline.tracking import TrackingOptions
 
@@ -111,10 +112,10 @@ def resolve_policy(name: str, spec: str, download_dir: Path) -> ModelRef:
     if not (path / "config.json").is_file():
         raise UserError(f"policy {name}: {spec} holds no model (no merged/config.json or config.json)")
     uri = None
-    for metrics in (root / "metrics.json", path.parent / "metrics.json"):
-        if metrics.is_file():
-            registered = json.loads(metrics.read_text()).get("registered") or {}
-            uri = registered.get("uri")
+    for stage_dir in (root, path.parent):
+        if (stage_dir / METRICS_FILE).is_file():
+            registered = StageResult.read(stage_dir).registered
+            uri = registered[-1].uri if registered else None
             break
     return ModelRef(name, str(path), uri)
 
@@ -190,7 +191,7 @@ def win_rate(policy_scores: list[float], sft_scores: list[float]) -> float:
     return sum(wins) / len(wins)
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import tempfile
 
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
@@ -278,8 +279,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             summary.update({"policy": refs[0].name, "eval/reward_mean": primary["reward_mean"],
                             "eval/win_rate": primary["win_rate"], "eval/kl": primary["kl"]})
             run.log_metrics({k: summary[k] for k in ("eval/reward_mean", "eval/win_rate", "eval/kl")})
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        return summary
+        outcome = StageResult.of("evaluate", "evaluated", out, summary)
+        outcome.write()
+        return outcome
 
 
 def tag_model_version(uri: str, tags: dict[str, float]) -> None:

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import METRICS_FILE, StageResult
 
 # Keys the pipeline wires itself; a stage config dict from the user may not set them.
 WIRED_KEYS = {"data", "output", "input"}
 # What a model artifact carries besides its metadata (the rest stays in output_dir).
-ARTIFACT_PARTS = ("adapter", "metrics.json", "report.md", "generations.jsonl", "stats.json")
+ARTIFACT_PARTS = ("adapter", METRICS_FILE, "report.md", "generations.jsonl", "stats.json")
 
 
 
@@ -112,12 +113,13 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def flat_metrics(data: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a (nested) dict as `a/b` -> float; booleans, strings, NaN and lists are left out."""
+    """Numeric leaves of a StageResult (its metrics and `processes`; not its registered versions) or of a (nested)
+    dict as `a/b` -> float; booleans, strings, NaN and lists are left out. None: no metrics."""
+    if isinstance(data, StageResult):
+        data = {"processes": data.processes, **data.metrics}
     out: dict[str, float] = {}
     if isinstance(data, dict):
         for key, value in data.items():
-            if str(key).startswith("registered"):  # registry entries (version numbers), not measurements
-                continue
             name = f"{prefix}/{key}" if prefix else str(key)
             out.update(flat_metrics(value, name))
     elif isinstance(data, (int, float)) and not isinstance(data, bool):
@@ -126,14 +128,12 @@ def flat_metrics(data: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def read_metrics(output_dir: Path) -> dict[str, Any]:
-    path = Path(output_dir) / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+def read_metrics(output_dir: Path) -> StageResult | None:
+    """The StageResult a stage wrote to `<output_dir>/metrics.json`, None when there is none (one-line error when
+    the file is not a stage result)."""
+    if not (Path(output_dir) / METRICS_FILE).is_file():
+        return None
+    return StageResult.read(output_dir)
 
 
 def namespaced(step: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -151,41 +151,25 @@ def log_kfp_metrics(metrics_artifact: Any, values: dict[str, float]) -> None:
         metrics_artifact.log_metric(name, value)
 
 
-def registered_versions(summary: Any) -> list[dict[str, Any]]:
-    """Registered model versions named in a stage summary (any `registered*` entry with name + version)."""
-    found: list[dict[str, Any]] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, dict):
-            if "name" in node and "version" in node:
-                found.append({"name": str(node["name"]), "version": str(node["version"])})
-                return
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                visit(value)
-
-    if isinstance(summary, dict):
-        for key, value in summary.items():
-            if "regist" in str(key):
-                visit(value)
-    return found
+def registered_versions(result: StageResult | None) -> list[dict[str, Any]]:
+    """The model versions a stage result registered (`result.registered`, as dicts); none for None."""
+    return [v.model_dump() for v in result.registered] if result is not None else []
 
 
-def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | None, summary: Any,
+def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | None, result: Any = None,
             parts: Iterable[str] = ARTIFACT_PARTS) -> dict[str, float]:
     """Copy the small parts of `output_dir` into `artifact`, point its metadata at `output_dir`, and log the
-    stage's final metrics (its metrics.json, else the numeric part of its summary) to the Metrics artifact."""
+    stage's final metrics to the Metrics artifact. The stage's result is its metrics.json (also when the stage ran
+    elsewhere, as a TrainJob), else `result` (the StageResult its run function returned)."""
     dest = Path(artifact.path)
     dest.mkdir(parents=True, exist_ok=True)
     for name in parts:
         _copy(Path(output_dir) / name, dest / name)
-    raw = read_metrics(output_dir) or (summary if isinstance(summary, dict) else {})
-    values = namespaced(step, flat_metrics(raw))
+    found = read_metrics(output_dir) or (result if isinstance(result, StageResult) else None)
+    values = namespaced(step, flat_metrics(found))
     artifact.metadata["output_dir"] = str(output_dir)
     artifact.metadata["stage"] = step
-    versions = registered_versions(summary)
+    versions = registered_versions(found)
     if versions:
         artifact.metadata["registered_model"] = versions[-1]["name"]
         artifact.metadata["registered_version"] = versions[-1]["version"]

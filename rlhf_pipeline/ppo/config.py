@@ -10,6 +10,10 @@ from rlhf_pipeline.training.options import TrainingOptions
 
 
 class PPOConfig(TrainingOptions):
+    """TrainingOptions only: PPO counts PPO steps and minibatches (steps, batch_size, mini_batch_size, ppo_epochs),
+    so the loop options of SFT/reward/DPO (max_steps, num_epochs, gradient_accumulation_steps, logging_steps,
+    max_eval_samples) are unknown options here, not silently ignored ones."""
+
     reward_model: str | None = Field(None, description="The reward stage's output dir (merged/, adapter/, metrics.json).")
     steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
     batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
@@ -56,7 +60,12 @@ class PPOConfig(TrainingOptions):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError("PPO takes one optimizer step per minibatch: set --mini-batch-size instead")
         return self
+
+    def fp16_problem(self) -> str | None:
+        """PPO's update calls loss.backward() itself: accelerate's gradient scaler never sees it (ppo/trainer.py)."""
+        if "fp16" in (self.precision, self.mixed_precision):
+            return ("PPO's update has no gradient scaler, so it cannot train in fp16 (precision or "
+                    "mixed_precision): use bf16 or fp32")
+        return None
 

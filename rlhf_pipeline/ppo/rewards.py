@@ -20,6 +20,7 @@ from rlhf_pipeline.data.prompts import format_example
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import sequence_rewards
 from rlhf_pipeline.modeling.generation import Rollout
+from rlhf_pipeline.results import METRICS_FILE, StageResult
 
 
 class RewardSource(Protocol):
@@ -40,7 +41,7 @@ class FunctionReward:
 class RewardModelInfo:
     merged_dir: Path  # AutoModelForSequenceClassification (num_labels=1) + tokenizer
     adapter_dir: Path | None  # LoRA SEQ_CLS adapter incl. the score head (base = the SFT model)
-    metrics: dict  # the reward stage's metrics.json (reward_mean, reward_std, accuracy, ...)
+    metrics: dict  # the reward stage's own metrics (StageResult.metrics of its metrics.json: reward_mean, ...)
 
     @property
     def reward_mean(self) -> float:
@@ -63,9 +64,12 @@ def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
     else:
         raise UserError(f"{path} holds no reward model (no merged/config.json or config.json)")
     metrics: dict = {}
-    for candidate in (root / "metrics.json", merged.parent / "metrics.json"):
-        if candidate.is_file():
-            metrics = json.loads(candidate.read_text())
+    for stage_dir in (root, merged.parent):
+        if (stage_dir / METRICS_FILE).is_file():
+            result = StageResult.read(stage_dir)
+            if result.stage != "reward":
+                raise UserError(f"{stage_dir} is the output of the {result.stage} stage, not of the reward stage")
+            metrics = result.metrics
             break
     adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else None
     return RewardModelInfo(merged_dir=merged, adapter_dir=adapter, metrics=metrics)

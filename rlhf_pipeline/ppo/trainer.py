@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,9 +63,9 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         raise UserError("--reward-model is required (the reward stage's output directory)")
     if reward_fn is None:
         read_reward_model_dir(cfg.reward_model)  # a bad path fails before anything is loaded or logged
-    done = finished_run(cfg.output)
+    done = finished_run(cfg.output, "ppo")
     if done is not None:
-        return reused_result(done, cfg)
+        return done
     questions = read_questions(cfg.data, "rl", cfg.max_train_samples, cfg.seed)
     if len(questions) < cfg.batch_size:
         raise UserError(f"{cfg.data}/rl.parquet has {len(questions)} questions, "
@@ -139,7 +138,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
         result = StageResult(stage="ppo", status="trained", output=str(cfg.output),
-                             processes=accelerator.num_processes, registered=registered_versions(entry),
+                             processes=accelerator.num_processes, registered=RegisteredVersion.from_entries(entry),
                              adapter=str(adapter_dir), merged=str(merged_dir), **summary)
         result.write()
         return result
@@ -257,20 +256,3 @@ def step_metrics(scores, raw_scores, sequence_kl: float, kl_coef: float, entropy
         "ppo/tokens_per_s": n_tokens / seconds, "ppo/samples_per_s": cfg.batch_size / seconds,
         **{f"ppo/time_{k}_s": v for k, v in clock.seconds.items()},
     }
-
-
-def registered_versions(entry: dict[str, Any] | None) -> list[RegisteredVersion]:
-    """tracking's `StageRun.register` entry {name, version, uri, run_id} (None: registration off) as a list."""
-    if not entry:
-        return []
-    return [RegisteredVersion(name=entry["name"], version=str(entry["version"]), uri=entry["uri"],
-                              run_id=entry.get("run_id"))]
-
-
-def reused_result(done: dict[str, Any] | StageResult, cfg: PPOConfig) -> StageResult:
-    """The run that already finished in --output, as status "reused" (output: where it was found). Also reads a
-    metrics.json written before StageResult (no envelope; `registered` one entry or null)."""
-    data = done.model_dump() if isinstance(done, StageResult) else dict(done)
-    if not isinstance(data.get("registered"), list):
-        data["registered"] = registered_versions(data.get("registered"))
-    return StageResult.model_validate({"stage": "ppo", **data, "output": str(cfg.output), "status": "reused"})

@@ -18,7 +18,8 @@ import torch
 from pydantic import Field
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.padding import collate_pairs
 from rlhf_pipeline.batching.shared_prefix import is_shared_prefix_batch
 from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
@@ -26,7 +27,7 @@ from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 
 
-class DPOConfig(TrainingOptions):
+class DPOConfig(LoopOptions):
     loss: Literal["dpo", "ipo"] = Field("dpo", description="dpo (Rafailov et al.) or ipo (Azar et al.).")
     beta: float = Field(0.1, gt=0, description="DPO beta / IPO tau: strength of the KL regularization.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
@@ -116,7 +117,7 @@ def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device,
     return {f"dpo/eval_{k}": v / len(pairs) for k, v in totals.items()}
 
 
-def run_dpo(cfg: DPOConfig) -> dict:
+def run_dpo(cfg: DPOConfig) -> StageResult:
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
     from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler, finished_run, \
@@ -125,7 +126,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from rlhf_pipeline.modeling.lora import save_adapter_and_merged
     from rlhf_pipeline.training.trainable import trainable_model
 
-    done = finished_run(cfg.output)
+    done = finished_run(cfg.output, "dpo")
     if done is not None:
         return done
     rows = read_subset(cfg.data, "reward")
@@ -174,9 +175,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         result = train_loop(accelerator, module, optimizer, scheduler, batches, loss_fn, cfg=cfg, total_steps=total,
                             start_step=start, prefix="dpo", rate_name="pairs", log_metrics=log_metrics)
         summary = {"loss_type": cfg.loss, "beta": cfg.beta, "steps": result.steps, "num_pairs": len(train_pairs),
-                   "dropped_too_long": dropped, "dpo/pairs_per_s": result.items_per_s,
-                   "processes": accelerator.num_processes,
-                   **result.last_metrics}
+                   "dropped_too_long": dropped, "dpo/pairs_per_s": result.items_per_s, **result.last_metrics}
         if history:
             summary.update(first_step={k: v for k, v in history[0].items()},
                            first_reward_accuracy=history[0].get("dpo/reward_accuracy"),
@@ -189,6 +188,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
             summary.update(eval_metrics)
         adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
-        summary.update(adapter=str(adapter_dir), merged=str(merged_dir), registered=entry)
-        write_metrics(cfg.output, summary)
-        return summary
+        summary.update(adapter=str(adapter_dir), merged=str(merged_dir))
+        outcome = StageResult.of("dpo", "trained", cfg.output, summary, processes=accelerator.num_processes,
+                                 registered=RegisteredVersion.from_entries(entry))
+        write_metrics(cfg.output, outcome)
+        return outcome

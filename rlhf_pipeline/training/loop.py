@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -42,9 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import METRICS_FILE, StageResult
 from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
-METRICS_FILE = "metrics.json"
 
 # loss_fn(prepared_module, batch) -> (loss to backpropagate, {metric name: float}, items in this micro-batch)
 # "items" feed the throughput metric: tokens for SFT, pairs for the reward model.
@@ -68,12 +66,21 @@ def build_accelerator(cfg: Any):
     force a short optimizer step; that keeps "step N" = "N x accumulation micro-batches", which resume relies on.
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin
 
     if getattr(cfg, "num_threads", None):
         torch.set_num_threads(cfg.num_threads)
-    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=getattr(cfg, "mixed_precision", "no"), gradient_accumulation_plugin=plugin)
+    # PPO has no gradient_accumulation_steps (one optimizer step per minibatch)
+    plugin = GradientAccumulationPlugin(num_steps=getattr(cfg, "gradient_accumulation_steps", 1),
+                                        sync_with_dataloader=False)
+    mixed_precision = getattr(cfg, "mixed_precision", "no")
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin)
+    own_scaling = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if mixed_precision == "fp16" and accelerator.scaler is None and not own_scaling:
+        # accelerate creates the GradScaler only on a GPU-like device; on a CPU fp16 is not even autocast
+        raise UserError(f"--mixed-precision fp16 needs a gradient scaler, which accelerate only creates on a GPU "
+                        f"(this process runs on {accelerator.device.type}); use --mixed-precision bf16 or no")
+    return accelerator
 
 
 def build_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
@@ -146,22 +153,21 @@ def resume_if_possible(output: str | Path, module: torch.nn.Module, optimizer: t
     return int(state["step"])
 
 
-def write_metrics(output: str | Path, metrics: dict[str, Any]) -> Path:
-    """`<output>/metrics.json`, written atomically: its presence marks a finished run."""
-    path = Path(output) / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+def write_metrics(output: str | Path, result: StageResult) -> Path:
+    """`result` as `<output>/metrics.json`, written atomically: its presence marks a finished run (write it last)."""
+    return result.write(output)
 
 
-def finished_run(output: str | Path) -> dict[str, Any] | None:
-    """The metrics of a run that already finished in `output` (model written, metrics.json present), else None."""
+def finished_run(output: str | Path, stage: str | None = None) -> StageResult | None:
+    """The result of a run that already finished in `output` (model written, metrics.json present), with status
+    "reused"; None when there is none. A finished run of another stage there is an error, not a result."""
     out = Path(output)
-    metrics = out / METRICS_FILE
-    if metrics.is_file() and (out / "merged" / "config.json").is_file():
-        return json.loads(metrics.read_text())
-    return None
+    if not ((out / METRICS_FILE).is_file() and (out / "merged" / "config.json").is_file()):
+        return None
+    result = StageResult.read(out)
+    if stage is not None and result.stage != stage:
+        raise UserError(f"{out} holds a finished {result.stage} run, not {stage}: use another --output")
+    return result.reused()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,17 @@
-"""Config fields shared by the training stages (SFT, reward, PPO, DPO). Stages override defaults by redeclaring."""
+"""Config fields shared by the training stages. Each stage composes only the options it reads; stages override
+defaults by redeclaring a field.
+
+    TrainingOptions   every training stage (SFT, reward, PPO, DPO): data, output, optimizer, LoRA, precision, ...
+    LoopOptions       + what training/loop.train_loop and the held-out evaluation read (SFT, reward, DPO; not PPO,
+                      which counts PPO steps and minibatches instead): epochs/max steps, accumulation, logging,
+                      max_eval_samples
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_pipeline.modeling.options import ModelOptions
 from rlhf_pipeline.tracking import TrackingOptions
@@ -21,6 +28,8 @@ class LoRAOptions(ModelOptions):
 
 
 class TrainingOptions(LoRAOptions, TrackingOptions):
+    """What every training stage reads."""
+
     data: str = Field(..., description="Directory written by `rlhf prepare-data` (holds <subset>.parquet).")
     output: str = Field(..., description="Stage output directory (checkpoints, model, metrics.json); rerun to resume.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -28,9 +37,6 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast compute dtype on top of --precision weights (accelerate's mixed_precision); "
@@ -43,7 +49,34 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
         "SiLU-MLP / dropout / softmax and thread-split frozen bf16 matmuls (needs a C++ compiler and the `cpu` extra).",
     )
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
-    max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation rows.")
-    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+
+    @model_validator(mode="after")
+    def _fp16_has_a_gradient_scaler(self):
+        problem = self.fp16_problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def fp16_problem(self) -> str | None:
+        """Why these options would train in fp16 without a gradient scaler (small gradients flush to zero), or None.
+
+        fp16 weights (the LoRA weights stay fp32) backpropagate through fp16 activations; accelerate scales the
+        loss only with mixed_precision fp16 (and only on a GPU: build_accelerator refuses it elsewhere).
+        """
+        if self.precision == "fp16" and self.mixed_precision != "fp16":
+            return (f"precision fp16 with mixed_precision {self.mixed_precision} trains without a gradient scaler: "
+                    "use precision bf16 or fp32, or mixed_precision fp16 (GPU only)")
+        return None
+
+
+class LoopOptions(TrainingOptions):
+    """What training/loop.train_loop (epochs of a dataset, accumulation, logging) and the held-out evaluation read:
+    the SFT, reward and DPO stages."""
+
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation rows.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")

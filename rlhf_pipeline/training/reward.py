@@ -17,25 +17,26 @@ else on the held-out questions of `<data>/reward.parquet` (same split as trainin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.trainable import trainable_model
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.batching.tokenize import tokenize_pairs
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
 from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 
 
-class RewardConfig(TrainingOptions):
+class RewardConfig(LoopOptions):
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
@@ -55,6 +56,9 @@ class RewardConfig(TrainingOptions):
         True, description="Score chosen and rejected in one row that computes their common prefix (the prompt) "
         "once (see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
     )
+
+    def fp16_problem(self) -> str | None:
+        return None if self.evaluate_only else super().fp16_problem()  # scoring has no gradients to scale
 
 
 def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
@@ -110,13 +114,13 @@ def load_reward_model(cfg: RewardConfig, device: str):
     return model, tokenizer
 
 
-def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
+def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run), or --evaluate-only; `on_step(step)` runs after each step."""
     if cfg.evaluate_only:
         return evaluate_reward_model(cfg)
-    done = loop.finished_run(cfg.output)
+    done = loop.finished_run(cfg.output, "reward")
     if done is not None:
-        return {"status": "done", "output": cfg.output, **done}
+        return done
 
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
@@ -163,28 +167,31 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> dict[str, Any]:
         after = evaluate("eval")
         _log_eval(run, after, step=result.steps)
 
-        metrics: dict[str, Any] = {
+        metrics = {
             **after, "accuracy_before": before.get("accuracy"), "margin_before": before.get("margin"),
             "dropped_too_long": train_pairs.dropped_too_long + eval_pairs.dropped_too_long,
             "train_pairs": len(train_pairs), "train_questions": len({r["qid"] for r in train_rows}),
             "eval_questions": len({r["qid"] for r in eval_rows}), "train_loss": result.train_loss,
-            "pairs_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps,
-            "trained_steps": result.trained_steps,
+            "pairs_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
             "train_seconds": result.train_seconds, "max_length": cfg.max_length,
             **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
+        registered: list[RegisteredVersion] = []
         if accelerator.is_main_process:
             adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
-            run.log_dict(metrics, "reward/metrics.json")
             accuracy_tag = {"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {}
-            metrics["registered_model"] = run.register(
+            registered = RegisteredVersion.from_entries(run.register(
                 merged_dir if cfg.register_weights == "merged" else adapter_dir,
-                artifact_path=cfg.register_weights, tags=accuracy_tag)
-            loop.write_metrics(cfg.output, metrics)  # last: its presence marks the run finished
-        return {"status": "trained", "output": cfg.output, **metrics}
+                artifact_path=cfg.register_weights, tags=accuracy_tag))
+        outcome = StageResult.of("reward", "trained", cfg.output, metrics, processes=accelerator.num_processes,
+                                 registered=registered)
+        if accelerator.is_main_process:
+            run.log_dict(outcome.model_dump(mode="json"), "reward/metrics.json")
+            loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
+        return outcome
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def _eval_rows(cfg: RewardConfig) -> tuple[list[dict], str]:
     return held_out, "reward (held-out questions)"
 
 
-def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
+def evaluate_reward_model(cfg: RewardConfig) -> StageResult:
     accelerator = loop.build_accelerator(cfg)
     eval_cfg = cfg.model_copy(update={"run_name": cfg.run_name or "reward-evaluate"})
     with loop.tracked_run(eval_cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
@@ -233,7 +240,8 @@ def evaluate_reward_model(cfg: RewardConfig) -> dict[str, Any]:
                                  shared_prefix=cfg.shared_prefix and enable_shared_prefix(model))
         metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
         _log_eval(run, metrics, step=0)
+        outcome = StageResult.of("reward", "evaluated", cfg.output, metrics, processes=accelerator.num_processes)
         if accelerator.is_main_process:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
-            loop.write_metrics(cfg.output, metrics)
-        return {"status": "evaluated", "output": cfg.output, **metrics}
+            loop.write_metrics(cfg.output, outcome)
+        return outcome

@@ -13,7 +13,7 @@ QUESTIONS, trains LoRA adapters on packed blocks (see packing.py) or padded docu
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +21,19 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.trainable import trainable_model
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
 from rlhf_pipeline.modeling.forward import transformer_parts
-from rlhf_pipeline.training.options import TrainingOptions
+from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, collate_packed, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
 
 
-class SFTConfig(TrainingOptions):
+class SFTConfig(LoopOptions):
     seq_length: int = Field(512, ge=16, description="Tokens per packed block (or max tokens per padded document).")
     packing: bool = Field(True, description="Pack documents into dense blocks (no padding); off = padded batches.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for eval loss/perplexity.")
@@ -98,13 +99,13 @@ def evaluate_perplexity(accelerator, module, documents: list[list[int]], batch_s
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
 
 
-def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
+def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run); `on_step(step)` is called after every optimizer step."""
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
-    done = loop.finished_run(cfg.output)
+    done = loop.finished_run(cfg.output, "sft")
     if done is not None:
-        return {"status": "done", "output": cfg.output, **done}
+        return done
 
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
@@ -160,24 +161,26 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> dict[str, Any]:
             run.log_metrics({"sft/eval_loss": after["eval_loss"], "sft/eval_perplexity": after["eval_perplexity"]},
                             step=result.steps)
 
-        metrics: dict[str, Any] = {
+        metrics = {
             "eval_loss_before": before.get("eval_loss"), "eval_perplexity_before": before.get("eval_perplexity"),
             "eval_loss": after.get("eval_loss"), "eval_perplexity": after.get("eval_perplexity"),
             "eval_tokens": after.get("eval_tokens"), "train_loss": result.train_loss,
-            "tokens_per_s": result.items_per_s, "processes": accelerator.num_processes, "steps": result.steps,
-            "trained_steps": result.trained_steps,
+            "tokens_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
             "train_seconds": result.train_seconds, "train_documents": len(train_docs), "eval_documents": len(eval_docs),
             "train_questions": len({r["qid"] for r in train_rows}), "eval_questions": len({r["qid"] for r in eval_rows}),
             "packing": cfg.packing, "seq_length": cfg.seq_length, "train_rows": len(train_set),
             **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
+        registered: list[RegisteredVersion] = []
         if accelerator.is_main_process:
             adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
-            run.log_dict(metrics, "sft/metrics.json")
-            registered = run.register(merged_dir if cfg.register_weights == "merged" else adapter_dir,
-                                      artifact_path=cfg.register_weights)
-            metrics["registered_model"] = registered
-            loop.write_metrics(cfg.output, metrics)  # last: its presence marks the run finished
-        return {"status": "trained", "output": cfg.output, **metrics}
+            registered = RegisteredVersion.from_entries(run.register(
+                merged_dir if cfg.register_weights == "merged" else adapter_dir, artifact_path=cfg.register_weights))
+        outcome = StageResult.of("sft", "trained", cfg.output, metrics, processes=accelerator.num_processes,
+                                 registered=registered)
+        if accelerator.is_main_process:
+            run.log_dict(outcome.model_dump(mode="json"), "sft/metrics.json")
+            loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
+        return outcome

@@ -136,9 +136,11 @@ def test_same_seed_same_output_other_seed_other_split(beer_posts, beer_output, t
 
 def test_caps_give_small_subsets(beer_posts, tmp_path):
     out = tmp_path / "capped"
-    stats = run_prepare_data(PrepareDataConfig(
+    result = run_prepare_data(PrepareDataConfig(
         input=str(beer_posts), output=str(out), finetune_max_questions=5, reward_max_pairs=7,
         rl_max_pairs=40, evaluation_max_questions=3))
+    assert (result.stage, result.status, result.output) == ("prepare_data", "prepared", str(out))
+    stats = result.metrics
     tables = read_all(out)
     assert len({r["qid"] for r in tables["finetune"]}) == 5
     assert len(tables["reward"]) == 7  # the question that hits the cap contributes only part of its pairs

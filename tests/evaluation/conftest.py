@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+
+from rlhf_pipeline.results import StageResult
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out / "adapter")
     model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
-    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "reward_mean": 0.0, "reward_std": 1.0}))
+    StageResult.of("reward", "trained", out, {"accuracy": 0.75, "reward_mean": 0.0, "reward_std": 1.0}).write()
     return out
 
 

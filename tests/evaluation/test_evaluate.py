@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.evaluation.evaluate import win_rate
+from rlhf_pipeline.results import RegisteredVersion, StageResult
 
 
 def test_win_rate_counts_ties_as_half():
@@ -42,7 +43,9 @@ def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_polic
     dpo_dir = tmp_path / "dpo"
     dpo_dir.mkdir()
     (dpo_dir / "merged").symlink_to(changed_policy_dir / "merged")
-    (dpo_dir / "metrics.json").write_text(json.dumps({"registered": {"uri": dpo_uri}}))
+    name, version = dpo_uri.removeprefix("models:/").split("/")
+    StageResult.of("dpo", "trained", dpo_dir, {}, registered=[
+        RegisteredVersion(name=name, version=version, uri=dpo_uri)]).write()
 
     out = tmp_path / "eval"
     with pytest.raises(SystemExit) as exc:
@@ -52,6 +55,10 @@ def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_polic
               "--batch-size", "3"])
     assert exc.value.code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    result = StageResult.read(out)
+    assert (result.stage, result.status, result.registered) == ("evaluate", "evaluated", [])
+    assert json.loads(capsys.readouterr().out) == result.model_dump(mode="json")  # the CLI prints the result
+    assert sorted(result.tagged_versions) == sorted([ppo_uri, dpo_uri])
     models = metrics["models"]
     assert set(models) == {"sft", "ppo", "dpo", "same"}
     assert models["sft"]["kl"] == 0.0 and models["sft"]["win_rate"] == 0.5

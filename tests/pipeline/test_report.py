@@ -11,6 +11,7 @@ import pytest
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.orchestration import report as rep
 from rlhf_pipeline.orchestration import steps
+from rlhf_pipeline.results import RegisteredVersion, StageResult
 
 
 class Art(SimpleNamespace):
@@ -49,10 +50,12 @@ def store(tmp_path, mlflow_sqlite):
 def model_artifact(tmp_path, step, metrics, registered=None):
     out = tmp_path / "work" / step
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps(metrics))
+    versions = [RegisteredVersion(uri=f"models:/{registered['name']}/{registered['version']}", **registered)
+                ] if registered else []
+    result = StageResult.of(step, "trained", out, metrics, registered=versions)
+    result.write()
     art = Art(tmp_path / "kfp" / step / "model")
-    summary = {"registered_model": registered} if registered else {}
-    steps.publish(step, out, art, Art(tmp_path / "kfp" / step / "metrics"), summary)
+    steps.publish(step, out, art, Art(tmp_path / "kfp" / step / "metrics"), result)
     return art
 
 
@@ -111,13 +114,38 @@ def test_publish_keeps_weights_out_of_the_artifact(tmp_path):
     (out / "merged" / "config.json").write_text("{}")
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"a")
-    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.6, "status": "x", "registered_model": {"version": 3},
-                                                  "nested": {"a": 1}, "flag": True, "history": [1, 2]}))
+    result = StageResult.of("reward", "trained", out, {"accuracy": 0.6, "nested": {"a": 1}, "flag": True,
+                                                        "history": [1, 2], "adapter_dir": str(out / "adapter")},
+                            registered=RegisteredVersion.from_entries(
+                                {"name": "rlhf-reward", "version": 3, "uri": "models:/rlhf-reward/3", "run_id": "r"}))
+    result.write()
     art, metrics = Art(tmp_path / "art"), Art(tmp_path / "m")
-    values = steps.publish("reward", out, art, metrics, {"registered_model": {"name": "rlhf-reward", "version": 3}})
-    assert values == {"rm/accuracy": 0.6, "rm/nested/a": 1.0}
+    values = steps.publish("reward", out, art, metrics)  # the result comes from metrics.json (as after a TrainJob)
+    assert values == {"rm/accuracy": 0.6, "rm/nested/a": 1.0, "rm/processes": 1.0}  # no status, no versions
     assert metrics.metadata == values
+    step_json = json.loads((Path(art.path) / "step.json").read_text())
+    assert step_json["registered"] == [{"name": "rlhf-reward", "version": "3", "uri": "models:/rlhf-reward/3",
+                                        "run_id": "r"}]
     assert (Path(art.path) / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path(art.path) / "merged").exists()
     assert art.metadata["output_dir"] == str(out) and art.metadata["registered_version"] == "3"
     assert steps.merged_model(art) == str(out / "merged")
+
+
+def test_publish_reads_registered_versions_exactly(tmp_path):
+    """Only `registered` names versions: a metric whose name mentions registration is just a metric."""
+    out = tmp_path / "work"
+    out.mkdir()
+    StageResult.of("dpo", "trained", out, {"registered_count": 2, "dpo/loss": 0.5}).write()
+    art = Art(tmp_path / "art")
+    values = steps.publish("dpo", out, art, None)
+    assert "registered_model" not in art.metadata and values["dpo/registered_count"] == 2.0
+    assert steps.registered_versions(None) == [] and steps.read_metrics(tmp_path / "nowhere") is None
+
+
+def test_publish_refuses_a_metrics_json_that_is_not_a_stage_result(tmp_path):
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.6, "registered_model": {"version": 3}}))
+    with pytest.raises(UserError, match="is not a stage result"):
+        steps.publish("reward", out, Art(tmp_path / "art"), None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.dpo import DPOConfig, collate_dpo_pairs, preference_loss, run_dpo
 
 TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
@@ -82,19 +83,26 @@ def test_reward_accuracy_and_margin_rise(tiny_model_dir, data_dir, tmp_path, mlf
                     warmup_ratio=0.0, lr_scheduler="constant", lora_r=8, eval_fraction=0.2, max_length=128,
                     save_steps=100, register_model=(loss == "dpo"))
     summary = run_dpo(cfg)
-    assert summary["first_margin"] == pytest.approx(0.0, abs=1e-6)  # step 1 starts at policy == reference
-    assert summary["dpo/reward_accuracy"] == 1.0 and summary["dpo/margin"] > 0.1
-    assert summary["dpo/pairs_per_s"] > 0
+    assert (summary.stage, summary.status) == ("dpo", "trained")
+    assert summary.first_margin == pytest.approx(0.0, abs=1e-6)  # step 1 starts at policy == reference
+    assert summary.metrics["dpo/reward_accuracy"] == 1.0 and summary.metrics["dpo/margin"] > 0.1
+    assert summary.metrics["dpo/pairs_per_s"] > 0
     metrics = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
     assert metrics["loss_type"] == loss and (tmp_path / "dpo" / "merged" / "config.json").is_file()
+    assert StageResult.read(tmp_path / "dpo") == summary
     if loss == "dpo":
         client = mlflow.tracking.MlflowClient()
-        version = client.get_model_version("rlhf-policy", summary["registered"]["version"])
-        assert version.tags["algorithm"] == "dpo"
-        run = client.get_run(summary["registered"]["run_id"])
+        [registered] = summary.registered
+        version = client.get_model_version("rlhf-policy", registered.version)
+        assert version.tags["algorithm"] == "dpo" and registered.uri == f"models:/rlhf-policy/{version.version}"
+        run = client.get_run(registered.run_id)
         for key in ("dpo/loss", "dpo/reward_accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward",
                     "dpo/pairs_per_s"):
             assert key in run.data.metrics, key
+    else:
+        assert summary.registered == []
+    again = run_dpo(cfg)  # a finished run is reported, not redone
+    assert again.status == "reused" and again.registered == summary.registered and again.steps == summary.steps
 
 
 def test_precomputed_reference_gives_the_same_training(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite):
@@ -102,8 +110,8 @@ def test_precomputed_reference_gives_the_same_training(tiny_model_dir, data_dir,
                   lora_r=4, eval_fraction=0.0, max_length=128, register_model=False, save_steps=100)
     in_step = run_dpo(DPOConfig(output=str(tmp_path / "a"), **common))
     once = run_dpo(DPOConfig(output=str(tmp_path / "b"), precompute_ref=True, **common))
-    assert once["dpo/loss"] == pytest.approx(in_step["dpo/loss"], abs=1e-4)
-    assert once["dpo/margin"] == pytest.approx(in_step["dpo/margin"], abs=1e-4)
+    assert once.metrics["dpo/loss"] == pytest.approx(in_step.metrics["dpo/loss"], abs=1e-4)
+    assert once.metrics["dpo/margin"] == pytest.approx(in_step.metrics["dpo/margin"], abs=1e-4)
 
 
 def test_resume_continues_to_the_same_step_count(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite):
@@ -116,4 +124,4 @@ def test_resume_continues_to_the_same_step_count(tiny_model_dir, data_dir, tmp_p
     assert latest_checkpoint(out).name == "step-2"
     (out / "metrics.json").unlink()  # as if the run had been killed after its step-2 checkpoint
     summary = run_dpo(DPOConfig(max_steps=4, **common))
-    assert summary["steps"] == 4 and latest_checkpoint(out).name == "step-4"
+    assert summary.status == "trained" and summary.steps == 4 and latest_checkpoint(out).name == "step-4"

@@ -80,7 +80,7 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     merged = model.merge_and_unload()
     merged.save_pretrained(out / "merged", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
-    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}))
+    StageResult.of("reward", "trained", out, {"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}).write()
     return out
 
 
@@ -559,21 +559,6 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_
     again = run_ppo(cfg, reward_fn=target_share)  # a finished run is not redone
     assert again.status == "reused" and again.steps == 4 and again.reward_last == resumed.reward_last
     assert again.registered == [] and StageResult.read(cfg.output).status == "trained"
-
-
-def test_a_finished_run_from_before_stage_result_is_reused(tmp_path):
-    """A metrics.json without the envelope (registered = one entry with an int version) still reads as reused."""
-    from rlhf_pipeline.ppo.trainer import reused_result
-
-    legacy = {"steps": 4, "reward_last": 0.5, "history": [], "registered": {
-        "name": "rlhf-policy", "version": 3, "uri": "models:/rlhf-policy/3", "run_id": "abc"}}
-    cfg = PPOConfig(model="x", data="x", output=str(tmp_path))
-    result = reused_result(legacy, cfg)
-    assert (result.stage, result.status, result.output, result.steps) == ("ppo", "reused", str(tmp_path), 4)
-    assert [r.model_dump() for r in result.registered] == [
-        {"name": "rlhf-policy", "version": "3", "uri": "models:/rlhf-policy/3", "run_id": "abc"}]
-    assert reused_result({**legacy, "registered": None}, cfg).registered == []
-    assert reused_result(result.model_copy(update={"status": "trained"}), cfg) == result
 
 
 def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.reward import RewardConfig, run_reward
 from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 from rlhf_pipeline.modeling.forward import last_token_index, sequence_rewards
@@ -110,9 +111,11 @@ def reward_config(tiny_model_dir, tmp_path, **overrides) -> RewardConfig:
 
 def test_reward_trains_registers_and_evaluates(tiny_model_dir, tmp_path, mlflow_sqlite):
     cfg = reward_config(tiny_model_dir, tmp_path)
-    run_reward(cfg)
+    result = run_reward(cfg)
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (result.stage, result.status, metrics["status"]) == ("reward", "trained", "trained")
+    assert StageResult.read(out) == result
     assert metrics["num_pairs"] == 4 and metrics["train_pairs"] == 12 and metrics["dropped_too_long"] == 0
     assert metrics["accuracy"] == 1.0 and metrics["margin"] > 0  # good answers vs "no idea": easy
     for key in ("reward_mean", "reward_std", "eval_loss", "pairs_per_s", "accuracy_before", "train_loss"):
@@ -125,7 +128,9 @@ def test_reward_trains_registers_and_evaluates(tiny_model_dir, tmp_path, mlflow_
     client = MlflowClient()
     version = client.get_model_version("rlhf-reward", "1")
     assert version.tags["rm/accuracy"] == "1.0000" and version.tags["stage"] == "reward"
-    run_id = metrics["registered_model"]["run_id"]
+    [registered] = result.registered
+    assert (registered.name, registered.version, registered.uri) == ("rlhf-reward", "1", "models:/rlhf-reward/1")
+    run_id = registered.run_id
     for name in ("rm/loss", "rm/accuracy", "rm/margin", "rm/reward_mean", "rm/reward_std", "rm/pairs_per_s"):
         assert client.get_metric_history(run_id, name), name
 
@@ -137,13 +142,18 @@ def test_reward_trains_registers_and_evaluates(tiny_model_dir, tmp_path, mlflow_
     evaluated = run_reward(cfg.model_copy(update={
         "evaluate_only": True, "model": "models:/rlhf-reward/1", "output": str(tmp_path / "eval"),
         "eval_subset": "reward"}))
-    assert evaluated["num_pairs"] == 4 and evaluated["accuracy"] == metrics["accuracy"]
-    assert evaluated["margin"] == pytest.approx(metrics["margin"], rel=1e-3, abs=1e-4)
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_pairs"] == 4
+    assert (evaluated.stage, evaluated.status, evaluated.registered) == ("reward", "evaluated", [])
+    assert evaluated.num_pairs == 4 and evaluated.accuracy == metrics["accuracy"]
+    assert evaluated.margin == pytest.approx(metrics["margin"], rel=1e-3, abs=1e-4)
+    assert StageResult.read(tmp_path / "eval") == evaluated
     # ... and on a directory (the stage output), defaulting to evaluation.parquet
     on_dir = run_reward(cfg.model_copy(update={"evaluate_only": True, "model": str(out),
                                                "output": str(tmp_path / "eval-dir")}))
-    assert on_dir["subset"] == "evaluation" and on_dir["num_pairs"] == 16
+    assert on_dir.subset == "evaluation" and on_dir.num_pairs == 16
+
+    # a rerun reports the finished training run instead of retraining
+    again = run_reward(cfg)
+    assert again.status == "reused" and again.registered == result.registered and again.accuracy == result.accuracy
 
 
 def test_too_long_pairs_are_dropped_and_counted(tiny_model_dir, tmp_path, mlflow_sqlite):
@@ -151,10 +161,10 @@ def test_too_long_pairs_are_dropped_and_counted(tiny_model_dir, tmp_path, mlflow
     rows[0] = {**rows[0], "response_k": "hops " * 200}  # one pair far over max_length
     data = make_data_dir(tmp_path / "data-long")
     write_subset(data, "reward", rows)
-    metrics = run_reward(reward_config(tiny_model_dir, tmp_path, data=str(data), max_steps=1,
-                                       register_model=False))
-    assert metrics["dropped_too_long"] == 1
-    assert metrics["train_pairs"] + metrics["num_pairs"] == len(rows) - 1
+    result = run_reward(reward_config(tiny_model_dir, tmp_path, data=str(data), max_steps=1,
+                                      register_model=False))
+    assert result.dropped_too_long == 1 and result.registered == []
+    assert result.train_pairs + result.num_pairs == len(rows) - 1
 
 
 def test_reward_resume_restores_score_head(tiny_model_dir, tmp_path, mlflow_sqlite):
@@ -170,7 +180,7 @@ def test_reward_resume_restores_score_head(tiny_model_dir, tmp_path, mlflow_sqli
     with pytest.raises(KeyboardInterrupt):
         run_reward(cut, on_step=crash)
     resumed = run_reward(cut)
-    assert resumed["steps"] == 4 and resumed["trained_steps"] == 2
+    assert resumed.status == "trained" and resumed.steps == 4 and resumed.trained_steps == 2
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
@@ -183,17 +193,17 @@ def test_reward_resume_restores_score_head(tiny_model_dir, tmp_path, mlflow_sqli
 def test_reward_through_a_real_mlflow_server(tiny_model_dir, tmp_path, mlflow_server, monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    metrics = run_reward(reward_config(tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server,
-                                       registered_model_prefix="server-test"))
+    result = run_reward(reward_config(tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server,
+                                      registered_model_prefix="server-test"))
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(mlflow_server)
-    version = MlflowClient().get_model_version("server-test-reward", str(metrics["registered_model"]["version"]))
-    assert float(version.tags["rm/accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-4)
+    version = MlflowClient().get_model_version("server-test-reward", result.registered[0].version)
+    assert float(version.tags["rm/accuracy"]) == pytest.approx(result.accuracy, abs=1e-4)
     evaluated = run_reward(RewardConfig(model=f"models:/server-test-reward/{version.version}", data=str(tmp_path / "data"), output=str(tmp_path / "ev"), evaluate_only=True,
                                         tracking_uri=mlflow_server, max_length=64))
-    assert evaluated["num_pairs"] == 16 and Path(tmp_path / "ev" / "metrics.json").is_file()
+    assert evaluated.num_pairs == 16 and StageResult.read(tmp_path / "ev") == evaluated
 
 
 @pytest.mark.parametrize("recipe", ["recipes/smollm2/reward.yaml", "recipes/llama-7b/reward.yaml"])
@@ -227,5 +237,5 @@ def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlf
         AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)
     assert splits and set(splits) == {2}  # forward and input-gradient matmuls, two row blocks each
-    assert metrics["accuracy"] == 1.0 and metrics["margin"] > 0
-    assert math.isfinite(metrics["train_loss"]) and metrics["trained_steps"] == 30
+    assert metrics.accuracy == 1.0 and metrics.margin > 0
+    assert math.isfinite(metrics.train_loss) and metrics.trained_steps == 30

@@ -17,6 +17,7 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.loading import load_causal_lm
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.sft import CausalLMLoss, SFTConfig, run_sft
 from sft_reward_helpers import make_data_dir
 
@@ -121,13 +122,16 @@ def test_sft_learns_and_writes_contract_outputs(expressive_tiny_model, tmp_path,
                 "tokens_per_s"):
         assert metrics[key] is not None and torch.isfinite(torch.tensor(metrics[key])), key
     assert metrics["eval_perplexity"] < metrics["eval_perplexity_before"]  # held-out questions improve too
-    assert summary["status"] == "trained"
+    assert (summary.stage, summary.status, summary.output, summary.processes) == ("sft", "trained", str(out), 1)
+    assert StageResult.read(out) == summary  # metrics.json is the returned result
 
     # losses fall on the memorizable set (first vs last logged step)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    run_id = metrics["registered_model"]["run_id"]
+    [registered] = summary.registered
+    assert metrics["registered"] == [registered.model_dump()] and registered.uri == "models:/rlhf-sft/1"
+    run_id = registered.run_id
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "sft/loss"), key=lambda m: m.step)]
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
     print("sft losses", losses[:3], losses[-3:])
@@ -153,22 +157,22 @@ def test_sft_learns_and_writes_contract_outputs(expressive_tiny_model, tmp_path,
 
     # a rerun reports the finished run instead of retraining
     again = run_sft(cfg)
-    assert again["status"] == "done" and again["steps"] == 60
+    assert again.status == "reused" and again.steps == 60 and again.registered == summary.registered
     assert len(client.search_model_versions("name='rlhf-sft'")) == 1
 
 
 def test_sft_without_packing(tiny_model_dir, tmp_path, mlflow_sqlite):
     cfg = sft_config(tiny_model_dir, tmp_path, packing=False, register_model=False)
-    metrics = run_sft(cfg)
-    assert metrics["steps"] == 4 and metrics["train_rows"] == 6  # one padded document per row
-    assert metrics["registered_model"] is None
+    result = run_sft(cfg)
+    assert result.steps == 4 and result.train_rows == 6  # one padded document per row
+    assert result.registered == []
 
 
 def test_sft_without_held_out_questions(tiny_model_dir, tmp_path, mlflow_sqlite):
     cfg = sft_config(tiny_model_dir, tmp_path, eval_fraction=0.0, register_model=False)
-    metrics = run_sft(cfg)
-    assert metrics["eval_documents"] == 0 and metrics["eval_perplexity"] is None
-    assert metrics["steps"] == 4 and metrics["train_loss"] == metrics["train_loss"]  # trained, loss not NaN
+    result = run_sft(cfg)
+    assert result.eval_documents == 0 and result.eval_perplexity is None
+    assert result.steps == 4 and result.train_loss == result.train_loss  # trained, loss not NaN
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path, mlflow_sqlite):
@@ -188,10 +192,10 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_pat
     assert not (tmp_path / "interrupted" / "metrics.json").exists()
 
     resumed = run_sft(interrupted)
-    assert resumed["steps"] == 4 and resumed["trained_steps"] == 2
+    assert resumed.status == "trained" and resumed.steps == 4 and resumed.trained_steps == 2
     # the mean train loss covers all 4 steps (the 2 before the crash come from the checkpoint) and matches
-    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
-    assert resumed["tokens_per_s"] > 0
+    assert resumed.train_loss == pytest.approx(uninterrupted.train_loss, rel=1e-5)
+    assert resumed.tokens_per_s > 0
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -204,12 +208,12 @@ def test_sft_registers_through_a_real_mlflow_server(tiny_model_dir, tmp_path, ml
         monkeypatch.delenv(var, raising=False)
     cfg = sft_config(tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server,
                      registered_model_prefix="server-test")
-    metrics = run_sft(cfg)
+    result = run_sft(cfg)
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(mlflow_server)
-    version = MlflowClient().get_model_version("server-test-sft", str(metrics["registered_model"]["version"]))
+    version = MlflowClient().get_model_version("server-test-sft", result.registered[0].version)
     assert version.tags["stage"] == "sft"
     local = Path(mlflow.artifacts.download_artifacts(f"models:/server-test-sft/{version.version}",
                                                       dst_path=str(tmp_path / "download")))
