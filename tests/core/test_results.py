@@ -68,13 +68,3 @@ def test_finished_run_needs_the_model_and_the_same_stage(tmp_path):
     assert (done.stage, done.status, done.steps) == ("sft", "reused", 2)
     with pytest.raises(UserError, match="holds a finished sft run, not dpo"):
         loop.finished_run(tmp_path, "dpo")
-
-
-def test_write_metrics_takes_ppo_trainers_summary_dict_for_now(tmp_path):
-    """Transitional: ppo/trainer.py passes its summary dict (registered = tracking's entry or None)."""
-    loop.write_metrics(tmp_path, {"steps": 3, "reward_first": 0.1, "registered": ENTRY})
-    result = StageResult.read(tmp_path)
-    assert (result.stage, result.status, result.steps) == ("ppo", "trained", 3)
-    assert result.registered == RegisteredVersion.from_entries(ENTRY)
-    loop.write_metrics(tmp_path, {"steps": 3, "registered": None})
-    assert StageResult.read(tmp_path).registered == []

@@ -72,7 +72,7 @@ def test_every_stage_writes_a_stage_result_that_reads_back(tiny_model_dir, tmp_p
                                                 max_eval_samples=4, eval_before=False, **common))
     results["reward-evaluate"] = run_reward(RewardConfig(model=str(rm_out), output=str(tmp_path / "rm-eval"),
                                                          evaluate_only=True, max_length=64, **common))
-    ppo_summary = run_ppo(PPOConfig(model=sft_model, reward_model=str(rm_out), output=str(ppo_out), steps=1,
+    results["ppo"] = run_ppo(PPOConfig(model=sft_model, reward_model=str(rm_out), output=str(ppo_out), steps=1,
                                     mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3,
                                     max_prompt_length=32, **common))
     results["dpo"] = run_dpo(DPOConfig(model=sft_model, output=str(dpo_out), max_steps=1, max_length=128,
@@ -83,19 +83,15 @@ def test_every_stage_writes_a_stage_result_that_reads_back(tiny_model_dir, tmp_p
 
     expected = {"prepare_data": ("prepare_data", "prepared", 0), "sft": ("sft", "trained", 1),
                 "reward": ("reward", "trained", 1), "reward-evaluate": ("reward", "evaluated", 0),
-                "dpo": ("dpo", "trained", 1), "evaluate": ("evaluate", "evaluated", 0)}
+                "ppo": ("ppo", "trained", 1), "dpo": ("dpo", "trained", 1), "evaluate": ("evaluate", "evaluated", 0)}
     for key, result in results.items():
         assert StageResult.read(result.output) == result, key  # metrics.json is exactly the returned result
         assert (result.stage, result.status, len(result.registered)) == expected[key], key
-    # PPO (its trainer still builds a dict summary) writes its metrics.json as a StageResult too
-    ppo = StageResult.read(ppo_out)
-    assert (ppo.stage, ppo.status, ppo.steps) == ("ppo", "trained", ppo_summary["steps"])
-    assert [v.model_dump() for v in ppo.registered] == [{**ppo_summary["registered"], "version": "1"}]
 
     # registered versions: name/version/uri/run_id, versions as text; the policies share one registered model
-    assert [(v.name, v.version) for s in ("sft", "reward", "dpo") for v in results[s].registered] == [
-        ("rlhf-sft", "1"), ("rlhf-reward", "1"), ("rlhf-policy", "2")]
-    assert all(v.uri == f"models:/{v.name}/{v.version}" and v.run_id for s in ("sft", "reward", "dpo")
+    assert [(v.name, v.version) for s in ("sft", "reward", "ppo", "dpo") for v in results[s].registered] == [
+        ("rlhf-sft", "1"), ("rlhf-reward", "1"), ("rlhf-policy", "1"), ("rlhf-policy", "2")]
+    assert all(v.uri == f"models:/{v.name}/{v.version}" and v.run_id for s in ("sft", "reward", "ppo", "dpo")
                for v in results[s].registered)
     # evaluate tagged both policies through the `registered` of their stage dirs
     assert sorted(results["evaluate"].tagged_versions) == ["models:/rlhf-policy/1", "models:/rlhf-policy/2"]
@@ -116,7 +112,7 @@ def test_every_stage_writes_a_stage_result_that_reads_back(tiny_model_dir, tmp_p
                              **common)).status == "reused"
     assert run_ppo(PPOConfig(model=sft_model, reward_model=str(rm_out), output=str(ppo_out), steps=1,
                              mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3,
-                             **common)) == ppo.reused()
+                             **common)) == results["ppo"].reused()
     # ... but not the finished run of another stage
     with pytest.raises(UserError, match="holds a finished sft run, not reward"):
         run_reward(RewardConfig(model=sft_model, output=str(sft_out), max_steps=1, **common))
