@@ -19,6 +19,8 @@ from pydantic import Field
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
+from rlhf_pipeline.training.pair_eval import gather_over_pairs
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.padding import collate_pairs
 from rlhf_pipeline.batching.shared_prefix import is_shared_prefix_batch
@@ -62,10 +64,9 @@ def response_logps(model, batch, average: bool) -> torch.Tensor:
     return summed / counts.clamp(min=1) if average else summed
 
 
-def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DPO/IPO loss of one batch and its metrics; the reference is the policy with its adapter disabled."""
-    from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
-
+def preference_terms(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses [B], chosen rewards [B], rejected rewards [B]) of one pair batch; the reference is the policy with
+    its adapter disabled (or the batch's precomputed reference log-probs)."""
     average = cfg.loss == "ipo"
     policy_logps = response_logps(policy, batch, average)  # [2B]
     if "ref_logps" in batch:
@@ -75,16 +76,22 @@ def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[s
             ref_logps = response_logps(policy, batch, average)
     n = policy_logps.shape[0] // 2
     loss_fn = ipo_loss if cfg.loss == "ipo" else dpo_loss
-    losses, chosen_rewards, rejected_rewards = loss_fn(policy_logps[:n], policy_logps[n:], ref_logps[:n],
-                                                       ref_logps[n:], cfg.beta)
-    metrics = {
+    return loss_fn(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta)
+
+
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    return {
         "reward_accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
         "margin": float((chosen_rewards - rejected_rewards).mean()),
         "chosen_reward": float(chosen_rewards.mean()),
         "rejected_reward": float(rejected_rewards.mean()),
     }
-    return losses.mean(), metrics
 
+
+def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO/IPO loss of one batch and its metrics."""
+    losses, chosen_rewards, rejected_rewards = preference_terms(policy, batch, cfg)
+    return losses.mean(), preference_metrics(chosen_rewards, rejected_rewards)
 
 @torch.no_grad()
 def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
@@ -104,18 +111,16 @@ def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, pairs, cfg: DPOConfig, pad_id: int, device,
-                   shared_prefix: bool = False) -> dict[str, float]:
-    """Held-out reward accuracy / margin / loss (means over pairs)."""
-    totals: dict[str, float] = {}
-    for i in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[i : i + cfg.batch_size]
-        batch = {k: v.to(device) for k, v in collate_dpo_pairs(chunk, pad_id, shared_prefix).items()}
-        loss, metrics = preference_loss(policy, batch, cfg)
-        for key, value in {"loss": float(loss), **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + value * len(chunk)
-    return {f"dpo/eval_{k}": v / len(pairs) for k, v in totals.items()}
+def evaluate_pairs(accelerator, policy, pairs, cfg: DPOConfig, pad_id: int, shared_prefix: bool = False) -> dict:
+    """Held-out loss, reward accuracy, margin and implicit rewards (means over every pair, all processes)."""
+    def forward(batch):
+        losses, chosen, rejected = preference_terms(policy, batch, cfg)
+        return {"loss": losses, "chosen": chosen, "rejected": rejected}
 
+    out = gather_over_pairs(accelerator, policy, forward, pairs, batch_size=cfg.batch_size,
+                            collate_fn=lambda b: collate_dpo_pairs(b, pad_id, shared_prefix))
+    metrics = {"loss": float(out["loss"].mean()), **preference_metrics(out["chosen"], out["rejected"])}
+    return {f"dpo/eval_{k}": v for k, v in metrics.items()}
 
 def run_dpo(cfg: DPOConfig) -> StageResult:
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
@@ -183,7 +188,7 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         unwrapped.eval()
         if eval_pairs:
             with accelerator.autocast():
-                eval_metrics = evaluate_pairs(unwrapped, eval_pairs, cfg, pad_id, accelerator.device, shared)
+                eval_metrics = evaluate_pairs(accelerator, unwrapped, eval_pairs, cfg, pad_id, shared)
             run.log_metrics(eval_metrics, step=result.steps)
             summary.update(eval_metrics)
         adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)

@@ -21,7 +21,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import RegisteredVersion, StageResult
@@ -30,6 +29,7 @@ from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.trainable import trainable_model
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.batching.tokenize import tokenize_pairs
+from rlhf_pipeline.training.pair_eval import gather_over_pairs
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
@@ -72,30 +72,20 @@ def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
 def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval",
                    shared_prefix: bool = False) -> dict:
     """Accuracy, mean margin, loss, and reward mean/std over every held-out response (chosen and rejected)."""
-    from torch.utils.data import DataLoader
-
     if len(pairs) == 0:
         return {"num_pairs": 0}
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))  # little padding
-    loader = accelerator.prepare_data_loader(DataLoader(
-        [pairs[i] for i in order], batch_size=batch_size,
-        collate_fn=lambda b: collate_pairs(b, pad_token_id, shared_prefix)))
-    was_training = module.training
-    module.eval()
-    chosen_all, rejected_all = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
-        with accelerator.autocast():
-            chosen, rejected = split_chosen_rejected(module(**batch))
-        chosen, rejected = accelerator.gather_for_metrics((chosen, rejected))
-        chosen_all.append(chosen.cpu())
-        rejected_all.append(rejected.cpu())
-    module.train(was_training)
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+
+    def forward(batch):
+        chosen, rejected = split_chosen_rejected(module(**batch))
+        return {"chosen": chosen, "rejected": rejected}
+
+    out = gather_over_pairs(accelerator, module, forward, pairs, batch_size=batch_size, desc=desc,
+                            collate_fn=lambda b: collate_pairs(b, pad_token_id, shared_prefix))
+    chosen, rejected = out["chosen"], out["rejected"]
     both = torch.cat([chosen, rejected])
     return {"accuracy": pairwise_accuracy(chosen, rejected), "margin": float((chosen - rejected).mean()),
             "eval_loss": float(pairwise_loss(chosen, rejected)), "reward_mean": float(both.mean()),
             "reward_std": float(both.std()) if both.numel() > 1 else 0.0, "num_pairs": int(chosen.numel())}
-
 
 def _log_eval(run, metrics: dict, step: int) -> None:
     keys = ("accuracy", "margin", "eval_loss", "reward_mean", "reward_std")
