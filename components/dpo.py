@@ -29,12 +29,9 @@ def dpo(
         work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
     """
     from rlhf_pipeline.orchestration import steps
-    from rlhf_pipeline.training.dpo import DPOConfig, run_dpo
 
-    out = steps.work_dir(work_root, kfp_run_id, "dpo")
-    cfg = steps.build_config(
-        DPOConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
-        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    steps.run_training_step(
+        "dpo", config, model, metrics, data=steps.stage_dir(data), model=steps.merged_model(sft_model),
+        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        registered_model_prefix=registered_model_prefix,
     )
-    summary = run_dpo(cfg)
-    steps.publish("dpo", out, model, metrics, summary)

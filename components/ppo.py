@@ -31,14 +31,10 @@ def ppo(
         work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
     """
     from rlhf_pipeline.orchestration import steps
-    from rlhf_pipeline.ppo.config import PPOConfig
-    from rlhf_pipeline.ppo.trainer import run_ppo
 
-    out = steps.work_dir(work_root, kfp_run_id, "ppo")
-    cfg = steps.build_config(
-        PPOConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
+    steps.run_training_step(
+        "ppo", config, model, metrics, data=steps.stage_dir(data), model=steps.merged_model(sft_model),
         reward_model=str(steps.stage_dir(reward_model)),
-        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        registered_model_prefix=registered_model_prefix,
     )
-    summary = run_ppo(cfg)
-    steps.publish("ppo", out, model, metrics, summary)

@@ -30,12 +30,9 @@ def reward(
         work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
     """
     from rlhf_pipeline.orchestration import steps
-    from rlhf_pipeline.training.reward import RewardConfig, run_reward
 
-    out = steps.work_dir(work_root, kfp_run_id, "reward")
-    cfg = steps.build_config(
-        RewardConfig, config, data=steps.stage_dir(data), output=str(out), model=steps.merged_model(sft_model),
-        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    steps.run_training_step(
+        "reward", config, model, metrics, data=steps.stage_dir(data), model=steps.merged_model(sft_model),
+        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        registered_model_prefix=registered_model_prefix,
     )
-    summary = run_reward(cfg)
-    steps.publish("reward", out, model, metrics, summary)

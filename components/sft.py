@@ -30,12 +30,9 @@ def sft(
         work_root: Where stage outputs go; empty: $RLHF_CACHE_DIR/runs.
     """
     from rlhf_pipeline.orchestration import steps
-    from rlhf_pipeline.training.sft import SFTConfig, run_sft
 
-    out = steps.work_dir(work_root, kfp_run_id, "sft")
-    cfg = steps.build_config(
-        SFTConfig, config, data=steps.stage_dir(data), output=str(out), model=base_model,
-        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    steps.run_training_step(
+        "sft", config, model, metrics, data=steps.stage_dir(data), model=base_model,
+        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        registered_model_prefix=registered_model_prefix,
     )
-    summary = run_sft(cfg)
-    steps.publish("sft", out, model, metrics, summary)

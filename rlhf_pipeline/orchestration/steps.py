@@ -180,6 +180,20 @@ def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | 
     return values
 
 
+def run_training_step(stage: str, user_config: dict[str, Any] | None, artifact: Any, metrics_artifact: Any, *,
+                      work_root: str, kfp_run_id: str, tracking_uri: str, experiment_name: str,
+                      registered_model_prefix: str, **wired: Any) -> dict[str, float]:
+    """What a training component does: build the registry stage's config from the user's dict and the wired
+    inputs, run it in its work directory (a retried step resumes there), publish its model and metrics."""
+    from rlhf_pipeline.stages import get
+
+    spec = get(stage)
+    out = work_dir(work_root, kfp_run_id, stage)
+    cfg = build_config(spec.config_class(), user_config, output=str(out), **wired,
+                       **tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id))
+    return publish(stage, out, artifact, metrics_artifact, spec.run_function()(cfg))
+
+
 def stage_config_class(stage: str) -> type:
     """The config class of a stage (imported on demand), from the stage registry."""
     from rlhf_pipeline.stages import get

@@ -133,8 +133,12 @@ def _module_file(name: str) -> Path | None:
 
 
 def third_party_imports(fn: ast.FunctionDef) -> set[str]:
-    """Top-level third-party modules reachable from the component body through first-party modules."""
+    """Top-level third-party modules reachable from the component body through first-party modules, including
+    the stage modules a component runs through the registry (named by import path there, not imported)."""
     todo, seen, third = list(_imports(fn)), set(), set()
+    if fn.name in stages.STAGES:
+        spec = stages.STAGES[fn.name]
+        todo += [target.split(":")[0] for target in (spec.config, spec.run)]
     while todo:
         name = todo.pop()
         top = name.split(".")[0]
