@@ -37,26 +37,69 @@ def plan(ctx: bl.Ctx) -> list[dict]:
     lora = ["--lora-r", 16, "--lora-alpha", 32, "--lora-dropout", 0.05, "--lora-targets", "q_proj,v_proj"]
     sides = []
     if bl.legacy_python().exists():
-        sides.append(bl.trl_side(ctx, "trl_ppo_legacy", "trl_ppo_legacy.py",
-                                 ["--steps", steps, "--batch", 8, "--mini-batch", 8, "--ppo-epochs", 4,
-                                  "--new-tokens", 48], legacy=True, peer="ppo_legacy",
-                                 config="TRL 0.11.4 PPOTrainer, 8 samples, mb 8, 4 epochs, fp32"))
+        sides.append(
+            bl.trl_side(
+                ctx,
+                "trl_ppo_legacy",
+                "trl_ppo_legacy.py",
+                ["--steps", steps, "--batch", 8, "--mini-batch", 8, "--ppo-epochs", 4, "--new-tokens", 48],
+                legacy=True,
+                peer="ppo_legacy",
+                config="TRL 0.11.4 PPOTrainer, 8 samples, mb 8, 4 epochs, fp32",
+            )
+        )
     # RLOO at EQUAL work: 8 samples per step (4 prompts x 2 completions: RLOO needs >= 2), one gradient step
     # per batch (TRL's num_iterations = 1) -> compared with our PPO at 1 PPO epoch.
     rloo = ["--algo", "rloo", "--steps", steps, "--prompts", 4, "--num-generations", 2, "--new-tokens", 48, *lora]
-    sides.append(bl.trl_side(ctx, "trl_rloo", "trl_online_rl.py", rloo, peer="rloo",
-                             config="TRL 1.16 RLOOTrainer, 4 prompts x 2 = 8 samples, fp32"))
+    sides.append(
+        bl.trl_side(
+            ctx,
+            "trl_rloo",
+            "trl_online_rl.py",
+            rloo,
+            peer="rloo",
+            config="TRL 1.16 RLOOTrainer, 4 prompts x 2 = 8 samples, fp32",
+        )
+    )
     if ctx.variants == "all":
-        sides.append(bl.trl_side(ctx, "trl_rloo_bf16", "trl_online_rl.py", [*rloo, "--bf16", 1],
-                                 peer="rloo", config="RLOO, 8 samples, bf16 autocast"))
-        sides.append(bl.trl_side(ctx, "trl_rloo_bf16_ckpt", "trl_online_rl.py", [*rloo, "--bf16", 1, "--grad-ckpt", 1],
-                                 peer="rloo", config="RLOO, 8 samples, bf16 autocast + grad-ckpt (TRL defaults)"))
+        sides.append(
+            bl.trl_side(
+                ctx,
+                "trl_rloo_bf16",
+                "trl_online_rl.py",
+                [*rloo, "--bf16", 1],
+                peer="rloo",
+                config="RLOO, 8 samples, bf16 autocast",
+            )
+        )
+        sides.append(
+            bl.trl_side(
+                ctx,
+                "trl_rloo_bf16_ckpt",
+                "trl_online_rl.py",
+                [*rloo, "--bf16", 1, "--grad-ckpt", 1],
+                peer="rloo",
+                config="RLOO, 8 samples, bf16 autocast + grad-ckpt (TRL defaults)",
+            )
+        )
     # our PPO needs a reward-stage output: reuse the measured reward run, else make a tiny unmeasured one
-    setup = bl.ours_side(ctx, "ours_reward_for_ppo", "reward",
-                         {"max_steps": 2, "batch_size": 4, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
-                          "precision": "fp32", "save_steps": 100000, "eval_fraction": 0.02,
-                          **({"eval_before": False} if "eval_before" in bl.config_fields("reward") else {})},
-                         config="setup only (not measured)")
+    setup = bl.ours_side(
+        ctx,
+        "ours_reward_for_ppo",
+        "reward",
+        {
+            "max_steps": 2,
+            "batch_size": 4,
+            "lora_r": 8,
+            "lora_alpha": 32,
+            "lora_dropout": 0.1,
+            "precision": "fp32",
+            "save_steps": 100000,
+            "eval_fraction": 0.02,
+            **({"eval_before": False} if "eval_before" in bl.config_fields("reward") else {}),
+        },
+        config="setup only (not measured)",
+    )
     setup["role"] = "setup"
     setup["skip"] = lambda: (reward_dir(ctx) / "metrics.json").is_file()
     sides.append(setup)
@@ -66,23 +109,53 @@ def plan(ctx: bl.Ctx) -> list[dict]:
         return str(d if (d / "metrics.json").is_file() else ctx.out / "ours" / "ours_reward_for_ppo")
 
     want = {
-        "steps|ppo_steps|max_steps": steps, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 4,
+        "steps|ppo_steps|max_steps": steps,
+        "batch_size": 8,
+        "mini_batch_size": 8,
+        "ppo_epochs": 4,
         "gradient_accumulation_steps": 1,
-        "max_new_tokens|response_length|new_tokens": 48, "min_new_tokens": 48, "force_length": True,
-        "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-        "learning_rate": 1.41e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "v_proj"],
-        "gradient_checkpointing": False, "precision": "fp32", "save_steps": 100000,
+        "max_new_tokens|response_length|new_tokens": 48,
+        "min_new_tokens": 48,
+        "force_length": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "learning_rate": 1.41e-5,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "gradient_checkpointing": False,
+        "precision": "fp32",
+        "save_steps": 100000,
         "reward_model": rm_dir,  # resolved when the side starts
     }
     bf16 = bl.bf16_knob(STAGE) or {}
     for epochs, peer in ((4, "ppo_legacy"), (1, "rloo")):
         suffix = "" if epochs == 4 else "_e1"
-        sides.append(bl.ours_side(ctx, f"ours_ppo{suffix}", STAGE, {**want, "ppo_epochs": epochs}, vs=peer,
-                                  config=f"run_ppo, 8 prompts, mb 8, {epochs} epoch(s), 48 forced tokens, fp32"))
+        sides.append(
+            bl.ours_side(
+                ctx,
+                f"ours_ppo{suffix}",
+                STAGE,
+                {**want, "ppo_epochs": epochs},
+                vs=peer,
+                config=f"run_ppo, 8 prompts, mb 8, {epochs} epoch(s), 48 forced tokens, fp32",
+            )
+        )
         if bf16:
-            sides.append(bl.ours_side(ctx, f"ours_ppo{suffix}_bf16", STAGE, {**want, "ppo_epochs": epochs, **bf16},
-                                      vs=peer, config=f"run_ppo, same, {epochs} epoch(s), bf16 base + autocast"))
+            sides.append(
+                bl.ours_side(
+                    ctx,
+                    f"ours_ppo{suffix}_bf16",
+                    STAGE,
+                    {**want, "ppo_epochs": epochs, **bf16},
+                    vs=peer,
+                    config=f"run_ppo, same, {epochs} epoch(s), bf16 base + autocast",
+                )
+            )
     # ours first, then classic PPO, then RLOO: on a busy machine the most important pairs finish first
     return [s for s in sides if s["role"] != "trl"] + [s for s in sides if s["role"] == "trl"]
 

@@ -49,7 +49,7 @@ def synthesize(sample: Path, target: Path, size_mb: float) -> int:
         copy = 0
         while f.tell() < size_mb * 1e6:
             offset = copy * ID_STRIDE
-            f.write(ID_ATTRS.sub(lambda m: b' %s="%d"' % (m.group(1), int(m.group(2)) + offset), rows))
+            f.write(ID_ATTRS.sub(lambda m, offset=offset: b' %s="%d"' % (m.group(1), int(m.group(2)) + offset), rows))
             copy += 1
         f.write(b"</posts>\n")
     return copy
@@ -101,7 +101,9 @@ def main() -> None:
         t0 = time.perf_counter()
         copies = synthesize(sample_path(), xml_path, args.size_mb)
         size = xml_path.stat().st_size
-        print(f"synthesized {size / 1e6:.0f} MB ({copies} copies of the beer sample) in {time.perf_counter() - t0:.0f}s")
+        print(
+            f"synthesized {size / 1e6:.0f} MB ({copies} copies of the beer sample) in {time.perf_counter() - t0:.0f}s"
+        )
 
         sampler = RssSampler(xml_path)
         rss_before = rss_mb()
@@ -128,9 +130,19 @@ def main() -> None:
             print(f"  RSS during pairing/writing: min {min(pairing):.0f} MB, max {max(pairing):.0f} MB")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS of the process: {peak:.0f} MB")
-        print(json.dumps({"size_mb": round(mb, 1), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                          "mb_per_s_wall": round(mb / wall, 1), "mb_per_s_cpu": round(mb / cpu, 1),
-                          "peak_rss_mb": round(peak), "pairs": stats["pairs_total"]}))
+        print(
+            json.dumps(
+                {
+                    "size_mb": round(mb, 1),
+                    "wall_s": round(wall, 1),
+                    "cpu_s": round(cpu, 1),
+                    "mb_per_s_wall": round(mb / wall, 1),
+                    "mb_per_s_cpu": round(mb / cpu, 1),
+                    "peak_rss_mb": round(peak),
+                    "pairs": stats["pairs_total"],
+                }
+            )
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -51,8 +51,13 @@ def legacy_python() -> Path:
 
 
 def machine_info() -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "threads": THREADS, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    info = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": THREADS,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -75,8 +80,14 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_side(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, cwd: Path | None = None,
-             timeout: float | None = None) -> dict:
+def run_side(
+    name: str,
+    cmd: list[str],
+    log_dir: Path,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> dict:
     """Run one measured side in its own process; return its JSON line + peak RSS, wall time and load.
 
     Peak RSS comes from os.wait4 (ru_maxrss of that child alone, KiB on Linux) so both sides are measured the
@@ -84,8 +95,14 @@ def run_side(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, 
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / f"{name}.json", log_dir / f"{name}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": str(THREADS), "PEER_THREADS": str(THREADS), **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(THREADS),
+        "PEER_THREADS": str(THREADS),
+        **(env or {}),
+    }
     load_before = loadavg()
     print(f"[bench] {name}: {' '.join(map(str, cmd))}  (load {load_before[0]})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -105,25 +122,37 @@ def run_side(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, 
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc
     res: dict = {}
-    lines = [l for l in out_path.read_text().splitlines() if l.strip().startswith("{")]
+    lines = [line for line in out_path.read_text().splitlines() if line.strip().startswith("{")]
     if lines:
         try:
             res = json.loads(lines[-1])
         except json.JSONDecodeError:
             res = {}
-    res.update({"side": name, "rc": rc, "wall_s": round(wall, 1), "load_before": load_before,
-                "load_after": loadavg(), "peak_rss_mib_wait4": round(rusage.ru_maxrss / 1024.0, 1),
-                # CPU seconds of the process and the mean cores it got: < THREADS means it was starved by load
-                "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1),
-                "mean_cores": round((rusage.ru_utime + rusage.ru_stime) / wall, 2) if wall > 0 else None,
-                "log": str(err_path)})
+    res.update(
+        {
+            "side": name,
+            "rc": rc,
+            "wall_s": round(wall, 1),
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "peak_rss_mib_wait4": round(rusage.ru_maxrss / 1024.0, 1),
+            # CPU seconds of the process and the mean cores it got: < THREADS means it was starved by load
+            "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1),
+            "mean_cores": round((rusage.ru_utime + rusage.ru_stime) / wall, 2) if wall > 0 else None,
+            "log": str(err_path),
+        }
+    )
     if rc != 0 or not lines:
         res["failed"] = True
         res["stderr_tail"] = "".join(err_path.read_text(errors="replace").splitlines(True)[-15:])
         print(f"[bench] {name} FAILED rc={rc} (see {err_path})\n{res['stderr_tail']}", file=sys.stderr, flush=True)
     else:
-        print(f"[bench] {name} ok ({wall:.0f} s, {res['mean_cores']} cores on average, peak RSS "
-              f"{res['peak_rss_mib_wait4']:.0f} MiB)", file=sys.stderr, flush=True)
+        print(
+            f"[bench] {name} ok ({wall:.0f} s, {res['mean_cores']} cores on average, peak RSS "
+            f"{res['peak_rss_mib_wait4']:.0f} MiB)",
+            file=sys.stderr,
+            flush=True,
+        )
     return res
 
 
@@ -143,18 +172,22 @@ def fmt(v, nd=2):
 
 def markdown_table(rows: list[dict]) -> str:
     """rows: {stage, metric, ours, trl, trl_side, ratio, goal, ours_rss, trl_rss, note}."""
-    head = ("| stage | metric | ours | TRL (best measured config) | ours / TRL | goal | peak RSS ours / TRL MiB |"
-            "\n|---|---|---|---|---|---|---|")
+    head = (
+        "| stage | metric | ours | TRL (best measured config) | ours / TRL | goal | peak RSS ours / TRL MiB |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     out = [head]
     for r in rows:
         goal = r.get("goal")
         met = ""
         if goal and r.get("ratio") is not None:
             met = " (met)" if r["ratio"] >= goal else " (NOT met)"
-        out.append(f"| {r['stage']} | {r['metric']} | {fmt(r.get('ours'))} | {fmt(r.get('trl'))} "
-                   f"[{r.get('trl_side', '')}] | **{fmt(r.get('ratio'))}x**{met} | "
-                   f"{'>= ' + fmt(goal, 1) + 'x' if goal else '-'} | "
-                   f"{fmt(r.get('ours_rss'), 0)} / {fmt(r.get('trl_rss'), 0)} |")
+        out.append(
+            f"| {r['stage']} | {r['metric']} | {fmt(r.get('ours'))} | {fmt(r.get('trl'))} "
+            f"[{r.get('trl_side', '')}] | **{fmt(r.get('ratio'))}x**{met} | "
+            f"{'>= ' + fmt(goal, 1) + 'x' if goal else '-'} | "
+            f"{fmt(r.get('ours_rss'), 0)} / {fmt(r.get('trl_rss'), 0)} |"
+        )
     return "\n".join(out)
 
 
@@ -167,11 +200,20 @@ def best(sides: list[dict], key: str) -> dict | None:
 # Plans: each bench_<stage>.py returns a list of sides; run_all.py runs them one after the other.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class Ctx:
     """What every stage plan needs: the model, the data, where to write, quick/full, which TRL variants."""
 
-    def __init__(self, out: Path, model_dir: str, data_dir: Path, quick: bool, variants: str,
-                 legacy_model_dir: str | None = None, scale: float = 1.0):
+    def __init__(
+        self,
+        out: Path,
+        model_dir: str,
+        data_dir: Path,
+        quick: bool,
+        variants: str,
+        legacy_model_dir: str | None = None,
+        scale: float = 1.0,
+    ):
         self.out, self.model_dir, self.data_dir = Path(out), model_dir, Path(data_dir)
         self.quick, self.variants, self.scale = quick, variants, scale
         self.steps_override: dict[str, int] = {}
@@ -188,8 +230,9 @@ class Ctx:
         return quick if self.quick else max(3, round(full * self.scale))
 
 
-def trl_side(ctx: Ctx, name: str, script: str, args: list, legacy: bool = False, attention: str | None = None,
-             **meta) -> dict:
+def trl_side(
+    ctx: Ctx, name: str, script: str, args: list, legacy: bool = False, attention: str | None = None, **meta
+) -> dict:
     """A shared peer script; `attention` runs it through trl_attention.py with that attention implementation."""
     py = legacy_python() if legacy else peer_python()
     model = ctx.legacy_model_dir if legacy else ctx.model_dir
@@ -203,8 +246,15 @@ def ours_side(ctx: Ctx, name: str, stage: str, want: dict, **meta) -> dict:
     import shutil
 
     output = ctx.out / "ours" / name
-    base = {"model": ctx.model_dir, "data": str(ctx.data_dir), "output": str(output), "seed": 0,
-            "register_model": False, "tracking_uri": ctx.tracking_uri, "run_name": f"bench-{name}"}
+    base = {
+        "model": ctx.model_dir,
+        "data": str(ctx.data_dir),
+        "output": str(output),
+        "seed": 0,
+        "register_model": False,
+        "tracking_uri": ctx.tracking_uri,
+        "run_name": f"bench-{name}",
+    }
     spec = {"stage": stage, "want": {**base, **want}, "output": str(output)}
 
     def prepare():  # a stage resumes from an existing output dir: always start clean
@@ -246,8 +296,13 @@ def run_plan(ctx: Ctx, sides: list[dict], timeout: float | None = None) -> list[
             side["prepare"]()
         res = run_side(side["name"], side["cmd"], ctx.log_dir, cwd=side.get("cwd"), timeout=timeout)
         res["role"], res["name"] = side["role"], side["name"]
-        res.update({k: v for k, v in side.items()
-                    if k not in ("cmd", "cwd", "prepare", "name", "role", "skip", "output") and not callable(v)})
+        res.update(
+            {
+                k: v
+                for k, v in side.items()
+                if k not in ("cmd", "cwd", "prepare", "name", "role", "skip", "output") and not callable(v)
+            }
+        )
         res["output"] = str(side["output"]) if side.get("output") else None
         if side["role"] == "trl":
             refine_trl_rates(res)
@@ -276,10 +331,12 @@ def config_fields(stage: str) -> set[str]:
     """Field names of our stage's config class ({} when the stage cannot be imported yet)."""
     import importlib
 
-    mod_name, _, cls_name = {"sft": ("rlhf_pipeline.training.sft", "", "SFTConfig"),
-                             "reward": ("rlhf_pipeline.training.reward", "", "RewardConfig"),
-                             "ppo": ("rlhf_pipeline.ppo.config", "", "PPOConfig"),
-                             "dpo": ("rlhf_pipeline.training.dpo", "", "DPOConfig")}[stage]
+    mod_name, _, cls_name = {
+        "sft": ("rlhf_pipeline.training.sft", "", "SFTConfig"),
+        "reward": ("rlhf_pipeline.training.reward", "", "RewardConfig"),
+        "ppo": ("rlhf_pipeline.ppo.config", "", "PPOConfig"),
+        "dpo": ("rlhf_pipeline.training.dpo", "", "DPOConfig"),
+    }[stage]
     try:
         return set(getattr(importlib.import_module(mod_name), cls_name).model_fields)
     except Exception:  # noqa: BLE001 -- a stage still being written must not break the other benchmarks
@@ -291,29 +348,62 @@ def bf16_knob(stage: str) -> dict | None:
     heads stay fp32), plus the fused elementwise kernels (compiled in the first, untimed step)."""
     fields = config_fields(stage)
     if "mixed_precision" in fields and "precision" in fields:
-        return {"precision": "bf16", "mixed_precision": "bf16",
-                **({"cpu_kernels": "fused"} if "cpu_kernels" in fields and stage != "ppo" else {})}
+        return {
+            "precision": "bf16",
+            "mixed_precision": "bf16",
+            **({"cpu_kernels": "fused"} if "cpu_kernels" in fields and stage != "ppo" else {}),
+        }
     return None
 
 
-def compare_rows(stage: str, unit: str, ours: list[dict], trl: list[dict], key: str, goal: float,
-                 note: str = "") -> list[dict]:
+def compare_rows(
+    stage: str, unit: str, ours: list[dict], trl: list[dict], key: str, goal: float, note: str = ""
+) -> list[dict]:
     """Best of ours vs best of TRL (the goal row), then our best vs every TRL configuration, then ours fp32 vs
     TRL fp32 (same precision on both sides)."""
     bo, bt = best(ours, key), best(trl, key)
     o, t = (bo or {}).get(key), (bt or {}).get(key)
-    out = [{"stage": stage, "metric": f"{unit}, best vs best ({bo['name'] if bo else '-'})", "ours": o, "trl": t,
-            "trl_side": bt["name"] if bt else "-", "ratio": ratio(o, t), "goal": goal, "ours_rss": rss(bo),
-            "trl_rss": rss(bt), **({"note": note} if note else {})}]
+    out = [
+        {
+            "stage": stage,
+            "metric": f"{unit}, best vs best ({bo['name'] if bo else '-'})",
+            "ours": o,
+            "trl": t,
+            "trl_side": bt["name"] if bt else "-",
+            "ratio": ratio(o, t),
+            "goal": goal,
+            "ours_rss": rss(bo),
+            "trl_rss": rss(bt),
+            **({"note": note} if note else {}),
+        }
+    ]
     for r in trl:
-        out.append({"stage": stage, "metric": f"{unit}, {bo['name'] if bo else '-'} vs {r['name']}", "ours": o,
-                    "trl": r.get(key), "trl_side": r["name"], "ratio": ratio(o, r.get(key)), "ours_rss": rss(bo),
-                    "trl_rss": rss(r)})
+        out.append(
+            {
+                "stage": stage,
+                "metric": f"{unit}, {bo['name'] if bo else '-'} vs {r['name']}",
+                "ours": o,
+                "trl": r.get(key),
+                "trl_side": r["name"],
+                "ratio": ratio(o, r.get(key)),
+                "ours_rss": rss(bo),
+                "trl_rss": rss(r),
+            }
+        )
     fp32_ours = [r for r in ours if "bf16" not in r["name"]]
     fp32_trl = [r for r in trl if "bf16" not in r["name"]]
     fo, ft = best(fp32_ours, key), best(fp32_trl, key)
     if fo and ft and fo is not bo:
-        out.append({"stage": stage, "metric": f"{unit}, fp32 only ({fo['name']} vs {ft['name']})",
-                    "ours": fo.get(key), "trl": ft.get(key), "trl_side": ft["name"],
-                    "ratio": ratio(fo.get(key), ft.get(key)), "ours_rss": rss(fo), "trl_rss": rss(ft)})
+        out.append(
+            {
+                "stage": stage,
+                "metric": f"{unit}, fp32 only ({fo['name']} vs {ft['name']})",
+                "ours": fo.get(key),
+                "trl": ft.get(key),
+                "trl_side": ft["name"],
+                "ratio": ratio(fo.get(key), ft.get(key)),
+                "ours_rss": rss(fo),
+                "trl_rss": rss(ft),
+            }
+        )
     return out

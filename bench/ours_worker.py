@@ -69,8 +69,9 @@ def main() -> None:
 
     out_dir = spec["output"]
     # the StageResult as flat JSON: envelope (status, processes, registered, ...) + the stage's metrics at top level
-    metrics = StageResult.read(out_dir).model_dump(mode="json") if os.path.isfile(
-        os.path.join(out_dir, METRICS_FILE)) else {}
+    metrics = (
+        StageResult.read(out_dir).model_dump(mode="json") if os.path.isfile(os.path.join(out_dir, METRICS_FILE)) else {}
+    )
     if hasattr(summary, "model_dump"):
         summary = summary.model_dump(mode="json")
     res = {

@@ -34,7 +34,7 @@ PREFIX, SUFFIX = "Question: ", "\n\nAnswer: "
 def split_prompt(prompt: str) -> str:
     if not prompt.startswith(PREFIX) or not prompt.endswith(SUFFIX):
         raise ValueError(f"unexpected peer prompt format: {prompt[:60]!r}")
-    return prompt[len(PREFIX): -len(SUFFIX)]
+    return prompt[len(PREFIX) : -len(SUFFIX)]
 
 
 def data_sha256(train: list[dict], ev: list[dict]) -> str:
@@ -52,8 +52,9 @@ def write_jsonl(model_dir: str, jsonl_dir: Path) -> dict:
     for py in (benchlib.peer_python(), Path(sys.executable)):
         if not py.exists():
             continue
-        out = subprocess.run([str(py), script, "--model", model_dir, "--outdir", str(jsonl_dir)],
-                             capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [str(py), script, "--model", model_dir, "--outdir", str(jsonl_dir)], capture_output=True, text=True, env=env
+        )
         if out.returncode == 0:
             info = json.loads(out.stdout.strip().splitlines()[-1])
             info["written_by"] = str(py)
@@ -66,10 +67,10 @@ def convert(jsonl_dir: Path, out_dir: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rlhf_pipeline.data.writer import SCHEMA
     from rlhf_pipeline.data.prompts import DEFAULT_TEMPLATE, format_example, format_prompt
+    from rlhf_pipeline.data.writer import SCHEMA
 
-    rows = {name: [json.loads(l) for l in open(jsonl_dir / f"{name}.jsonl")] for name in ("train", "eval")}
+    rows = {name: [json.loads(line) for line in open(jsonl_dir / f"{name}.jsonl")] for name in ("train", "eval")}
     tables = {}
     for name, rs in rows.items():
         cols = {c: [] for c in SCHEMA.names}
@@ -77,9 +78,17 @@ def convert(jsonl_dir: Path, out_dir: Path) -> dict:
             q = split_prompt(r["prompt"])
             assert format_prompt(DEFAULT_TEMPLATE, q) == r["prompt"], r["id"]
             assert format_example(DEFAULT_TEMPLATE, q, r["chosen"]) == r["prompt"] + r["chosen"], r["id"]
-            vals = {"qid": f"bench:{r['id']}", "site": "bench", "question": q, "response_j": r["chosen"],
-                    "response_k": r["rejected"], "score_j": 1, "score_k": 0, "answer_id_j": 2 * r["id"],
-                    "answer_id_k": 2 * r["id"] + 1}
+            vals = {
+                "qid": f"bench:{r['id']}",
+                "site": "bench",
+                "question": q,
+                "response_j": r["chosen"],
+                "response_k": r["rejected"],
+                "score_j": 1,
+                "score_k": 0,
+                "answer_id_j": 2 * r["id"],
+                "answer_id_k": 2 * r["id"] + 1,
+            }
             for c in SCHEMA.names:
                 cols[c].append(vals[c])
         tables[name] = pa.Table.from_pydict(cols, schema=SCHEMA)
@@ -87,9 +96,12 @@ def convert(jsonl_dir: Path, out_dir: Path) -> dict:
     layout = {"finetune": "train", "reward": "train", "rl": "train", "evaluation": "eval"}
     for subset, src in layout.items():
         pq.write_table(tables[src], out_dir / f"{subset}.parquet")
-    stats = {"source": "TRL peers' synthetic preference data (peer_common.make_preference_data)",
-             "layout": layout, "rows": {s: tables[src].num_rows for s, src in layout.items()},
-             "sha256": data_sha256(rows["train"], rows["eval"])}
+    stats = {
+        "source": "TRL peers' synthetic preference data (peer_common.make_preference_data)",
+        "layout": layout,
+        "rows": {s: tables[src].num_rows for s, src in layout.items()},
+        "sha256": data_sha256(rows["train"], rows["eval"]),
+    }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -102,14 +114,21 @@ def prepare(out_root: Path, model_dir: str) -> tuple[Path, dict]:
         return pq_dir, json.loads(info_path.read_text())
     made = write_jsonl(model_dir, jsonl_dir)
     stats = convert(jsonl_dir, pq_dir)
-    info = {"jsonl_dir": str(jsonl_dir), "parquet_dir": str(pq_dir), "sha256": stats["sha256"],
-            "sha256_matches_peers_readme": stats["sha256"] == benchlib.PEER_DATA_SHA256,
-            "rows": stats["rows"], "written_by": made.get("written_by"),
-            "token_stats": {"train": made.get("train_tokens"), "eval": made.get("eval_tokens")}}
+    info = {
+        "jsonl_dir": str(jsonl_dir),
+        "parquet_dir": str(pq_dir),
+        "sha256": stats["sha256"],
+        "sha256_matches_peers_readme": stats["sha256"] == benchlib.PEER_DATA_SHA256,
+        "rows": stats["rows"],
+        "written_by": made.get("written_by"),
+        "token_stats": {"train": made.get("train_tokens"), "eval": made.get("eval_tokens")},
+    }
     if not info["sha256_matches_peers_readme"]:
-        print(f"[bench] WARNING: data sha256 {stats['sha256']} differs from the peers' documented "
-              f"{benchlib.PEER_DATA_SHA256} (tokenizer version?) -- both sides still get the same rows",
-              file=sys.stderr)
+        print(
+            f"[bench] WARNING: data sha256 {stats['sha256']} differs from the peers' documented "
+            f"{benchlib.PEER_DATA_SHA256} (tokenizer version?) -- both sides still get the same rows",
+            file=sys.stderr,
+        )
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return pq_dir, info
 

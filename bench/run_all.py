@@ -34,13 +34,18 @@ def stage_module(name: str):
 def legacy_checkpoint(model_dir: str) -> str:
     """transformers-4.46-readable view of OUR embedded checkpoint (symlinks to the same safetensors)."""
     dst = bl.PEERS_HOME / "smollm2-embedded-legacy"
-    subprocess.run([sys.executable, str(bl.peers_dir() / "make_legacy_checkpoint.py"), "--src", model_dir,
-                    "--dst", str(dst)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(bl.peers_dir() / "make_legacy_checkpoint.py"), "--src", model_dir, "--dst", str(dst)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return str(dst)
 
 
 def git_state() -> dict:
     """The commit measured, and whether the library had uncommitted changes (stages still being edited)."""
+
     def git(*args):
         out = subprocess.run(["git", *args], cwd=bl.REPO, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else None
@@ -51,26 +56,49 @@ def git_state() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(STAGES),
-                    help=f"comma list of {', '.join(STAGES)}, run in that order (ppo always after reward)")
+    ap.add_argument(
+        "--only",
+        default=",".join(STAGES),
+        help=f"comma list of {', '.join(STAGES)}, run in that order (ppo always after reward)",
+    )
     ap.add_argument("--quick", action="store_true", help="few steps per side (a smoke run, not a measurement)")
-    ap.add_argument("--variants", choices=["all", "default"], default=None,
-                    help="TRL configurations: all (the best one is the denominator; default for a full run) or "
-                         "default (the peers' default config only; default with --quick)")
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply the peers' step counts (e.g. 0.5 on a busy machine; >= 3 steps each)")
-    ap.add_argument("--steps", default="", metavar="STAGE=N,...",
-                    help="step count per stage, e.g. 'ppo=2,sft=3' (overrides --quick/--scale; N >= 2)")
+    ap.add_argument(
+        "--variants",
+        choices=["all", "default"],
+        default=None,
+        help="TRL configurations: all (the best one is the denominator; default for a full run) or "
+        "default (the peers' default config only; default with --quick)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the peers' step counts (e.g. 0.5 on a busy machine; >= 3 steps each)",
+    )
+    ap.add_argument(
+        "--steps",
+        default="",
+        metavar="STAGE=N,...",
+        help="step count per stage, e.g. 'ppo=2,sft=3' (overrides --quick/--scale; N >= 2)",
+    )
     ap.add_argument("--out", default=None, help="results dir (default outputs/bench/<timestamp>)")
-    ap.add_argument("--data-dir", default=None, help="where the converted peer data is cached "
-                                                        "(default outputs/bench/data)")
-    ap.add_argument("--select", default=None,
-                    help="regex on side names: run only the matching sides (e.g. 'ours_sft$|trl_sft_unpacked')")
+    ap.add_argument(
+        "--data-dir", default=None, help="where the converted peer data is cached (default outputs/bench/data)"
+    )
+    ap.add_argument(
+        "--select",
+        default=None,
+        help="regex on side names: run only the matching sides (e.g. 'ours_sft$|trl_sft_unpacked')",
+    )
     ap.add_argument("--skip-trl", action="store_true", help="run only our side")
     ap.add_argument("--skip-ours", action="store_true", help="run only the TRL side")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per side before it is killed")
-    ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
-                    help="only print the tables of an earlier (possibly interrupted) run's results.json")
+    ap.add_argument(
+        "--render",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only print the tables of an earlier (possibly interrupted) run's results.json",
+    )
     a = ap.parse_args(argv)
     if a.render:
         report = json.loads(Path(a.render).read_text())
@@ -102,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_trl and not bl.peer_python().exists():
         sys.exit(f"bench: no TRL venv at {bl.peer_python()}; run `bash bench/setup_peers.sh` (or --skip-trl)")
 
-    from rlhf_pipeline.modeling.loading import ensure_embedded_model
-
     import peer_data
+
+    from rlhf_pipeline.modeling.loading import ensure_embedded_model
 
     model_dir = str(ensure_embedded_model())
     data_dir, data_info = peer_data.prepare(Path(a.data_dir or bl.REPO / "outputs" / "bench" / "data"), model_dir)
@@ -118,10 +146,21 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--steps: expected STAGE=N with N >= 2, got {item!r}")
         ctx.steps_override[name] = int(n)
 
-    report = {"machine": bl.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "load_at_start": bl.loadavg(), "quick": a.quick, "scale": a.scale, "variants": variants, "model_dir": model_dir,
-              "legacy_model_dir": legacy, "data": data_info, "stages": {}, "rows": [],
-              "git": git_state(), "steps_override": dict(ctx.steps_override)}
+    report = {
+        "machine": bl.machine_info(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_at_start": bl.loadavg(),
+        "quick": a.quick,
+        "scale": a.scale,
+        "variants": variants,
+        "model_dir": model_dir,
+        "legacy_model_dir": legacy,
+        "data": data_info,
+        "stages": {},
+        "rows": [],
+        "git": git_state(),
+        "steps_override": dict(ctx.steps_override),
+    }
     if legacy is None and "ppo" in only and not a.skip_trl:
         report["notes"] = [f"no legacy venv at {bl.legacy_python()}: classic PPOTrainer not measured"]
     results_path = out / "results.json"
@@ -187,8 +226,11 @@ def side_rate(r: dict) -> str:
 def side_steps(r: dict) -> str:
     if r["role"] == "ours":
         m = r.get("metrics") or {}
-        times = [1 / h["samples_per_s"] * (r.get("config_used") or {}).get("batch_size", 1)
-                 for h in m.get("history") or [] if h.get("samples_per_s")]  # PPO keeps a per-step history
+        times = [
+            1 / h["samples_per_s"] * (r.get("config_used") or {}).get("batch_size", 1)
+            for h in m.get("history") or []
+            if h.get("samples_per_s")
+        ]  # PPO keeps a per-step history
         steps = m.get("steps")
         if times:
             return f"{len(times)} steps, {sum(times[1:]) / max(len(times) - 1, 1):.1f} s/step"
@@ -205,23 +247,30 @@ def render(report: dict) -> str:
     if report.get("steps_override"):
         mode += ", steps " + ",".join(f"{k}={v}" for k, v in report["steps_override"].items())
     git = report.get("git") or {}
-    md = [f"# bench {report['started']} ({mode}, TRL variants: {report['variants']})", "",
-          f"machine: {m.get('cpu')}, {m['cpu_count']} cores, {m.get('mem_total_gib')} GiB, torch threads "
-          f"{m['threads']}; load average at start {report['load_at_start']}"
-          + (f", at end {report['load_at_end']}" if report.get("load_at_end") else "")
-          + (f"; commit {git.get('commit')}" if git.get("commit") else "")
-          + (f" (uncommitted library files: {', '.join(git['library_dirty'])})" if git.get("library_dirty") else ""),
-          "",
-          bl.markdown_table(rows), "",
-          "| side | config | steady rate | steps | load before (1/5/15 min) | mean cores | peak RSS MiB | wall s |",
-          "|---|---|---|---|---|---|---|---|"]
-    for stage, results in report["stages"].items():
+    md = [
+        f"# bench {report['started']} ({mode}, TRL variants: {report['variants']})",
+        "",
+        f"machine: {m.get('cpu')}, {m['cpu_count']} cores, {m.get('mem_total_gib')} GiB, torch threads "
+        f"{m['threads']}; load average at start {report['load_at_start']}"
+        + (f", at end {report['load_at_end']}" if report.get("load_at_end") else "")
+        + (f"; commit {git.get('commit')}" if git.get("commit") else "")
+        + (f" (uncommitted library files: {', '.join(git['library_dirty'])})" if git.get("library_dirty") else ""),
+        "",
+        bl.markdown_table(rows),
+        "",
+        "| side | config | steady rate | steps | load before (1/5/15 min) | mean cores | peak RSS MiB | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for results in report["stages"].values():
         for r in results:
-            md.append(f"| {r['side']} | {r.get('config', '')} | {side_rate(r)} | {side_steps(r)} | "
-                      f"{'/'.join(str(x) for x in r['load_before'])} | {r.get('mean_cores')} | "
-                      f"{bl.fmt(r.get('peak_rss_mib_wait4'), 0)} | {r.get('wall_s')} |")
-    missing = {r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st
-               if r.get("missing_knobs")}
+            md.append(
+                f"| {r['side']} | {r.get('config', '')} | {side_rate(r)} | {side_steps(r)} | "
+                f"{'/'.join(str(x) for x in r['load_before'])} | {r.get('mean_cores')} | "
+                f"{bl.fmt(r.get('peak_rss_mib_wait4'), 0)} | {r.get('wall_s')} |"
+            )
+    missing = {
+        r["side"]: r.get("missing_knobs") for st in report["stages"].values() for r in st if r.get("missing_knobs")
+    }
     if missing:
         md += ["", "knobs our stage configs lack (stage default used): " + json.dumps(missing)]
     notes = [f"{r['stage']}: {r['note']}" for r in rows if r.get("note")] + report.get("notes", [])

@@ -43,9 +43,17 @@ def evaluate(
 
     out = steps.work_dir(work_root, kfp_run_id, "evaluate")
     cfg = steps.build_config(
-        EvaluateConfig, config, **steps.evaluate_wiring(
-            EvaluateConfig, data=data, sft_model=sft_model, reward_model=reward_model, policy=policy,
-            alignment=alignment, output=out),
+        EvaluateConfig,
+        config,
+        **steps.evaluate_wiring(
+            EvaluateConfig,
+            data=data,
+            sft_model=sft_model,
+            reward_model=reward_model,
+            policy=policy,
+            alignment=alignment,
+            output=out,
+        ),
         **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
     )
     result = run_evaluate(cfg)
@@ -56,5 +64,7 @@ def evaluate(
         shutil.copy2(out / "generations.jsonl", Path(generations.path) / "generations.jsonl")
     generations.metadata["output_dir"] = str(out)
     report_md = out / "report.md"
-    Path(report.path).write_text(report_md.read_text(encoding="utf-8") if report_md.is_file() else
-                                 "(the evaluation stage wrote no report.md)\n", encoding="utf-8")
+    Path(report.path).write_text(
+        report_md.read_text(encoding="utf-8") if report_md.is_file() else "(the evaluation stage wrote no report.md)\n",
+        encoding="utf-8",
+    )

@@ -33,8 +33,16 @@ def ppo(
     from rlhf_pipeline.orchestration import steps
 
     steps.run_training_step(
-        "ppo", config, model, metrics, data=steps.stage_dir(data), model=steps.merged_model(sft_model),
+        "ppo",
+        config,
+        model,
+        metrics,
+        data=steps.stage_dir(data),
+        model=steps.merged_model(sft_model),
         reward_model=str(steps.stage_dir(reward_model)),
-        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        work_root=work_root,
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
         registered_model_prefix=registered_model_prefix,
     )

@@ -30,9 +30,17 @@ def prepare_data(
     data.metadata["stage"] = "prepare_data"
     data.metadata["input_sha256"] = str(stats.get("input_sha256", ""))
     data.metadata["pairs_per_subset"] = stats.get("pairs_per_subset", {})
-    steps.log_kfp_metrics(metrics, steps.namespaced("prepare_data", steps.flat_metrics({
-        "pairs": stats.get("pairs_per_subset", {}),
-        "questions": stats.get("questions_per_subset", {}),
-        "pairs_total": stats.get("pairs_total", 0),
-        "posts_read": stats.get("posts_read", 0),
-    })))
+    steps.log_kfp_metrics(
+        metrics,
+        steps.namespaced(
+            "prepare_data",
+            steps.flat_metrics(
+                {
+                    "pairs": stats.get("pairs_per_subset", {}),
+                    "questions": stats.get("questions_per_subset", {}),
+                    "pairs_total": stats.get("pairs_total", 0),
+                    "posts_read": stats.get("posts_read", 0),
+                }
+            ),
+        ),
+    )

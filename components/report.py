@@ -37,9 +37,17 @@ def report(
     from rlhf_pipeline.orchestration import report as rep
 
     rep.run_report_step(
-        models={"sft": sft_model, "reward": reward_model, "policy": policy}, eval_metrics=eval_metrics,
-        generations=generations, eval_report=eval_report, alignment=alignment, summary=summary,
-        report_md=report_md, report_html=report_html, tracking_uri=tracking_uri,
-        registered_model_prefix=registered_model_prefix, kfp_run_id=kfp_run_id, num_samples=num_samples,
+        models={"sft": sft_model, "reward": reward_model, "policy": policy},
+        eval_metrics=eval_metrics,
+        generations=generations,
+        eval_report=eval_report,
+        alignment=alignment,
+        summary=summary,
+        report_md=report_md,
+        report_html=report_html,
+        tracking_uri=tracking_uri,
+        registered_model_prefix=registered_model_prefix,
+        kfp_run_id=kfp_run_id,
+        num_samples=num_samples,
         alias=alias,
     )

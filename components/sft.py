@@ -32,7 +32,15 @@ def sft(
     from rlhf_pipeline.orchestration import steps
 
     steps.run_training_step(
-        "sft", config, model, metrics, data=steps.stage_dir(data), model=base_model,
-        work_root=work_root, kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment_name=experiment_name,
+        "sft",
+        config,
+        model,
+        metrics,
+        data=steps.stage_dir(data),
+        model=base_model,
+        work_root=work_root,
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
         registered_model_prefix=registered_model_prefix,
     )

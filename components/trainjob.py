@@ -1,8 +1,6 @@
 """Kubeflow component: launch one training stage as a Kubeflow Trainer TrainJob and wait for it
 (`rlhf compile --trainjob`; see rlhf_pipeline/orchestration/trainjob.py)."""
 
-from typing import Optional
-
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -20,8 +18,8 @@ def trainjob(
     gpu_tolerations: list,
     model: Output[Model],
     metrics: Output[Metrics],
-    sft_model: Optional[Input[Model]] = None,
-    reward_model: Optional[Input[Model]] = None,
+    sft_model: Input[Model] | None = None,
+    reward_model: Input[Model] | None = None,
     base_model: str = "",
     tracking_uri: str = "",
     experiment_name: str = "rlhf-pipeline",
@@ -44,15 +42,19 @@ def trainjob(
 
     import yaml
 
-    from rlhf_pipeline.orchestration import steps, trainjob as tj
+    from rlhf_pipeline.orchestration import steps
+    from rlhf_pipeline.orchestration import trainjob as tj
 
     tj.trainjob_stage(stage)  # fail before anything is copied
     out = steps.work_dir(work_root, kfp_run_id, stage)
     data_dir = out.parent / "data"
     if not (data_dir / "stats.json").is_file():
         shutil.copytree(steps.stage_dir(data), data_dir, dirs_exist_ok=True)
-    wired = dict(data=str(data_dir), output=str(out),
-                 **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id))
+    wired = dict(
+        data=str(data_dir),
+        output=str(out),
+        **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    )
     # Wired from the inputs the pipeline gave, not from the stage's name: a stage after SFT starts from its
     # merged weights, the first one from the base model; fields a config lacks are dropped by build_config.
     wired["model"] = steps.merged_model(sft_model) if sft_model is not None else base_model
@@ -64,13 +66,22 @@ def trainjob(
     config_path.write_text(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
 
     manifest = tj.build_manifest(
-        name=tj.trainjob_name(kfp_run_id, stage), stage=stage, image=image, config_path=str(config_path),
-        settings=settings, node_selector=gpu_node_selector, tolerations=gpu_tolerations,
-        namespace=settings["trainjob"].get("namespace"), labels={"pipelines.kubeflow.org/run-id": steps.run_key(kfp_run_id)[:63]},
+        name=tj.trainjob_name(kfp_run_id, stage),
+        stage=stage,
+        image=image,
+        config_path=str(config_path),
+        settings=settings,
+        node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+        namespace=settings["trainjob"].get("namespace"),
+        labels={"pipelines.kubeflow.org/run-id": steps.run_key(kfp_run_id)[:63]},
     )
     problems = tj.validate_manifest(manifest)
     if problems:
         raise RuntimeError("invalid TrainJob manifest: " + "; ".join(problems))
-    tj.run_trainjob(manifest, poll_seconds=settings["trainjob"]["poll_seconds"],
-                    timeout_s=settings["trainjob"]["timeout_hours"] * 3600)
+    tj.run_trainjob(
+        manifest,
+        poll_seconds=settings["trainjob"]["poll_seconds"],
+        timeout_s=settings["trainjob"]["timeout_hours"] * 3600,
+    )
     steps.publish(stage, out, model, metrics)  # its result: <out>/metrics.json

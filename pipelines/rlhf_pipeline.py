@@ -13,8 +13,9 @@ Why evaluate/report sit inside each branch rather than after a `dsl.OneOf`: kfp.
 for parameters, not artifacts, and the same graph must run locally.
 """
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kfp import dsl
 
@@ -36,8 +37,10 @@ from rlhf_pipeline.stages import STAGES
 PIPELINE_NAME = "rlhf-pipeline"
 COMPILED = Path(__file__).with_name("rlhf_pipeline.yaml")
 DEFAULT_INPUT = f"{DEFAULT_CACHE_MOUNT}/datasets/beer.stackexchange.com/Posts.xml"
-DESCRIPTION = ("StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model -> PPO or DPO "
-               "-> evaluation against SFT -> report; every step tracked and registered in MLflow.")
+DESCRIPTION = (
+    "StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model -> PPO or DPO "
+    "-> evaluation against SFT -> report; every step tracked and registered in MLflow."
+)
 # The report is the one step that is not a registry stage; the stages' names come from their declarations.
 REPORT_DISPLAY = "Report + alias challenger"
 
@@ -103,15 +106,26 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             gpu_node_selector: Node selector of the GPU steps (JSON object of label: value).
             gpu_tolerations: Tolerations of the GPU steps (JSON list of Kubernetes tolerations).
         """
-        tracking = dict(tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
-                        registered_model_prefix=registered_model_prefix, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                        work_root=work_root)
+        tracking = dict(
+            tracking_uri=mlflow_tracking_uri,
+            experiment_name=experiment_name,
+            registered_model_prefix=registered_model_prefix,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            work_root=work_root,
+        )
 
         def step(task: Any, name: str, gpu: bool | None = None, suffix: str = "") -> Any:
             display = display_names()[name] + suffix
             if k8s:
-                return configure_task(task, name, display, s, gpu_node_selector=gpu_node_selector,
-                                      gpu_tolerations=gpu_tolerations, gpu=gpu)
+                return configure_task(
+                    task,
+                    name,
+                    display,
+                    s,
+                    gpu_node_selector=gpu_node_selector,
+                    gpu_tolerations=gpu_tolerations,
+                    gpu=gpu,
+                )
             task.set_display_name(display)
             task.set_caching_options(False)
             return task
@@ -122,34 +136,68 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             if not (trainjob_mode and STAGES[stage].trainjob):
                 return step(component(**kwargs, **tracking), stage)
             base = kwargs.pop("base_model", "")
-            launcher = trainjob(stage=stage, image=stage_image(stage), settings=settings_data,
-                                gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
-                                base_model=base, **kwargs, **tracking)
+            launcher = trainjob(
+                stage=stage,
+                image=stage_image(stage),
+                settings=settings_data,
+                gpu_node_selector=gpu_node_selector,
+                gpu_tolerations=gpu_tolerations,
+                base_model=base,
+                **kwargs,
+                **tracking,
+            )
             return step(launcher, stage, gpu=False, suffix=" (TrainJob)")
 
         data = step(prepare_data(input_data=input_data, config=prepare_data_config), "prepare_data")
         sft_task = train("sft", sft, data=data.outputs["data"], base_model=base_model, config=sft_config)
-        rm_task = train("reward", reward, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
-                        config=reward_config)
+        rm_task = train(
+            "reward", reward, data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=reward_config
+        )
 
         def evaluate_and_report(policy_task: Any) -> None:
-            ev = step(evaluate(data=data.outputs["data"], sft_model=sft_task.outputs["model"],
-                               reward_model=rm_task.outputs["model"], policy=policy_task.outputs["model"],
-                               alignment=alignment, config=evaluate_config, **tracking), "evaluate")
-            step(report(sft_model=sft_task.outputs["model"], reward_model=rm_task.outputs["model"],
-                        policy=policy_task.outputs["model"], eval_metrics=ev.outputs["metrics"],
-                        generations=ev.outputs["generations"], eval_report=ev.outputs["report"],
-                        alignment=alignment, tracking_uri=mlflow_tracking_uri,
-                        registered_model_prefix=registered_model_prefix,
-                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, num_samples=report_samples), "report")
+            ev = step(
+                evaluate(
+                    data=data.outputs["data"],
+                    sft_model=sft_task.outputs["model"],
+                    reward_model=rm_task.outputs["model"],
+                    policy=policy_task.outputs["model"],
+                    alignment=alignment,
+                    config=evaluate_config,
+                    **tracking,
+                ),
+                "evaluate",
+            )
+            step(
+                report(
+                    sft_model=sft_task.outputs["model"],
+                    reward_model=rm_task.outputs["model"],
+                    policy=policy_task.outputs["model"],
+                    eval_metrics=ev.outputs["metrics"],
+                    generations=ev.outputs["generations"],
+                    eval_report=ev.outputs["report"],
+                    alignment=alignment,
+                    tracking_uri=mlflow_tracking_uri,
+                    registered_model_prefix=registered_model_prefix,
+                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    num_samples=report_samples,
+                ),
+                "report",
+            )
 
         with dsl.If(alignment == "ppo", name="alignment-ppo"):
-            ppo_task = train("ppo", ppo, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
-                             reward_model=rm_task.outputs["model"], config=ppo_config)
+            ppo_task = train(
+                "ppo",
+                ppo,
+                data=data.outputs["data"],
+                sft_model=sft_task.outputs["model"],
+                reward_model=rm_task.outputs["model"],
+                config=ppo_config,
+            )
             evaluate_and_report(ppo_task)
         with dsl.Elif(alignment == "dpo", name="alignment-dpo"):
-            dpo_task = train("dpo", dpo, data=data.outputs["data"], sft_model=sft_task.outputs["model"],
-                             config=dpo_config)
+            dpo_task = train(
+                "dpo", dpo, data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=dpo_config
+            )
             evaluate_and_report(dpo_task)
         with dsl.Else(name="alignment-unknown"):
             bad = unknown_alignment(alignment=alignment)

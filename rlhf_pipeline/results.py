@@ -46,20 +46,37 @@ class StageResult(BaseModel):
 
     stage: str = Field(description="The registry key of the stage that produced it (stages.py).")
     status: Literal["trained", "reused", "evaluated", "prepared"] = Field(
-        description="trained/evaluated/prepared: done by this call; reused: a finished run found in --output.")
+        description="trained/evaluated/prepared: done by this call; reused: a finished run found in --output."
+    )
     output: str = Field(description="The stage's output directory.")
     processes: int = Field(1, description="Processes that ran the stage (accelerate launch).")
     registered: list[RegisteredVersion] = Field(default_factory=list, description="Model versions registered.")
 
     @classmethod
-    def of(cls, stage: str, status: str, output: str | Path, metrics: Mapping[str, Any], *, processes: int = 1,
-           registered: list[RegisteredVersion] | None = None) -> StageResult:
+    def of(
+        cls,
+        stage: str,
+        status: str,
+        output: str | Path,
+        metrics: Mapping[str, Any],
+        *,
+        processes: int = 1,
+        registered: list[RegisteredVersion] | None = None,
+    ) -> StageResult:
         """The envelope around a stage's own `metrics` (whose names may not be envelope fields)."""
         clash = sorted(set(metrics) & (set(cls.model_fields) | {"metrics"}))
         if clash:
             raise ValueError(f"metric names {clash} are StageResult fields")
-        return cls.model_validate({**metrics, "stage": stage, "status": status, "output": str(output),
-                                   "processes": processes, "registered": list(registered or [])})
+        return cls.model_validate(
+            {
+                **metrics,
+                "stage": stage,
+                "status": status,
+                "output": str(output),
+                "processes": processes,
+                "registered": list(registered or []),
+            }
+        )
 
     def reused(self) -> StageResult:
         """The same result, reported by a call that found the run finished instead of doing it."""

@@ -12,8 +12,9 @@ Config classes and run functions are named by import path and loaded on first us
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from rlhf_pipeline.errors import UserError
 
@@ -74,23 +75,72 @@ def gpu_stages() -> list[Stage]:
 
 
 for _stage in (
-    Stage("prepare_data", "rlhf_pipeline.data.config:PrepareDataConfig", "rlhf_pipeline.data.prepare:run_prepare_data",
-          help="Stack Exchange dump -> scored preference pairs.", display_name="Prepare data", namespace="data",
-          image="prepare_data"),
-    Stage("sft", "rlhf_pipeline.training.sft:SFTConfig", "rlhf_pipeline.training.sft:run_sft",
-          help="Supervised fine-tuning with LoRA (step 1).", display_name="Supervised fine-tuning", namespace="sft",
-          image="sft", gpu=True, trainjob=True, registers="sft"),
-    Stage("reward", "rlhf_pipeline.training.reward:RewardConfig", "rlhf_pipeline.training.reward:run_reward",
-          help="Train or evaluate a pairwise reward model (step 2).", display_name="Reward model (train + evaluate)",
-          namespace="rm", image="reward", gpu=True, trainjob=True, registers="reward"),
-    Stage("ppo", "rlhf_pipeline.ppo.config:PPOConfig", "rlhf_pipeline.ppo.trainer:run_ppo",
-          help="PPO against the reward model with a KL penalty (step 3).", display_name="PPO",
-          namespace="ppo", image="ppo", gpu=True, trainjob=True, registers="policy"),
-    Stage("dpo", "rlhf_pipeline.training.dpo:DPOConfig", "rlhf_pipeline.training.dpo:run_dpo",
-          help="DPO / IPO on preference pairs (offline step 3).", display_name="DPO",
-          namespace="dpo", image="dpo", gpu=True, trainjob=True, registers="policy"),
-    Stage("evaluate", "rlhf_pipeline.evaluation.evaluate:EvaluateConfig",
-          "rlhf_pipeline.evaluation.evaluate:run_evaluate", help="Compare SFT and aligned policies.",
-          display_name="Evaluate policy vs SFT", namespace="eval", image="evaluate", gpu=True),
+    Stage(
+        "prepare_data",
+        "rlhf_pipeline.data.config:PrepareDataConfig",
+        "rlhf_pipeline.data.prepare:run_prepare_data",
+        help="Stack Exchange dump -> scored preference pairs.",
+        display_name="Prepare data",
+        namespace="data",
+        image="prepare_data",
+    ),
+    Stage(
+        "sft",
+        "rlhf_pipeline.training.sft:SFTConfig",
+        "rlhf_pipeline.training.sft:run_sft",
+        help="Supervised fine-tuning with LoRA (step 1).",
+        display_name="Supervised fine-tuning",
+        namespace="sft",
+        image="sft",
+        gpu=True,
+        trainjob=True,
+        registers="sft",
+    ),
+    Stage(
+        "reward",
+        "rlhf_pipeline.training.reward:RewardConfig",
+        "rlhf_pipeline.training.reward:run_reward",
+        help="Train or evaluate a pairwise reward model (step 2).",
+        display_name="Reward model (train + evaluate)",
+        namespace="rm",
+        image="reward",
+        gpu=True,
+        trainjob=True,
+        registers="reward",
+    ),
+    Stage(
+        "ppo",
+        "rlhf_pipeline.ppo.config:PPOConfig",
+        "rlhf_pipeline.ppo.trainer:run_ppo",
+        help="PPO against the reward model with a KL penalty (step 3).",
+        display_name="PPO",
+        namespace="ppo",
+        image="ppo",
+        gpu=True,
+        trainjob=True,
+        registers="policy",
+    ),
+    Stage(
+        "dpo",
+        "rlhf_pipeline.training.dpo:DPOConfig",
+        "rlhf_pipeline.training.dpo:run_dpo",
+        help="DPO / IPO on preference pairs (offline step 3).",
+        display_name="DPO",
+        namespace="dpo",
+        image="dpo",
+        gpu=True,
+        trainjob=True,
+        registers="policy",
+    ),
+    Stage(
+        "evaluate",
+        "rlhf_pipeline.evaluation.evaluate:EvaluateConfig",
+        "rlhf_pipeline.evaluation.evaluate:run_evaluate",
+        help="Compare SFT and aligned policies.",
+        display_name="Evaluate policy vs SFT",
+        namespace="eval",
+        image="evaluate",
+        gpu=True,
+    ),
 ):
     register(_stage)

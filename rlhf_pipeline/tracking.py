@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import Field
 
@@ -33,11 +34,15 @@ class TrackingOptions(StageConfig):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
     )
-    experiment_name: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment (ignored if $MLFLOW_EXPERIMENT_ID).")
+    experiment_name: str = Field(
+        DEFAULT_EXPERIMENT, description="MLflow experiment (ignored if $MLFLOW_EXPERIMENT_ID)."
+    )
     run_name: str | None = Field(None, description="MLflow run name; default '<stage>'.")
     registered_model_prefix: str = Field("rlhf", description="Registered model names are '<prefix>-<stage>'.")
     register_model: bool = Field(True, description="Register the stage output as an MLflow model version.")
-    kfp_run_id: str | None = Field(None, description="Kubeflow run id, recorded as a lineage tag (set by the pipeline).")
+    kfp_run_id: str | None = Field(
+        None, description="Kubeflow run id, recorded as a lineage tag (set by the pipeline)."
+    )
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -55,8 +60,10 @@ def check_tracking_server(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> 
         return
     answer = probe(uri.rstrip("/") + "/health", timeout)
     if not answer.reachable:
-        raise UserError(f"MLflow tracking server {uri} is unreachable ({answer.reason}); "
-                        "start it or set MLFLOW_TRACKING_URI / --tracking-uri")
+        raise UserError(
+            f"MLflow tracking server {uri} is unreachable ({answer.reason}); "
+            "start it or set MLFLOW_TRACKING_URI / --tracking-uri"
+        )
     if not answer.healthy:
         raise UserError(f"MLflow tracking server {uri} answered HTTP {answer.status} on /health")
 
@@ -115,8 +122,14 @@ class StageRun:
 
         mlflow.log_table(data, artifact_file)
 
-    def register(self, local_dir: str | Path, *, name: str | None = None, tags: dict[str, str] | None = None,
-                 artifact_path: str = "model") -> dict[str, Any] | None:
+    def register(
+        self,
+        local_dir: str | Path,
+        *,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        artifact_path: str = "model",
+    ) -> dict[str, Any] | None:
         """Upload `local_dir` as run artifacts and register it as a new version of `<prefix>-<stage>`."""
         if not self.register_enabled:
             return None
@@ -135,8 +148,12 @@ class StageRun:
         all_tags = {**self.lineage, **(tags or {})}
         source = f"{mlflow.get_artifact_uri(artifact_path)}"
         version = client.create_model_version(name, source=source, run_id=self.run_id, tags=all_tags)
-        entry = {"name": name, "version": int(version.version), "uri": f"models:/{name}/{version.version}",
-                 "run_id": self.run_id}
+        entry = {
+            "name": name,
+            "version": int(version.version),
+            "uri": f"models:/{name}/{version.version}",
+            "run_id": self.run_id,
+        }
         self.registered.append(entry)
         return entry
 
@@ -150,8 +167,9 @@ def _flat_params(stage: str, params: dict[str, Any]) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(cfg: TrackingOptions, stage: str, *, data_dir: str | Path | None = None,
-              base_model: str | None = None) -> Iterator[StageRun]:
+def stage_run(
+    cfg: TrackingOptions, stage: str, *, data_dir: str | Path | None = None, base_model: str | None = None
+) -> Iterator[StageRun]:
     """Start (or attach to) the MLflow run for `stage`; fails fast if the tracking server is unreachable."""
     import mlflow
 
@@ -193,8 +211,13 @@ def stage_run(cfg: TrackingOptions, stage: str, *, data_dir: str | Path | None =
     with active as run:
         mlflow.set_tags({f"rlhf.{k}": v for k, v in lineage.items()})
         mlflow.log_params(_flat_params(stage, cfg.to_flat_dict()))
-        yield StageRun(stage=stage, run_id=run.info.run_id, prefix=cfg.registered_model_prefix,
-                       register_enabled=cfg.register_model, lineage=lineage)
+        yield StageRun(
+            stage=stage,
+            run_id=run.info.run_id,
+            prefix=cfg.registered_model_prefix,
+            register_enabled=cfg.register_model,
+            lineage=lineage,
+        )
 
 
 def client(tracking_uri: str | None = None):

@@ -60,13 +60,27 @@ def mlflow_server(tmp_path_factory) -> str:
     """URI of a real MLflow tracking server (SQLite backend, local artifacts), killed at teardown."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        "--artifacts-destination",
+        str(tmp / "artifacts"),
+        "--workers",
+        "1",
+    ]
     log = open(tmp / "server.log", "wb")
     # Own session: the server spawns workers; teardown signals the whole group it leads (ours only).
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""}
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:

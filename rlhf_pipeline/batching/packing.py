@@ -28,16 +28,19 @@ IGNORE_INDEX = -100
 class PackedBlocks:
     """Blocks of `seq_length` tokens. Indexing gives one block as a dict of 1-D tensors (a DataLoader item)."""
 
-    input_ids: torch.Tensor     # [blocks, seq_length]
+    input_ids: torch.Tensor  # [blocks, seq_length]
     position_ids: torch.Tensor  # [blocks, seq_length], restarting at 0 at each document start
-    labels: torch.Tensor        # [blocks, seq_length], -100 at each document's first token
+    labels: torch.Tensor  # [blocks, seq_length], -100 at each document's first token
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "position_ids": self.position_ids[index],
-                "labels": self.labels[index]}
+        return {
+            "input_ids": self.input_ids[index],
+            "position_ids": self.position_ids[index],
+            "labels": self.labels[index],
+        }
 
 
 def pack_documents(documents: list[list[int]], seq_length: int, eos_token_id: int) -> PackedBlocks:

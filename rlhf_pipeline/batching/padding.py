@@ -1,13 +1,14 @@
 """Padded batches: the ONE right/left padding routine, and the collations built on it.
 
-    pad(seqs, pad_id, side="left")          -> (input_ids [B, L], attention_mask [B, L])   generation prompts
-    collate_padded(docs, pad_id)            -> input_ids, attention_mask, labels (-100 on padding)   SFT unpacked
-    collate_pairs(pairs, pad_id, ...)       -> 2B rows [chosen_1..B, rejected_1..B] or B shared-prefix rows
+pad(seqs, pad_id, side="left")          -> (input_ids [B, L], attention_mask [B, L])   generation prompts
+collate_padded(docs, pad_id)            -> input_ids, attention_mask, labels (-100 on padding)   SFT unpacked
+collate_pairs(pairs, pad_id, ...)       -> 2B rows [chosen_1..B, rejected_1..B] or B shared-prefix rows
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -15,8 +16,12 @@ from rlhf_pipeline.batching.packing import IGNORE_INDEX
 from rlhf_pipeline.batching.shared_prefix import collate_shared_prefix
 
 
-def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"] = "right",
-        device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    side: Literal["left", "right"] = "right",
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids [B, L], attention_mask [B, L]), padded on `side` to the longest."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -41,9 +46,12 @@ def collate_padded(documents: list[list[int]], pad_token_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
-                  shared_prefix: bool = False,
-                  response_starts: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_token_id: int,
+    shared_prefix: bool = False,
+    response_starts: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """One batch that scores both sides of each (chosen, rejected) pair in a single forward.
 
     shared_prefix: B rows that compute each pair's common prefix once (see shared_prefix.py); else 2B

@@ -37,7 +37,7 @@ and, when response starts are given (DPO), for the N response tokens of all 2B s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -68,8 +68,11 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                          response_starts: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+def collate_shared_prefix(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    response_starts: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """(chosen ids, rejected ids) pairs -> a batch of packed rows; see the module docstring for layout and keys.
 
     response_starts[i] = (first response token of chosen, of rejected) in each side's own sequence; with them the
@@ -104,9 +107,10 @@ def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
             last_index[batch + i] = base + s + c + k - 1
             if response_starts is not None:
                 # flat index of token j of a side's own sequence: the shared prefix, then that side's own block
-                for side, (offset, length, first) in enumerate(((s, c, response_starts[i][0]),
-                                                                (s + c, k, response_starts[i][1]))):
-                    flat = lambda j, base=base, offset=offset: base + (j if j < s else offset + (j - s))  # noqa: E731
+                for side, (offset, length, first) in enumerate(
+                    ((s, c, response_starts[i][0]), (s + c, k, response_starts[i][1]))
+                ):
+                    flat = lambda j, base=base, offset=offset, s=s: base + (j if j < s else offset + (j - s))  # noqa: E731
                     for j in range(max(first, 1), s + length):
                         label_index.append(flat(j))
                         predictor_index.append(flat(j - 1))
@@ -119,13 +123,19 @@ def collate_shared_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     same_or_prefix = (k_segment == 0) | (k_segment == q_segment)
     mask = causal & same_pair & same_or_prefix & (q_segment != 3)
     mask |= torch.eye(width, dtype=torch.bool) & (q_segment == 3)  # padding attends to itself only
-    out = {"input_ids": input_ids, "attention_mask": mask.unsqueeze(1), "position_ids": position_ids,
-           "last_index": torch.tensor(last_index, dtype=torch.long),
-           "token_slots": (segment.reshape(-1) != 3).nonzero().squeeze(1)}
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": mask.unsqueeze(1),
+        "position_ids": position_ids,
+        "last_index": torch.tensor(last_index, dtype=torch.long),
+        "token_slots": (segment.reshape(-1) != 3).nonzero().squeeze(1),
+    }
     if response_starts is not None:
-        out.update(label_index=torch.tensor(label_index, dtype=torch.long),
-                   predictor_index=torch.tensor(predictor_index, dtype=torch.long),
-                   label_side=torch.tensor(label_side, dtype=torch.long))
+        out.update(
+            label_index=torch.tensor(label_index, dtype=torch.long),
+            predictor_index=torch.tensor(predictor_index, dtype=torch.long),
+            label_side=torch.tensor(label_side, dtype=torch.long),
+        )
     return out
 
 

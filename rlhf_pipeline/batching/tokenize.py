@@ -5,11 +5,13 @@ Prompt and answer are always tokenized TOGETHER (as the model will see them) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from rlhf_pipeline.data.prompts import format_example, format_prompt
 from rlhf_pipeline.errors import UserError
+
 
 def sft_texts(rows: list[dict], template: str) -> list[str]:
     """Prompt + preferred answer, once per (qid, answer_id_j): a question with 5 pairs won by the same answer
@@ -24,6 +26,7 @@ def sft_texts(rows: list[dict], template: str) -> list[str]:
         texts.append(format_example(template, row["question"], row["response_j"]))
     return texts
 
+
 def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text (with the tokenizer's own BOS, if it adds one) followed by EOS, the document end."""
     if tokenizer.eos_token_id is None:
@@ -33,6 +36,7 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     return [ids + [eos] if not ids or ids[-1] != eos else ids for ids in encoded]
+
 
 @dataclass
 class TokenizedPairs:
@@ -45,6 +49,7 @@ class TokenizedPairs:
 
     def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
         return self.chosen[index], self.rejected[index]
+
 
 def tokenize_pairs(tokenizer, rows: list[dict], template: str, max_length: int) -> TokenizedPairs:
     """Prompt + response_j (chosen) and prompt + response_k (rejected), each ending in EOS.

@@ -9,15 +9,33 @@ import click
 
 
 @click.command("compile", context_settings={"max_content_width": 110})
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the YAML [default: pipelines/rlhf_pipeline.yaml, the committed file].")
-@click.option("--settings", "settings_path", type=click.Path(dir_okay=False), default=None,
-              help="Kubernetes settings YAML (GPU node pool, resources, retries, caching, PVC, secrets, TrainJob); "
-                   "see docs/pipeline.md.")
-@click.option("--trainjob", is_flag=True, default=False,
-              help="Training steps launch Kubeflow Trainer TrainJobs (same as settings `distributed: trainjob`).")
-@click.option("--check", is_flag=True, default=False,
-              help="Do not write: exit 1 if the output file differs from a fresh compile (CI staleness check).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the YAML [default: pipelines/rlhf_pipeline.yaml, the committed file].",
+)
+@click.option(
+    "--settings",
+    "settings_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Kubernetes settings YAML (GPU node pool, resources, retries, caching, PVC, secrets, TrainJob); "
+    "see docs/pipeline.md.",
+)
+@click.option(
+    "--trainjob",
+    is_flag=True,
+    default=False,
+    help="Training steps launch Kubeflow Trainer TrainJobs (same as settings `distributed: trainjob`).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    default=False,
+    help="Do not write: exit 1 if the output file differs from a fresh compile (CI staleness check).",
+)
 def compile_command(output: str | None, settings_path: str | None, trainjob: bool, check: bool) -> int:
     """Compile the Kubeflow pipeline to YAML with the real KFP compiler."""
     from rlhf_pipeline.orchestration.compile import compile_to, default_output, is_stale, summary, uses_trainjob
@@ -38,31 +56,66 @@ def compile_command(output: str | None, settings_path: str | None, trainjob: boo
 
 
 @click.command("submit", context_settings={"max_content_width": 110})
-@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 "
-              "(token from $KFP_TOKEN).")
+@click.option(
+    "--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 (token from $KFP_TOKEN)."
+)
 @click.option("--experiment", default="rlhf-pipeline", show_default=True, help="Experiment of the run.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="Pipeline argument (repeatable); JSON for objects/lists/numbers, e.g. "
-                   "--param alignment=dpo --param 'sft_config={\"max_steps\": 500}'.")
-@click.option("--package", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Compiled pipeline YAML to upload [default: compile now with --settings].")
-@click.option("--settings", "settings_path", type=click.Path(dir_okay=False), default=None,
-              help="Kubernetes settings YAML for the compile (see `rlhf compile`).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Pipeline argument (repeatable); JSON for objects/lists/numbers, e.g. "
+    "--param alignment=dpo --param 'sft_config={\"max_steps\": 500}'.",
+)
+@click.option(
+    "--package",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Compiled pipeline YAML to upload [default: compile now with --settings].",
+)
+@click.option(
+    "--settings",
+    "settings_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Kubernetes settings YAML for the compile (see `rlhf compile`).",
+)
 @click.option("--trainjob", is_flag=True, default=False, help="Compile with TrainJob training steps.")
 @click.option("--pipeline-name", default="rlhf-pipeline", show_default=True, help="Pipeline name on the server.")
 @click.option("--version-name", default=None, help="Pipeline version name [default: <git commit>-<time>].")
 @click.option("--run-name", default=None, help="Run name [default: rlhf-<alignment>-<time>].")
 @click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs).")
-def submit_command(host: str, experiment: str, params: tuple[str, ...], package: str | None,
-                   settings_path: str | None, trainjob: bool, pipeline_name: str, version_name: str | None,
-                   run_name: str | None, namespace: str | None) -> int:
+def submit_command(
+    host: str,
+    experiment: str,
+    params: tuple[str, ...],
+    package: str | None,
+    settings_path: str | None,
+    trainjob: bool,
+    pipeline_name: str,
+    version_name: str | None,
+    run_name: str | None,
+    namespace: str | None,
+) -> int:
     """Upload the pipeline (or a new version of it) to Kubeflow and start a run."""
     from rlhf_pipeline.orchestration.submit import submit_pipeline
 
-    result = submit_pipeline(host=host, params=params, package=package, settings_path=settings_path,
-                             trainjob=trainjob, pipeline_name=pipeline_name, version_name=version_name,
-                             run_name=run_name, experiment=experiment, namespace=namespace)
-    click.echo(f"uploaded {result['uploaded']} ({pipeline_name}, version {result['version_id']}); "
-               f"started run {result['run_id']} in experiment {experiment!r}")
+    result = submit_pipeline(
+        host=host,
+        params=params,
+        package=package,
+        settings_path=settings_path,
+        trainjob=trainjob,
+        pipeline_name=pipeline_name,
+        version_name=version_name,
+        run_name=run_name,
+        experiment=experiment,
+        namespace=namespace,
+    )
+    click.echo(
+        f"uploaded {result['uploaded']} ({pipeline_name}, version {result['version_id']}); "
+        f"started run {result['run_id']} in experiment {experiment!r}"
+    )
     click.echo(result["run_url"])
     return 0

@@ -12,9 +12,14 @@ from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 
 
 @click.command("run", context_settings={"max_content_width": 110})
-@click.option("--config", "-c", "recipe", type=click.Path(dir_okay=False), default=None,
-              help="Pipeline recipe YAML [default: recipes/smollm2/pipeline.yaml when present, else built-in small "
-                   "sizes].")
+@click.option(
+    "--config",
+    "-c",
+    "recipe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Pipeline recipe YAML [default: recipes/smollm2/pipeline.yaml when present, else built-in small sizes].",
+)
 @click.option("--alignment", type=click.Choice(["ppo", "dpo"]), default=None, help="ppo (default) or dpo.")
 @click.option("--model", default=None, help=f"Base model [default: {EMBEDDED_MODEL}].")
 @click.option("--input", "input_", default=None, help="Stack Exchange dump [default: the shared beer sample].")
@@ -22,14 +27,30 @@ from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///<output>/mlflow.db].")
 @click.option("--experiment-name", default=None, help="MLflow experiment [default: rlhf-pipeline].")
 @click.option("--num-threads", type=int, default=None, help="torch threads per step [default: all cores].")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override one stage option (repeatable), e.g. --set sft.max_steps=10 --set ppo.steps=3.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one stage option (repeatable), e.g. --set sft.max_steps=10 --set ppo.steps=3.",
+)
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Stream every step's output, not only progress.")
 @click.option("--print-config", is_flag=True, default=False, help="Print the resolved configuration and exit.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print the summary as JSON at the end.")
-def run_command(recipe: str | None, alignment: str | None, model: str | None, input_: str | None,
-                output: str | None, tracking_uri: str | None, experiment_name: str | None, num_threads: int | None,
-                sets: tuple[str, ...], verbose: bool, print_config: bool, as_json: bool) -> int:
+def run_command(
+    recipe: str | None,
+    alignment: str | None,
+    model: str | None,
+    input_: str | None,
+    output: str | None,
+    tracking_uri: str | None,
+    experiment_name: str | None,
+    num_threads: int | None,
+    sets: tuple[str, ...],
+    verbose: bool,
+    print_config: bool,
+    as_json: bool,
+) -> int:
     """Run the whole pipeline locally through kfp.local (the embedded SmolLM2 on the beer sample by default)."""
     from rich.console import Console
 
@@ -37,9 +58,19 @@ def run_command(recipe: str | None, alignment: str | None, model: str | None, in
     from rlhf_pipeline.orchestration.run_config import load_config
     from rlhf_pipeline.orchestration.run_summary import print_summary
 
-    cfg = load_config(recipe, {"alignment": alignment, "model": model, "input": input_, "output": output,
-                               "tracking_uri": tracking_uri, "experiment_name": experiment_name,
-                               "num_threads": num_threads}, sets)
+    cfg = load_config(
+        recipe,
+        {
+            "alignment": alignment,
+            "model": model,
+            "input": input_,
+            "output": output,
+            "tracking_uri": tracking_uri,
+            "experiment_name": experiment_name,
+            "num_threads": num_threads,
+        },
+        sets,
+    )
     if print_config:
         click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
         return 0

@@ -55,8 +55,15 @@ def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
             options.append(click.Option([decl, name], default=None, help=help_))
         else:
             repeatable = typing.get_origin(ann) is list
-            options.append(click.Option([flag_name(name), name], default=None, help=help_, multiple=repeatable,
-                                        metavar="A,B,..." if repeatable else None))
+            options.append(
+                click.Option(
+                    [flag_name(name), name],
+                    default=None,
+                    help=help_,
+                    multiple=repeatable,
+                    metavar="A,B,..." if repeatable else None,
+                )
+            )
     return options
 
 
@@ -96,12 +103,16 @@ def stage_command(
         return 0
 
     params: list[click.Parameter] = [
-        click.Option(["--config", "-c"], type=click.Path(dir_okay=False), default=None,
-                     help="YAML recipe; command-line flags override its values."),
-        click.Option(["--print-config"], is_flag=True, default=False,
-                     help="Print the resolved configuration and exit."),
+        click.Option(
+            ["--config", "-c"],
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="YAML recipe; command-line flags override its values.",
+        ),
+        click.Option(
+            ["--print-config"], is_flag=True, default=False, help="Print the resolved configuration and exit."
+        ),
         *config_options(config_cls),
         *(extra_options or []),
     ]
-    return click.Command(name, callback=callback, params=params, help=help,
-                         context_settings={"max_content_width": 110})
+    return click.Command(name, callback=callback, params=params, help=help, context_settings={"max_content_width": 110})

@@ -38,8 +38,9 @@ def masked_scale(x: torch.Tensor, draws: torch.Tensor, threshold: int, scale: fl
     """FastDropout's apply step: x * (scale where the 15-bit draw < threshold, else 0)."""
     keep = (draws & 0x7FFF) < threshold
     # one multiplier tensor (scale or 0) in x's dtype: the backward is then a single multiply as well
-    multiplier = torch.where(keep, torch.tensor(scale, dtype=x.dtype, device=x.device),
-                             torch.tensor(0.0, dtype=x.dtype, device=x.device))
+    multiplier = torch.where(
+        keep, torch.tensor(scale, dtype=x.dtype, device=x.device), torch.tensor(0.0, dtype=x.dtype, device=x.device)
+    )
     return x * multiplier
 
 
@@ -85,8 +86,11 @@ def _is_rms_norm(module) -> bool:
 
 def _is_silu_gated_mlp(module) -> bool:
     act = getattr(module, "act_fn", None)
-    return (all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
-            and act is not None and "silu" in type(act).__name__.lower())
+    return (
+        all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        and act is not None
+        and "silu" in type(act).__name__.lower()
+    )
 
 
 def fused(fn):

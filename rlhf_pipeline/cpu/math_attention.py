@@ -20,8 +20,14 @@ from rlhf_pipeline.cpu.fused_ops import fused, masked_softmax
 MATH_ATTENTION_MAX_SCORES = 32 * 2**20
 
 
-def math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                   scaling: float, dropout: float = 0.0) -> torch.Tensor:
+def math_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) v with batched matmuls; grouped-query heads without copying k/v.
 
     query [R, Hq, L, D], key/value [R, Hkv, L, D], mask [R, 1, L, L] bool (True = may attend; no row may be all
@@ -39,7 +45,6 @@ def math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs.view(rows, kv_heads, groups * length, length), value)  # [R, Hkv, g * L, D]
     return out.view(rows, q_heads, length, dim).transpose(1, 2)
-
 
 
 def padded_math_attention(module, query, key, value, mask, dropout, scaling, **kwargs) -> torch.Tensor:

@@ -57,8 +57,13 @@ def extension():
         from torch.utils.cpp_extension import load_inline
 
         # -fopenmp: the parallel region must be real; libgomp resolves to the copy torch already loaded
-        return load_inline("rlhf_row_split_mm", cpp_sources=_CPP_SOURCE, functions=["row_split_mm"],
-                           extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load_inline(
+            "rlhf_row_split_mm",
+            cpp_sources=_CPP_SOURCE,
+            functions=["row_split_mm"],
+            extra_cflags=["-O2", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as error:  # no compiler, no ninja, read-only cache, ...: keep torch's matmuls
         report_unavailable("row-split matmul", "using torch's", error)
         return None
@@ -92,8 +97,13 @@ def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))  # what autocast would do to F.linear's input
-    if (weight.requires_grad or module.bias is not None or x.dtype != weight.dtype
-            or weight.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu"):
+    if (
+        weight.requires_grad
+        or module.bias is not None
+        or x.dtype != weight.dtype
+        or weight.dtype not in (torch.bfloat16, torch.float16)
+        or x.device.type != "cpu"
+    ):
         return F.linear(x, weight, module.bias)
     with torch.autocast("cpu", enabled=False):
         return FrozenLinear.apply(x, weight)

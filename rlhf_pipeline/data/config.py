@@ -30,7 +30,9 @@ class PrepareDataConfig(StageConfig):
     finetune_fraction: float = Field(default=0.3, ge=0, le=1, description="Share of questions for SFT.")
     reward_fraction: float = Field(default=0.3, ge=0, le=1, description="Share of questions for the reward model.")
     rl_fraction: float = Field(default=0.3, ge=0, le=1, description="Share of questions for PPO/DPO.")
-    evaluation_fraction: float = Field(default=0.1, ge=0, le=1, description="Share of questions held out for evaluation.")
+    evaluation_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="Share of questions held out for evaluation."
+    )
     finetune_max_questions: int | None = Field(default=None, ge=1, description="Cap on finetune questions.")
     reward_max_questions: int | None = Field(default=None, ge=1, description="Cap on reward questions.")
     rl_max_questions: int | None = Field(default=None, ge=1, description="Cap on rl questions.")

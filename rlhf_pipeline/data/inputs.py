@@ -33,7 +33,9 @@ def discover_inputs(input_path: str, site_override: str | None) -> list[InputFil
         raise UserError(f"input not found: {path}")
     if path.is_dir():
         if site_override:
-            raise UserError("--site names the site of a single input file; a directory's inputs are named by their paths")
+            raise UserError(
+                "--site names the site of a single input file; a directory's inputs are named by their paths"
+            )
         found = [f for f in sorted(path.rglob("*")) if f.is_file() and _format_in_directory(f)]
         if not found:
             raise UserError(f"no inputs in directory {path}: expected Posts.xml, *.7z, *.parquet or *.jsonl files")
@@ -98,7 +100,9 @@ def _check_sites_distinct(inputs: list[InputFile]) -> None:
             dump_site[inp.site] = inp.path
     for inp in inputs:
         if inp.format not in DUMP_FORMATS and inp.site in dump_site:
-            raise UserError(f"site '{inp.site}' given both as a dump ({dump_site[inp.site]}) and as preferences ({inp.path})")
+            raise UserError(
+                f"site '{inp.site}' given both as a dump ({dump_site[inp.site]}) and as preferences ({inp.path})"
+            )
 
 
 class HashingReader:

@@ -10,8 +10,9 @@ batch of rows; disk use is about the size of the dump.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import py7zr
 from lxml import etree
@@ -35,9 +36,16 @@ def extract_posts_xml(archive: Path, dest_dir: Path) -> Path:
             if not members:
                 raise UserError(f"{archive}: the archive holds no Posts.xml")
             z.extract(path=dest_dir, targets=[members[0]])
-    except (py7zr.Bad7zFile, py7zr.exceptions.ArchiveError, py7zr.exceptions.CrcError,
-            py7zr.DecompressionError, py7zr.UnsupportedCompressionMethodError, py7zr.exceptions.PasswordRequired,
-            EOFError, OSError) as exc:
+    except (
+        py7zr.Bad7zFile,
+        py7zr.exceptions.ArchiveError,
+        py7zr.exceptions.CrcError,
+        py7zr.DecompressionError,
+        py7zr.UnsupportedCompressionMethodError,
+        py7zr.exceptions.PasswordRequired,
+        EOFError,
+        OSError,
+    ) as exc:
         raise UserError(f"{archive}: cannot read the 7z archive ({type(exc).__name__}: {exc})") from None
     extracted = dest_dir / members[0]
     if not extracted.is_file():
@@ -83,11 +91,14 @@ class PostStore:
             raise UserError(f"{xml_path} is empty")
         questions: list[tuple] = []
         answers: list[tuple] = []
-        with xml_path.open("rb") as raw, tqdm(total=size, unit="B", unit_scale=True, desc="read posts",
-                                             disable=None, leave=False) as bar:
+        with (
+            xml_path.open("rb") as raw,
+            tqdm(total=size, unit="B", unit_scale=True, desc="read posts", disable=None, leave=False) as bar,
+        ):
             reader = HashingReader(raw)
-            context = etree.iterparse(reader, events=("end",), tag="row", resolve_entities=False,
-                                      no_network=True, huge_tree=True)
+            context = etree.iterparse(
+                reader, events=("end",), tag="row", resolve_entities=False, no_network=True, huge_tree=True
+            )
             try:
                 for _, row in context:
                     if stats.posts_read == 0:
@@ -164,8 +175,14 @@ def _parse_row(attrib: Any, questions: list[tuple], answers: list[tuple], stats:
     try:
         if post_type == QUESTION:
             accepted = attrib.get("AcceptedAnswerId")
-            questions.append((int(raw_id), int(accepted) if accepted is not None else None,
-                              attrib.get("Title", ""), attrib.get("Body", "")))
+            questions.append(
+                (
+                    int(raw_id),
+                    int(accepted) if accepted is not None else None,
+                    attrib.get("Title", ""),
+                    attrib.get("Body", ""),
+                )
+            )
             stats.questions += 1
             return
         raw_parent, raw_score = attrib.get("ParentId"), attrib.get("Score")

@@ -9,8 +9,9 @@ streamed record batch by record batch (parquet) or line by line (JSONL).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq

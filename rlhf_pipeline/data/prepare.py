@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlhf_pipeline.data.config import PrepareDataConfig
 from rlhf_pipeline.data.inputs import (
@@ -77,8 +78,12 @@ def run_prepare_data(cfg: PrepareDataConfig) -> StageResult:
 
 def _questions(inp: InputFile, scratch: Path, stats: Stats) -> Iterator[Question]:
     """The questions of one input file, streamed; records the file in stats.inputs."""
-    record: dict[str, Any] = {"path": str(inp.path), "format": inp.format, "site": inp.site,
-                              "bytes": inp.path.stat().st_size}
+    record: dict[str, Any] = {
+        "path": str(inp.path),
+        "format": inp.format,
+        "site": inp.site,
+        "bytes": inp.path.stat().st_size,
+    }
     stats.inputs.append(record)
     if inp.format in (POSTS_XML, SITE_ARCHIVE):
         scratch.mkdir(parents=True)
@@ -150,12 +155,20 @@ def _add_question(
         pairs = pairs[:room]  # the last question into a pair-capped subset may contribute part of its pairs
 
     for better, worse in pairs:
-        writers.add(subset, {
-            "qid": question.qid, "site": question.site, "question": question_text,
-            "response_j": markdown[better.answer_id], "response_k": markdown[worse.answer_id],
-            "score_j": better.score, "score_k": worse.score,
-            "answer_id_j": better.answer_id, "answer_id_k": worse.answer_id,
-        })
+        writers.add(
+            subset,
+            {
+                "qid": question.qid,
+                "site": question.site,
+                "question": question_text,
+                "response_j": markdown[better.answer_id],
+                "response_k": markdown[worse.answer_id],
+                "score_j": better.score,
+                "score_k": worse.score,
+                "answer_id_j": better.answer_id,
+                "answer_id_k": worse.answer_id,
+            },
+        )
     assigner.record(subset, len(pairs))
     stats.questions_paired += 1
     stats.questions_per_subset[subset] += 1
@@ -172,8 +185,12 @@ def _summary(cfg: PrepareDataConfig, stats: Stats) -> dict[str, Any]:
     summary = stats.to_dict()
     hashes = [i.get("sha256", "") for i in stats.inputs]
     # One input: its own sha256. Several: the hash of their (site, format, sha256) list, in discovery order.
-    summary["input_sha256"] = hashes[0] if len(hashes) == 1 else hashlib.sha256(
-        "\n".join(f"{i['site']} {i['format']} {i['sha256']}" for i in stats.inputs).encode()
-    ).hexdigest()
+    summary["input_sha256"] = (
+        hashes[0]
+        if len(hashes) == 1
+        else hashlib.sha256(
+            "\n".join(f"{i['site']} {i['format']} {i['sha256']}" for i in stats.inputs).encode()
+        ).hexdigest()
+    )
     summary["config"] = cfg.to_flat_dict()
     return summary

@@ -40,8 +40,10 @@ def read_subset(data_dir: str | Path, subset: str) -> list[dict[str, Any]]:
         raise UserError(f"{path} has no rows")
     return rows
 
+
 def _question_key(qid: Any) -> str:
     return hashlib.sha256(str(qid).encode()).hexdigest()
+
 
 def split_by_question(rows: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows with disjoint questions; eval holds ceil(eval_fraction x questions), at least one."""
@@ -53,6 +55,7 @@ def split_by_question(rows: list[dict], eval_fraction: float) -> tuple[list[dict
         raise UserError(f"need at least 2 questions to hold some out for evaluation, got {len(qids)}")
     held_out = set(qids[:n_eval])
     return [r for r in rows if r["qid"] not in held_out], [r for r in rows if r["qid"] in held_out]
+
 
 def limit(rows: list[dict], max_rows: int | None, seed: int) -> list[dict]:
     """At most `max_rows` rows, a seeded random sample (keeps the original order otherwise)."""

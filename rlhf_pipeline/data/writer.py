@@ -43,9 +43,7 @@ class SubsetWriters:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.staging = output_dir / f".staging-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
-        self.writers = {
-            s: pq.ParquetWriter(self.staging / f"{s}.parquet", SCHEMA, compression="zstd") for s in SUBSETS
-        }
+        self.writers = {s: pq.ParquetWriter(self.staging / f"{s}.parquet", SCHEMA, compression="zstd") for s in SUBSETS}
         self.buffers: dict[str, dict[str, list]] = {s: {c: [] for c in COLUMNS} for s in SUBSETS}
         self.buffered = dict.fromkeys(SUBSETS, 0)
 

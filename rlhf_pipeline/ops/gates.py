@@ -87,17 +87,34 @@ def evaluate_gates(client, candidate, champion, gates: Gates) -> list[GateResult
     value, source = gate_value(client, candidate, "eval/reward_mean")
     if champion is None:
         # The first promotion has nothing to beat; the reward must still be present.
-        results.append(GateResult("eval/reward_mean", value, ">=", None, value is not None,
-                                  source if value is None else f"{source}; no champion yet"))
+        results.append(
+            GateResult(
+                "eval/reward_mean",
+                value,
+                ">=",
+                None,
+                value is not None,
+                source if value is None else f"{source}; no champion yet",
+            )
+        )
     else:
         champ_value, champ_source = gate_value(client, champion, "eval/reward_mean")
         if champ_value is None:
             # A champion without a reward cannot be compared against: fail closed, say why.
-            results.append(GateResult("eval/reward_mean", value, ">=", None, False,
-                                      f"champion v{champion.version} {champ_source}"))
+            results.append(
+                GateResult("eval/reward_mean", value, ">=", None, False, f"champion v{champion.version} {champ_source}")
+            )
         else:
             threshold = champ_value - gates.reward_margin
             passed = value is not None and value >= threshold
-            results.append(GateResult("eval/reward_mean", value, ">=", threshold, passed,
-                                      f"{source}; champion v{champion.version} {champ_value:.4f}"))
+            results.append(
+                GateResult(
+                    "eval/reward_mean",
+                    value,
+                    ">=",
+                    threshold,
+                    passed,
+                    f"{source}; champion v{champion.version} {champ_value:.4f}",
+                )
+            )
     return results

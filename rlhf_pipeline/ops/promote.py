@@ -110,10 +110,9 @@ def _acquire_lock(client, model: str, token: str) -> None:
     try:
         client.create_registered_model(
             lock,
-            tags={"promotion/lock_token": token, "promotion/locked_by": decided_by(),
-                  "promotion/locked_at": _now()},
+            tags={"promotion/lock_token": token, "promotion/locked_by": decided_by(), "promotion/locked_at": _now()},
             description=f"Held by `rlhf promote` while it moves the '{CHAMPION}' alias of '{model}'; "
-                        "deleted when it finishes.",
+            "deleted when it finishes.",
         )
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
@@ -121,7 +120,9 @@ def _acquire_lock(client, model: str, token: str) -> None:
         holder = _lock_holder(client, lock)
         raise UserError(
             f"another promotion of '{model}' is in progress ({holder}); nothing changed. Retry when it "
-            f"finishes, or --break-lock if that process died", exit_code=EXIT_REFUSED) from None
+            f"finishes, or --break-lock if that process died",
+            exit_code=EXIT_REFUSED,
+        ) from None
 
 
 def _lock_holder(client, lock: str) -> str:
@@ -161,8 +162,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def commit_promotion(client, model: str, candidate, expected_champion: str | None,
-                     results: list[GateResult]) -> dict[str, str]:
+def commit_promotion(
+    client, model: str, candidate, expected_champion: str | None, results: list[GateResult]
+) -> dict[str, str]:
     """Move `champion` to `candidate` if it still points at `expected_champion`; record the decision."""
     token = uuid.uuid4().hex
     _acquire_lock(client, model, token)
@@ -172,15 +174,19 @@ def commit_promotion(client, model: str, candidate, expected_champion: str | Non
             raise UserError(
                 f"refused: '{CHAMPION}' of '{model}' moved from {_v(expected_champion)} to {_v(current)} "
                 f"while version {candidate.version} was being gated; nothing changed. Re-run to gate "
-                f"against the new champion", exit_code=EXIT_REFUSED)
+                f"against the new champion",
+                exit_code=EXIT_REFUSED,
+            )
         client.set_registered_model_alias(model, CHAMPION, candidate.version)
         record = {
             "promotion/decision": "promoted",
             "promotion/decided_by": decided_by(),
             "promotion/decided_at": _now(),
             "promotion/previous_champion": expected_champion or "none",
-            "promotion/gates": json.dumps({r.gate: {"value": r.value, "op": r.op, "threshold": r.threshold,
-                                                    "passed": r.passed} for r in results}, sort_keys=True),
+            "promotion/gates": json.dumps(
+                {r.gate: {"value": r.value, "op": r.op, "threshold": r.threshold, "passed": r.passed} for r in results},
+                sort_keys=True,
+            ),
         }
         ci_run = _ci_run_url()
         if ci_run:
@@ -211,16 +217,26 @@ def _ci_run_url() -> str | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def promote(model: str, candidate: str = "challenger", gates_path: str | Path = DEFAULT_GATES,
-            tracking_uri: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+def promote(
+    model: str,
+    candidate: str = "challenger",
+    gates_path: str | Path = DEFAULT_GATES,
+    tracking_uri: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
     """Gate `candidate` of `model` and promote it on success. Returns a JSON-able summary with
     `verdict` in {"promoted", "rejected", "already-champion", "would-promote"}."""
     gates = Gates.load(gates_path)
     client = tracking.client(tracking_uri)
     version = resolve_candidate(client, model, candidate)
     champion_v = _champion_version(client, model)
-    summary: dict[str, Any] = {"model": model, "candidate": str(version.version), "requested": candidate,
-                               "champion_before": champion_v, "gates_file": str(gates_path)}
+    summary: dict[str, Any] = {
+        "model": model,
+        "candidate": str(version.version),
+        "requested": candidate,
+        "champion_before": champion_v,
+        "gates_file": str(gates_path),
+    }
     if champion_v == str(version.version):
         return {**summary, "verdict": "already-champion", "gates": []}
     champion = client.get_model_version(model, champion_v) if champion_v is not None else None

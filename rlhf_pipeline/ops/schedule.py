@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.orchestration.kfp_client import api_error, connect, is_api_error, latest_version_id, quiet_stdout, upload
+from rlhf_pipeline.orchestration.kfp_client import (
+    api_error,
+    connect,
+    is_api_error,
+    latest_version_id,
+    quiet_stdout,
+    upload,
+)
 from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 
@@ -59,14 +66,29 @@ def _by_name(client, experiment_id: str, name: str) -> list:
             return found
 
 
-def _create(client, *, name: str, cron: str, experiment: str, pipeline_name: str, version_id: str | None,
-           package: Path | None, version_name: str | None, params: dict[str, Any], namespace: str | None,
-           max_concurrency: int, catchup: bool, enabled: bool, service_account: str | None,
-           replace: bool) -> dict[str, Any]:
+def _create(
+    client,
+    *,
+    name: str,
+    cron: str,
+    experiment: str,
+    pipeline_name: str,
+    version_id: str | None,
+    package: Path | None,
+    version_name: str | None,
+    params: dict[str, Any],
+    namespace: str | None,
+    max_concurrency: int,
+    catchup: bool,
+    enabled: bool,
+    service_account: str | None,
+    replace: bool,
+) -> dict[str, Any]:
     cron = normalize_cron(cron)
     if package is not None:
-        pipeline_id, version_id, _ = upload(client, package, pipeline_name,
-                                            version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace)
+        pipeline_id, version_id, _ = upload(
+            client, package, pipeline_name, version_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", namespace
+        )
     else:
         pipeline_id = client.get_pipeline_id(pipeline_name)
         if pipeline_id is None:
@@ -75,15 +97,30 @@ def _create(client, *, name: str, cron: str, experiment: str, pipeline_name: str
     experiment_id = _experiment_id(client, experiment, namespace, create=True)
     previous = _by_name(client, experiment_id, name) if replace else []
     run = client.create_recurring_run(
-        experiment_id=experiment_id, job_name=name, cron_expression=cron, params=params,
-        pipeline_id=pipeline_id, version_id=version_id, max_concurrency=max_concurrency,
-        no_catchup=not catchup, enabled=enabled, service_account=service_account,
-        description=f"rlhf schedule: {pipeline_name} version {version_id}")
+        experiment_id=experiment_id,
+        job_name=name,
+        cron_expression=cron,
+        params=params,
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        max_concurrency=max_concurrency,
+        no_catchup=not catchup,
+        enabled=enabled,
+        service_account=service_account,
+        description=f"rlhf schedule: {pipeline_name} version {version_id}",
+    )
     for old in previous:
         client.delete_recurring_run(old.recurring_run_id)
-    return {"recurring_run_id": run.recurring_run_id, "name": name, "cron": cron, "experiment_id": experiment_id,
-            "pipeline_id": pipeline_id, "version_id": version_id, "parameters": params,
-            "replaced": [old.recurring_run_id for old in previous]}
+    return {
+        "recurring_run_id": run.recurring_run_id,
+        "name": name,
+        "cron": cron,
+        "experiment_id": experiment_id,
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "parameters": params,
+        "replaced": [old.recurring_run_id for old in previous],
+    }
 
 
 def _call(host: str, fn, *args, **kwargs):
@@ -104,20 +141,49 @@ def _call(host: str, fn, *args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def create(*, host: str, namespace: str | None, experiment: str, name: str, cron: str, pipeline_name: str,
-           version_id: str | None, package: Path | None, version_name: str | None, params: tuple[str, ...],
-           max_concurrency: int, catchup: bool, enabled: bool, service_account: str | None,
-           replace: bool) -> dict[str, Any]:
+def create(
+    *,
+    host: str,
+    namespace: str | None,
+    experiment: str,
+    name: str,
+    cron: str,
+    pipeline_name: str,
+    version_id: str | None,
+    package: Path | None,
+    version_name: str | None,
+    params: tuple[str, ...],
+    max_concurrency: int,
+    catchup: bool,
+    enabled: bool,
+    service_account: str | None,
+    replace: bool,
+) -> dict[str, Any]:
     """Create (or replace) a recurring run of a pipeline version; returns its ids and what it replaced."""
     if package is not None and version_id is not None:
         raise UserError("--package and --version-id are exclusive: the uploaded version is the one scheduled")
     normalize_cron(cron)
     args = parse_params(params)
     client = connect(host, namespace)
-    return _call(host, _create, client, name=name, cron=cron, experiment=experiment, pipeline_name=pipeline_name,
-                 version_id=version_id, package=package, version_name=version_name, params=args,
-                 namespace=namespace, max_concurrency=max_concurrency, catchup=catchup, enabled=enabled,
-                 service_account=service_account, replace=replace)
+    return _call(
+        host,
+        _create,
+        client,
+        name=name,
+        cron=cron,
+        experiment=experiment,
+        pipeline_name=pipeline_name,
+        version_id=version_id,
+        package=package,
+        version_name=version_name,
+        params=args,
+        namespace=namespace,
+        max_concurrency=max_concurrency,
+        catchup=catchup,
+        enabled=enabled,
+        service_account=service_account,
+        replace=replace,
+    )
 
 
 def list_recurring(*, host: str, namespace: str | None, experiment: str | None) -> list[dict[str, Any]]:
@@ -130,21 +196,34 @@ def list_recurring(*, host: str, namespace: str | None, experiment: str | None) 
             raise UserError(f"experiment '{experiment}' not found")
     rows, token = [], ""
     while True:
-        page = _call(host, client.list_recurring_runs, experiment_id=experiment_id, namespace=namespace,
-                     page_size=100, page_token=token)
+        page = _call(
+            host,
+            client.list_recurring_runs,
+            experiment_id=experiment_id,
+            namespace=namespace,
+            page_size=100,
+            page_token=token,
+        )
         for r in page.recurring_runs or []:
             trigger = r.trigger
             cron = trigger.cron_schedule.cron if trigger and trigger.cron_schedule else None
             version = r.pipeline_version_reference.pipeline_version_id if r.pipeline_version_reference else None
-            rows.append({"recurring_run_id": r.recurring_run_id, "name": r.display_name, "cron": cron,
-                         "mode": r.mode, "experiment_id": r.experiment_id, "version_id": version})
+            rows.append(
+                {
+                    "recurring_run_id": r.recurring_run_id,
+                    "name": r.display_name,
+                    "cron": cron,
+                    "mode": r.mode,
+                    "experiment_id": r.experiment_id,
+                    "version_id": version,
+                }
+            )
         token = page.next_page_token or ""
         if not token:
             return rows
 
 
-def delete(*, host: str, namespace: str | None, experiment: str, run_id: str | None,
-           name: str | None) -> Iterator[str]:
+def delete(*, host: str, namespace: str | None, experiment: str, run_id: str | None, name: str | None) -> Iterator[str]:
     """Delete a recurring run by id, or every one of `name` in `experiment`. What to delete is checked first;
     the deletions then happen as the result is iterated, each id yielded once it is gone (so the caller reports
     progress even if a later deletion fails)."""

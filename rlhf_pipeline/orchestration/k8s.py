@@ -10,8 +10,16 @@ from kfp import kubernetes
 from rlhf_pipeline.orchestration.settings import PipelineSettings, training_steps
 
 
-def configure_task(task: Any, step: str, display_name: str, settings: PipelineSettings, *,
-                   gpu_node_selector: Any = None, gpu_tolerations: Any = None, gpu: bool | None = None) -> Any:
+def configure_task(
+    task: Any,
+    step: str,
+    display_name: str,
+    settings: PipelineSettings,
+    *,
+    gpu_node_selector: Any = None,
+    gpu_tolerations: Any = None,
+    gpu: bool | None = None,
+) -> Any:
     """Set display name, caching, resources, GPU scheduling, retries, PVC, env and secrets of one task.
 
     `step` names the settings entry (a registry stage's key, or `report`); `gpu_node_selector` / `gpu_tolerations`
@@ -40,14 +48,19 @@ def configure_task(task: Any, step: str, display_name: str, settings: PipelineSe
 
     if step in settings.retry.steps:
         r = settings.retry
-        task.set_retry(num_retries=r.num_retries, backoff_duration=r.backoff_duration,
-                       backoff_factor=r.backoff_factor, backoff_max_duration=r.backoff_max_duration)
+        task.set_retry(
+            num_retries=r.num_retries,
+            backoff_duration=r.backoff_duration,
+            backoff_factor=r.backoff_factor,
+            backoff_max_duration=r.backoff_max_duration,
+        )
 
     kubernetes.mount_pvc(task, pvc_name=settings.model_cache.pvc_name, mount_path=settings.model_cache.mount_path)
     for name, value in {**settings.env, **settings.cache_env()}.items():
         task.set_env_variable(name, value)
     for secret in settings.secrets.values():
         if step in secret.steps:
-            kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=dict(secret.keys),
-                                         optional=secret.optional)
+            kubernetes.use_secret_as_env(
+                task, secret_name=secret.name, secret_key_to_env=dict(secret.keys), optional=secret.optional
+            )
     return task

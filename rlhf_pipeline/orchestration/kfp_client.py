@@ -47,8 +47,10 @@ def check_reachable(host: str, timeout: float = TIMEOUT_S) -> None:
     if not answer.reachable:
         raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({answer.reason})")
     if not answer.healthy:
-        raise UserError(f"{host} answered HTTP {answer.status} on {HEALTHZ}: not a Kubeflow Pipelines API "
-                        "endpoint (use the ml-pipeline service or the dashboard URL)")
+        raise UserError(
+            f"{host} answered HTTP {answer.status} on {HEALTHZ}: not a Kubeflow Pipelines API "
+            "endpoint (use the ml-pipeline service or the dashboard URL)"
+        )
 
 
 def connect(host: str, namespace: str | None = None):
@@ -74,17 +76,18 @@ def latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
     return versions.pipeline_versions[0].pipeline_version_id
 
 
-def upload(client, package: Path, pipeline_name: str, version_name: str,
-           namespace: str | None) -> tuple[str, str, bool]:
+def upload(
+    client, package: Path, pipeline_name: str, version_name: str, namespace: str | None
+) -> tuple[str, str, bool]:
     """Upload a compiled pipeline: the pipeline itself the first time, else a new version named `version_name`.
     Returns (pipeline id, version id, whether the pipeline was created)."""
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
-        pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, namespace=namespace,
-                                          description=DESCRIPTION)
+        pipeline = client.upload_pipeline(
+            str(package), pipeline_name=pipeline_name, namespace=namespace, description=DESCRIPTION
+        )
         return pipeline.pipeline_id, latest_version_id(client, pipeline.pipeline_id, pipeline_name), True
-    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
-                                             pipeline_id=pipeline_id)
+    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name, pipeline_id=pipeline_id)
     return pipeline_id, version.pipeline_version_id, False
 
 

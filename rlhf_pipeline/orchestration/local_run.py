@@ -66,12 +66,20 @@ def pipeline_arguments(cfg: LocalRunConfig, work_root: Path) -> dict[str, Any]:
         return values
 
     return {
-        "alignment": cfg.alignment, "input_data": str(cfg.input_path().resolve()), "base_model": cfg.model,
-        "prepare_data_config": section("prepare_data"), "sft_config": section("sft"),
-        "reward_config": section("reward"), "ppo_config": section("ppo"), "dpo_config": section("dpo"),
-        "evaluate_config": section("evaluate"), "mlflow_tracking_uri": cfg.tracking(),
-        "experiment_name": cfg.experiment_name, "registered_model_prefix": cfg.registered_model_prefix,
-        "work_root": str(work_root), "report_samples": cfg.report_samples,
+        "alignment": cfg.alignment,
+        "input_data": str(cfg.input_path().resolve()),
+        "base_model": cfg.model,
+        "prepare_data_config": section("prepare_data"),
+        "sft_config": section("sft"),
+        "reward_config": section("reward"),
+        "ppo_config": section("ppo"),
+        "dpo_config": section("dpo"),
+        "evaluate_config": section("evaluate"),
+        "mlflow_tracking_uri": cfg.tracking(),
+        "experiment_name": cfg.experiment_name,
+        "registered_model_prefix": cfg.registered_model_prefix,
+        "work_root": str(work_root),
+        "report_samples": cfg.report_samples,
     }
 
 
@@ -93,8 +101,7 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
     timer = StepTimer(console, verbose)
     t0 = time.monotonic()
 
-    console.print(f"[bold]rlhf run[/]: {cfg.alignment.upper()} pipeline on {inp} with {cfg.model}; "
-                  f"log: {log_path}")
+    console.print(f"[bold]rlhf run[/]: {cfg.alignment.upper()} pipeline on {inp} with {cfg.model}; log: {log_path}")
     remove_previous_runs(work_root)
     if cfg.model == EMBEDDED_MODEL:
         ensure_model_cache(console, timer)
@@ -126,8 +133,9 @@ def ensure_model_cache(console, timer: StepTimer) -> None:
         timer.durations["(model cache)"] = time.monotonic() - t
 
 
-def run_pipeline(cfg: LocalRunConfig, work_root: Path, pipeline_root: Path, timer: StepTimer, log_path: Path,
-                 verbose: bool, console) -> str | None:
+def run_pipeline(
+    cfg: LocalRunConfig, work_root: Path, pipeline_root: Path, timer: StepTimer, log_path: Path, verbose: bool, console
+) -> str | None:
     """The kfp.local run itself, its output teed into the log and the timer; the failure message, if any."""
     from kfp import local
     from rich.status import Status
@@ -138,8 +146,7 @@ def run_pipeline(cfg: LocalRunConfig, work_root: Path, pipeline_root: Path, time
     args = pipeline_arguments(cfg, work_root)
     with step_environment(cfg), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-                   raise_on_error=True)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
         spinner = nullcontext(None) if verbose else Status("starting…", console=console)
         with spinner as status:
             timer.live = status

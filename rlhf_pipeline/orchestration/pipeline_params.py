@@ -15,7 +15,11 @@ from rlhf_pipeline.errors import UserError
 
 # KFP parameterType -> the Python types a JSON value of that kind decodes to
 JSON_TYPES: dict[str, type | tuple[type, ...]] = {
-    "STRUCT": dict, "LIST": list, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": (int, float), "BOOLEAN": bool,
+    "STRUCT": dict,
+    "LIST": list,
+    "NUMBER_INTEGER": int,
+    "NUMBER_DOUBLE": (int, float),
+    "BOOLEAN": bool,
 }
 ALIGNMENTS = ("ppo", "dpo")
 

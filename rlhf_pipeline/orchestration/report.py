@@ -70,8 +70,14 @@ def read_generations(path: Path, limit: int) -> list[dict[str, Any]]:
                 continue
             grouped[q] = {"question": q, "answers": []}
         if "model" in row:
-            grouped[q]["answers"].append({"model": str(row["model"]), "response": str(row.get("response", "")),
-                                          "reward": row.get("reward"), "kl": row.get("kl")})
+            grouped[q]["answers"].append(
+                {
+                    "model": str(row["model"]),
+                    "response": str(row.get("response", "")),
+                    "reward": row.get("reward"),
+                    "kl": row.get("kl"),
+                }
+            )
         else:  # one row per question with a column per model
             for key, value in row.items():
                 if key not in ("question", "prompt") and isinstance(value, str):
@@ -79,10 +85,25 @@ def read_generations(path: Path, limit: int) -> list[dict[str, Any]]:
     return list(grouped.values())
 
 
-def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], versions: list[dict[str, Any]],
-                    generations: list[dict[str, Any]], extra: str = "") -> str:
-    lines = [f"# {title}", "", f"Alignment: **{alignment}**", "", "## Headline metrics", "",
-             "| metric | value |", "|---|---|"]
+def render_markdown(
+    *,
+    title: str,
+    alignment: str,
+    metrics: dict[str, float],
+    versions: list[dict[str, Any]],
+    generations: list[dict[str, Any]],
+    extra: str = "",
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Alignment: **{alignment}**",
+        "",
+        "## Headline metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     for key in HEADLINE:
         lines.append(f"| {key} | {_fmt(metrics[key]) if key in metrics else 'n/a'} |")
     others = sorted(k for k in metrics if k not in HEADLINE)
@@ -90,12 +111,19 @@ def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], ve
         lines += ["", "## All step metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(metrics[k])} |" for k in others]
     if versions:
-        lines += ["", "## Registered model versions", "",
-                  "| model | version | aliases | lineage |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Registered model versions",
+            "",
+            "| model | version | aliases | lineage |",
+            "|---|---|---|---|",
+        ]
         for v in versions:
-            lineage = ", ".join(f"{k}={_short(str(v['tags'][k]))}" for k in
-                                ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
-                                if k in v.get("tags", {}))
+            lineage = ", ".join(
+                f"{k}={_short(str(v['tags'][k]))}"
+                for k in ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
+                if k in v.get("tags", {})
+            )
             lines.append(f"| {v['name']} | {v['version']} | {', '.join(v.get('aliases', []))} | {lineage} |")
     if generations:
         lines += ["", "## Sample generations", ""]
@@ -113,10 +141,12 @@ def render_markdown(*, title: str, alignment: str, metrics: dict[str, float], ve
 
 def markdown_to_html(md: str, title: str) -> str:
     """A small, dependency-free rendering of the report's Markdown subset (headings, tables, code, quotes)."""
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:2px 8px}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}"
-           "blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:8px}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}"
+        "blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:8px}</style></head><body>",
+    ]
     in_code, in_table = False, False
     for line in md.splitlines():
         if line.startswith("```"):
@@ -160,21 +190,44 @@ def markdown_to_html(md: str, title: str) -> str:
 
 def version_info(client, mv) -> dict[str, Any]:
     aliases = list(getattr(mv, "aliases", None) or [])
-    return {"name": mv.name, "version": str(mv.version), "tags": dict(mv.tags or {}), "aliases": aliases,
-            "run_id": mv.run_id}
+    return {
+        "name": mv.name,
+        "version": str(mv.version),
+        "tags": dict(mv.tags or {}),
+        "aliases": aliases,
+        "run_id": mv.run_id,
+    }
 
 
-def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: Any, eval_report: Any,
-                    alignment: str, summary: Any, report_md: Any, report_html: Any, tracking_uri: str,
-                    registered_model_prefix: str, kfp_run_id: str, num_samples: int, alias: str) -> dict[str, Any]:
+def run_report_step(
+    *,
+    models: dict[str, Any],
+    eval_metrics: Any,
+    generations: Any,
+    eval_report: Any,
+    alignment: str,
+    summary: Any,
+    report_md: Any,
+    report_html: Any,
+    tracking_uri: str,
+    registered_model_prefix: str,
+    kfp_run_id: str,
+    num_samples: int,
+    alias: str,
+) -> dict[str, Any]:
     """The report component's body (see components/report.py)."""
     metrics: dict[str, float] = {}
     for art in models.values():
         step_file = Path(art.path) / "step.json"
         if step_file.is_file():
             metrics.update(json.loads(step_file.read_text()).get("metrics", {}))
-    metrics.update({k: float(v) for k, v in (eval_metrics.metadata or {}).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    metrics.update(
+        {
+            k: float(v)
+            for k, v in (eval_metrics.metadata or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
 
     client = tracking.client(tracking_uri or None)
     run_id = kfp_run_id if kfp_run_id and not kfp_run_id.startswith("{{") else None
@@ -192,8 +245,10 @@ def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: A
             mv = client.get_model_version(mv.name, mv.version)
         versions.append(version_info(client, mv))
     if policy_version is None:
-        raise UserError(f"no registered policy version found for this run (model {registered_model_prefix}-policy, "
-                        f"kfp_run_id={run_id}); was the policy step run with --no-register-model?")
+        raise UserError(
+            f"no registered policy version found for this run (model {registered_model_prefix}-policy, "
+            f"kfp_run_id={run_id}); was the policy step run with --no-register-model?"
+        )
 
     for key in HEADLINE:
         if key in metrics:
@@ -201,8 +256,9 @@ def run_report_step(*, models: dict[str, Any], eval_metrics: Any, generations: A
     gen_rows = read_generations(Path(generations.path) / "generations.jsonl", num_samples)
     extra = Path(eval_report.path).read_text(encoding="utf-8") if Path(eval_report.path).is_file() else ""
     title = f"RLHF pipeline report ({alignment})"
-    md = render_markdown(title=title, alignment=alignment, metrics=metrics, versions=versions,
-                         generations=gen_rows, extra=extra)
+    md = render_markdown(
+        title=title, alignment=alignment, metrics=metrics, versions=versions, generations=gen_rows, extra=extra
+    )
     Path(report_md.path).write_text(md, encoding="utf-8")
     Path(report_html.path).write_text(markdown_to_html(md, title), encoding="utf-8")
     report_md.metadata["challenger"] = f"{policy_version.name}/{policy_version.version}"

@@ -30,8 +30,9 @@ def shared_beer_posts() -> Path:
 class LocalRunConfig(StageConfig):
     alignment: Literal["ppo", "dpo"] = Field("ppo", description="Alignment step after the reward model: ppo or dpo.")
     model: str = Field(EMBEDDED_MODEL, description="Base model: HF id, local dir, or the embedded SmolLM2.")
-    input: str | None = Field(None, description="Stack Exchange dump; default: the beer sample in $RLHF_SHARED_DIR "
-                              "or ../shared.")
+    input: str | None = Field(
+        None, description="Stack Exchange dump; default: the beer sample in $RLHF_SHARED_DIR or ../shared."
+    )
     output: str = Field("outputs", description="Output directory (MLflow SQLite store, artifacts, report).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output>/mlflow.db.")
     experiment_name: str = Field("rlhf-pipeline", description="MLflow experiment.")
@@ -110,8 +111,13 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
     the first steps trained for minutes. Paths are placeholders; the pipeline wires the real ones."""
     from rlhf_pipeline.orchestration import steps
 
-    placeholders = {"data": "/placeholder/data", "output": "/placeholder/out", "input": str(cfg.input_path()),
-                    "model": cfg.model, "reward_model": "/placeholder/reward"}
+    placeholders = {
+        "data": "/placeholder/data",
+        "output": "/placeholder/out",
+        "input": str(cfg.input_path()),
+        "model": cfg.model,
+        "reward_model": "/placeholder/reward",
+    }
     needed = ["prepare_data", "sft", "reward", cfg.alignment, "evaluate"]
     for section in needed:
         values = dict(getattr(cfg, section))
@@ -124,8 +130,10 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
             raise UserError(f"stage '{section}' is not available in this version ({exc.name})") from None
         unknown = sorted(set(values) - set(config_cls.model_fields))
         if unknown:
-            raise UserError(f"unknown option {', '.join(f'{section}.{k}' for k in unknown)} "
-                            f"(see `rlhf {section.replace('_', '-')} --help`)")
+            raise UserError(
+                f"unknown option {', '.join(f'{section}.{k}' for k in unknown)} "
+                f"(see `rlhf {section.replace('_', '-')} --help`)"
+            )
         try:
             steps.build_config(config_cls, values, **placeholders)
         except UserError as exc:

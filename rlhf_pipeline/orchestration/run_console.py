@@ -17,8 +17,14 @@ from typing import TextIO
 
 # task name prefix (kfp names tasks after components) -> label shown in progress and the summary
 TASK_LABELS = {
-    "prepare-data": "prepare data", "sft": "SFT", "reward": "reward model", "ppo": "PPO", "dpo": "DPO",
-    "evaluate": "evaluate", "report": "report", "unknown-alignment": "unknown alignment",
+    "prepare-data": "prepare data",
+    "sft": "SFT",
+    "reward": "reward model",
+    "ppo": "PPO",
+    "dpo": "DPO",
+    "evaluate": "evaluate",
+    "report": "report",
+    "unknown-alignment": "unknown alignment",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")

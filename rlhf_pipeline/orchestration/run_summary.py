@@ -16,8 +16,15 @@ def _latest(pattern: str, root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def collect_summary(cfg: LocalRunConfig, out: Path, run_dir: Path | None, pipeline_root: Path, timer: StepTimer,
-                    total: float, log_path: Path) -> dict[str, Any]:
+def collect_summary(
+    cfg: LocalRunConfig,
+    out: Path,
+    run_dir: Path | None,
+    pipeline_root: Path,
+    timer: StepTimer,
+    total: float,
+    log_path: Path,
+) -> dict[str, Any]:
     from rlhf_pipeline.orchestration import steps
 
     metrics: dict[str, dict[str, Any]] = {}
@@ -38,10 +45,17 @@ def collect_summary(cfg: LocalRunConfig, out: Path, run_dir: Path | None, pipeli
     timings = {timer.label(t): round(d, 1) for t, d in timer.durations.items()}
     cpu = {timer.label(t): round(c, 1) for t, c in timer.cpu.items()}
     return {
-        "alignment": cfg.alignment, "run": run_dir.name if run_dir else None, "total_seconds": round(total, 1),
-        "step_seconds": timings, "step_cpu_seconds": cpu, "metrics": metrics, "registered": versions,
+        "alignment": cfg.alignment,
+        "run": run_dir.name if run_dir else None,
+        "total_seconds": round(total, 1),
+        "step_seconds": timings,
+        "step_cpu_seconds": cpu,
+        "metrics": metrics,
+        "registered": versions,
         "tracking_uri": cfg.tracking(),
-        "work_dir": str(run_dir) if run_dir else None, "log": str(log_path), **paths,
+        "work_dir": str(run_dir) if run_dir else None,
+        "log": str(log_path),
+        **paths,
     }
 
 
@@ -60,13 +74,23 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
             found = []
         for mv in sorted(found, key=lambda v: int(v.version)):
             mv = client.get_model_version(mv.name, mv.version)  # search results carry no aliases
-            rows.append({"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []),
-                         "tags": dict(mv.tags or {})})
+            rows.append(
+                {
+                    "name": mv.name,
+                    "version": str(mv.version),
+                    "aliases": list(mv.aliases or []),
+                    "tags": dict(mv.tags or {}),
+                }
+            )
     return rows
 
 
-HEADLINE = [("RM accuracy", "reward", "rm/accuracy"), ("eval reward (policy)", "evaluate", "eval/reward_mean"),
-            ("eval KL (policy‖SFT)", "evaluate", "eval/kl"), ("eval win-rate vs SFT", "evaluate", "eval/win_rate")]
+HEADLINE = [
+    ("RM accuracy", "reward", "rm/accuracy"),
+    ("eval reward (policy)", "evaluate", "eval/reward_mean"),
+    ("eval KL (policy‖SFT)", "evaluate", "eval/kl"),
+    ("eval win-rate vs SFT", "evaluate", "eval/win_rate"),
+]
 
 
 def print_summary(summary: dict[str, Any], console) -> None:
@@ -100,8 +124,9 @@ def print_summary(summary: dict[str, Any], console) -> None:
         for col in ("model", "version", "aliases", "lineage"):
             t.add_column(col)
         for v in summary["registered"]:
-            lineage = " ".join(f"{k}={str(v['tags'][k])[:10]}" for k in ("data_hash", "git_commit", "config_hash")
-                               if k in v["tags"])
+            lineage = " ".join(
+                f"{k}={str(v['tags'][k])[:10]}" for k in ("data_hash", "git_commit", "config_hash") if k in v["tags"]
+            )
             t.add_row(v["name"], v["version"], ",".join(v["aliases"]), lineage)
         console.print(t)
     uri = summary["tracking_uri"]

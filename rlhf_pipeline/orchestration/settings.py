@@ -51,6 +51,7 @@ def _check_steps(value: list[str] | dict[str, Any]) -> Any:
         raise ValueError(f"unknown steps {unknown} (known: {', '.join(all_steps())})")
     return value
 
+
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _DURATION = re.compile(r"^[0-9]+s$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,8 +85,13 @@ class Toleration(_Section):
 
     def to_k8s(self) -> dict[str, Any]:
         """The Kubernetes (camelCase) form, without unset fields."""
-        out = {"key": self.key, "operator": self.operator, "value": self.value, "effect": self.effect,
-               "tolerationSeconds": self.toleration_seconds}
+        out = {
+            "key": self.key,
+            "operator": self.operator,
+            "value": self.value,
+            "effect": self.effect,
+            "tolerationSeconds": self.toleration_seconds,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -126,7 +132,9 @@ class Retry(_Section):
 
 
 class ModelCache(_Section):
-    pvc_name: str = Field("rlhf-model-cache", description="PVC (ReadWriteMany) with converted base models and stage outputs.")
+    pvc_name: str = Field(
+        "rlhf-model-cache", description="PVC (ReadWriteMany) with converted base models and stage outputs."
+    )
     mount_path: str = Field(DEFAULT_CACHE_MOUNT, description="Where it is mounted; RLHF_CACHE_DIR points here.")
 
     @field_validator("pvc_name")
@@ -158,11 +166,15 @@ class SecretRef(_Section):
 
 def _default_secrets() -> dict[str, SecretRef]:
     return {
-        "mlflow": SecretRef(name="mlflow-credentials", keys={
-            "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}),
+        "mlflow": SecretRef(
+            name="mlflow-credentials",
+            keys={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+        ),
         "huggingface": SecretRef(name="hf-token", keys={"token": "HF_TOKEN"}, steps=stage_steps()),  # not the report
-        "s3": SecretRef(name="s3-credentials", keys={
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}),
+        "s3": SecretRef(
+            name="s3-credentials",
+            keys={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+        ),
     }
 
 
@@ -202,7 +214,8 @@ class PipelineSettings(_Section):
         description="Plain (non-secret) environment variables of every step.",
     )
     distributed: Literal["none", "trainjob"] = Field(
-        "none", description="`trainjob`: training steps launch a Kubeflow Trainer TrainJob instead of training in-pod.")
+        "none", description="`trainjob`: training steps launch a Kubeflow Trainer TrainJob instead of training in-pod."
+    )
     trainjob: TrainJobSettings = Field(default_factory=TrainJobSettings)
 
     _caching_steps = field_validator("caching")(_check_steps)

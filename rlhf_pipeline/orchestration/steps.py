@@ -18,8 +18,9 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import METRICS_FILE, StageResult
@@ -28,7 +29,6 @@ from rlhf_pipeline.results import METRICS_FILE, StageResult
 WIRED_KEYS = {"data", "output", "input"}
 # What a model artifact carries besides its metadata (the rest stays in output_dir).
 ARTIFACT_PARTS = ("adapter", METRICS_FILE, "report.md", "generations.jsonl", "stats.json")
-
 
 
 def run_key(kfp_run_id: str) -> str:
@@ -75,8 +75,9 @@ def merged_model(artifact: Any) -> str:
     raise UserError(f"no merged model in {base} (expected {merged}/config.json)")
 
 
-def tracking_values(tracking_uri: str, experiment_name: str, registered_model_prefix: str,
-                    kfp_run_id: str) -> dict[str, Any]:
+def tracking_values(
+    tracking_uri: str, experiment_name: str, registered_model_prefix: str, kfp_run_id: str
+) -> dict[str, Any]:
     values: dict[str, Any] = {"experiment_name": experiment_name, "registered_model_prefix": registered_model_prefix}
     if tracking_uri:
         values["tracking_uri"] = tracking_uri
@@ -94,8 +95,10 @@ def stage_values(config_cls: type, user_config: dict[str, Any] | None, **wired: 
     wired = {k: (str(v) if isinstance(v, Path) else v) for k, v in wired.items() if v is not None and k in fields}
     clash = sorted((set(wired) | WIRED_KEYS) & set(user))
     if clash:
-        raise UserError(f"{config_cls.__name__}: {', '.join(clash)} set by the pipeline (its parameters and "
-                        "the upstream steps); remove them from the stage's config")
+        raise UserError(
+            f"{config_cls.__name__}: {', '.join(clash)} set by the pipeline (its parameters and "
+            "the upstream steps); remove them from the stage's config"
+        )
     return {**user, **wired}
 
 
@@ -142,8 +145,11 @@ def namespaced(step: str, metrics: dict[str, float]) -> dict[str, float]:
 
     ns = STAGES[step].namespace if step in STAGES else step
     # the evaluation reports every model twice (nested `models/<name>/...` and flat `eval/<name>/...`)
-    return {(k if k.startswith(ns + "/") else f"{ns}/{k}"): v for k, v in metrics.items()
-            if not (step == "evaluate" and k.startswith("models/"))}
+    return {
+        (k if k.startswith(ns + "/") else f"{ns}/{k}"): v
+        for k, v in metrics.items()
+        if not (step == "evaluate" and k.startswith("models/"))
+    }
 
 
 def log_kfp_metrics(metrics_artifact: Any, values: dict[str, float]) -> None:
@@ -156,8 +162,14 @@ def registered_versions(result: StageResult | None) -> list[dict[str, Any]]:
     return [v.model_dump() for v in result.registered] if result is not None else []
 
 
-def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | None, result: Any = None,
-            parts: Iterable[str] = ARTIFACT_PARTS) -> dict[str, float]:
+def publish(
+    step: str,
+    output_dir: Path,
+    artifact: Any,
+    metrics_artifact: Any | None,
+    result: Any = None,
+    parts: Iterable[str] = ARTIFACT_PARTS,
+) -> dict[str, float]:
     """Copy the small parts of `output_dir` into `artifact`, point its metadata at `output_dir`, and log the
     stage's final metrics to the Metrics artifact. The stage's result is its metrics.json (also when the stage ran
     elsewhere, as a TrainJob), else `result` (the StageResult its run function returned)."""
@@ -175,22 +187,38 @@ def publish(step: str, output_dir: Path, artifact: Any, metrics_artifact: Any | 
         artifact.metadata["registered_version"] = versions[-1]["version"]
     if metrics_artifact is not None:
         log_kfp_metrics(metrics_artifact, values)
-    (dest / "step.json").write_text(json.dumps(
-        {"step": step, "output_dir": str(output_dir), "registered": versions, "metrics": values}, indent=2))
+    (dest / "step.json").write_text(
+        json.dumps({"step": step, "output_dir": str(output_dir), "registered": versions, "metrics": values}, indent=2)
+    )
     return values
 
 
-def run_training_step(stage: str, user_config: dict[str, Any] | None, artifact: Any, metrics_artifact: Any, *,
-                      work_root: str, kfp_run_id: str, tracking_uri: str, experiment_name: str,
-                      registered_model_prefix: str, **wired: Any) -> dict[str, float]:
+def run_training_step(
+    stage: str,
+    user_config: dict[str, Any] | None,
+    artifact: Any,
+    metrics_artifact: Any,
+    *,
+    work_root: str,
+    kfp_run_id: str,
+    tracking_uri: str,
+    experiment_name: str,
+    registered_model_prefix: str,
+    **wired: Any,
+) -> dict[str, float]:
     """What a training component does: build the registry stage's config from the user's dict and the wired
     inputs, run it in its work directory (a retried step resumes there), publish its model and metrics."""
     from rlhf_pipeline.stages import get
 
     spec = get(stage)
     out = work_dir(work_root, kfp_run_id, stage)
-    cfg = build_config(spec.config_class(), user_config, output=str(out), **wired,
-                       **tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id))
+    cfg = build_config(
+        spec.config_class(),
+        user_config,
+        output=str(out),
+        **wired,
+        **tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
+    )
     return publish(stage, out, artifact, metrics_artifact, spec.run_function()(cfg))
 
 
@@ -201,13 +229,17 @@ def stage_config_class(stage: str) -> type:
     return get(stage).config_class()
 
 
-def evaluate_wiring(config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any,
-                    alignment: str, output: Path) -> dict[str, Any]:
+def evaluate_wiring(
+    config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any, alignment: str, output: Path
+) -> dict[str, Any]:
     """The evaluation stage's inputs from the upstream artifacts (EvaluateConfig: data, output, sft_model,
     reward_model, policy NAME=DIR, policy_model_uri of the registered policy version it tags)."""
     wired: dict[str, Any] = {
-        "data": str(stage_dir(data)), "output": str(output), "sft_model": merged_model(sft_model),
-        "reward_model": str(stage_dir(reward_model)), "policy": [f"{alignment}={stage_dir(policy)}"],
+        "data": str(stage_dir(data)),
+        "output": str(output),
+        "sft_model": merged_model(sft_model),
+        "reward_model": str(stage_dir(reward_model)),
+        "policy": [f"{alignment}={stage_dir(policy)}"],
     }
     meta = getattr(policy, "metadata", None) or {}
     if meta.get("registered_model") and meta.get("registered_version"):

@@ -20,16 +20,31 @@ from rlhf_pipeline.orchestration.kfp_client import api_error, check_reachable, c
 from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 
-def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, experiment: str,
-           run_name: str, params: dict[str, Any], namespace: str | None = None, client: Any = None) -> dict[str, Any]:
+def submit(
+    *,
+    host: str,
+    package: Path,
+    pipeline_name: str,
+    version_name: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    namespace: str | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
     """Upload `package` (new pipeline, or new version of `pipeline_name`) and start a run; returns ids."""
     logging.disable(logging.ERROR)  # kfp.Client logs a traceback per failed attempt; we report one line
     try:
         client = client or connect(host, namespace)
         pipeline_id, version_id, created = upload(client, package, pipeline_name, version_name, namespace)
         exp = client.create_experiment(experiment, namespace=namespace)
-        run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name, params=params,
-                                  pipeline_id=pipeline_id, version_id=version_id)
+        run = client.run_pipeline(
+            experiment_id=exp.experiment_id,
+            job_name=run_name,
+            params=params,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+        )
     except UserError:
         raise
     except Exception as exc:  # kfp_server_api.ApiException, urllib3 errors: one line, no traceback
@@ -38,9 +53,14 @@ def submit(*, host: str, package: Path, pipeline_name: str, version_name: str, e
         raise
     finally:
         logging.disable(logging.NOTSET)
-    return {"pipeline_id": pipeline_id, "version_id": version_id, "uploaded": "pipeline" if created else "version",
-            "experiment_id": exp.experiment_id, "run_id": run.run_id,
-            "run_url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+    return {
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "uploaded": "pipeline" if created else "version",
+        "experiment_id": exp.experiment_id,
+        "run_id": run.run_id,
+        "run_url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}",
+    }
 
 
 def default_version_name() -> str:
@@ -51,9 +71,19 @@ def default_version_name() -> str:
     return f"{commit[:12] if commit != 'unknown' else 'dev'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def submit_pipeline(*, host: str, params: tuple[str, ...], package: str | None, settings_path: str | None,
-                    trainjob: bool, pipeline_name: str, version_name: str | None, run_name: str | None,
-                    experiment: str, namespace: str | None) -> dict[str, Any]:
+def submit_pipeline(
+    *,
+    host: str,
+    params: tuple[str, ...],
+    package: str | None,
+    settings_path: str | None,
+    trainjob: bool,
+    pipeline_name: str,
+    version_name: str | None,
+    run_name: str | None,
+    experiment: str,
+    namespace: str | None,
+) -> dict[str, Any]:
     """`rlhf submit`: fail fast on the host, compile unless given a `package`, check `params` against the
     pipeline's parameters, upload and start the run."""
     from rlhf_pipeline.orchestration.compile import compile_to, read_spec
@@ -65,7 +95,13 @@ def submit_pipeline(*, host: str, params: tuple[str, ...], package: str | None, 
         known = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
         args = parse_params(params, known)
         alignment = args.get("alignment", known.get("alignment", {}).get("defaultValue", "ppo"))
-        return submit(host=host, package=path, pipeline_name=pipeline_name,
-                      version_name=version_name or default_version_name(), experiment=experiment,
-                      run_name=run_name or f"rlhf-{alignment}-{time.strftime('%Y%m%d-%H%M%S')}",
-                      params=args, namespace=namespace)
+        return submit(
+            host=host,
+            package=path,
+            pipeline_name=pipeline_name,
+            version_name=version_name or default_version_name(),
+            experiment=experiment,
+            run_name=run_name or f"rlhf-{alignment}-{time.strftime('%Y%m%d-%H%M%S')}",
+            params=args,
+            namespace=namespace,
+        )

@@ -57,16 +57,25 @@ def launch_command(launcher: str, stage: str, config_path: str, num_proc_per_nod
         return ["torchrun", "--no-python", "rlhf", cli_stage, "--config", config_path]
     procs = str(num_proc_per_node) if num_proc_per_node else "${PET_NPROC_PER_NODE}"
     script = (
-        "exec accelerate launch --num_machines \"${PET_NNODES}\" --machine_rank \"${PET_NODE_RANK}\" "
-        "--main_process_ip \"${PET_MASTER_ADDR}\" --main_process_port \"${PET_MASTER_PORT}\" "
-        f"--num_processes $(( ${{PET_NNODES}} * {procs} )) -m rlhf_pipeline.cli {cli_stage} --config \"$0\""
+        'exec accelerate launch --num_machines "${PET_NNODES}" --machine_rank "${PET_NODE_RANK}" '
+        '--main_process_ip "${PET_MASTER_ADDR}" --main_process_port "${PET_MASTER_PORT}" '
+        f'--num_processes $(( ${{PET_NNODES}} * {procs} )) -m rlhf_pipeline.cli {cli_stage} --config "$0"'
     )
     return ["bash", "-c", script, config_path]
 
 
-def build_manifest(*, name: str, stage: str, image: str, config_path: str, settings: dict[str, Any],
-                   node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
-                   namespace: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+def build_manifest(
+    *,
+    name: str,
+    stage: str,
+    image: str,
+    config_path: str,
+    settings: dict[str, Any],
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
+    namespace: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The TrainJob for one stage. `settings` is `PipelineSettings.model_dump()` (plain data, so the launcher
     component can receive it as a parameter)."""
     command = trainjob_stage(stage).command
@@ -83,14 +92,24 @@ def build_manifest(*, name: str, stage: str, image: str, config_path: str, setti
     if gpu["accelerator_count"] > 0:
         limits[gpu["accelerator_type"]] = str(gpu["accelerator_count"])
     root = cache["mount_path"].rstrip("/")
-    env = [{"name": k, "value": v} for k, v in sorted(
-        {**settings.get("env", {}), "RLHF_CACHE_DIR": root, "HF_HOME": f"{root}/huggingface"}.items())]
+    env = [
+        {"name": k, "value": v}
+        for k, v in sorted(
+            {**settings.get("env", {}), "RLHF_CACHE_DIR": root, "HF_HOME": f"{root}/huggingface"}.items()
+        )
+    ]
     for secret in settings.get("secrets", {}).values():
         if stage not in secret["steps"]:
             continue
         for key, var in secret["keys"].items():
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": secret["name"], "key": key, "optional": bool(secret["optional"])}}})
+            env.append(
+                {
+                    "name": var,
+                    "valueFrom": {
+                        "secretKeyRef": {"name": secret["name"], "key": key, "optional": bool(secret["optional"])}
+                    },
+                }
+            )
     trainer: dict[str, Any] = {
         "image": image,
         "command": launch_command(tj["launcher"], stage, config_path, tj.get("num_proc_per_node")),
@@ -103,8 +122,9 @@ def build_manifest(*, name: str, stage: str, image: str, config_path: str, setti
 
     pod_spec: dict[str, Any] = {
         "volumes": [{"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["pvc_name"]}}],
-        "containers": [{"name": TRAINER_JOB_NAME, "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": cache["mount_path"]}]}],
+        "containers": [
+            {"name": TRAINER_JOB_NAME, "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": cache["mount_path"]}]}
+        ],
     }
     if node_selector:
         pod_spec["nodeSelector"] = dict(node_selector)
@@ -120,22 +140,38 @@ def build_manifest(*, name: str, stage: str, image: str, config_path: str, setti
     if tj["overrides_api"] == "podTemplateOverrides":
         spec["podTemplateOverrides"] = [{"targetJobs": [{"name": TRAINER_JOB_NAME}], "spec": pod_spec}]
     else:
-        spec["runtimePatches"] = [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
-            "replicatedJobs": [{"name": TRAINER_JOB_NAME, "template": {"spec": {"template": {"spec": pod_spec}}}}],
-        }}}}]
-    metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "rlhf-pipeline",
-                                                          "rlhf-pipeline/stage": command,
-                                                          **(labels or {})}}
+        spec["runtimePatches"] = [
+            {
+                "manager": MANAGER,
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [
+                                {"name": TRAINER_JOB_NAME, "template": {"spec": {"template": {"spec": pod_spec}}}}
+                            ],
+                        }
+                    }
+                },
+            }
+        ]
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {"app.kubernetes.io/part-of": "rlhf-pipeline", "rlhf-pipeline/stage": command, **(labels or {})},
+    }
     if namespace:
         metadata["namespace"] = namespace
-    return {"apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}", "kind": "TrainJob", "metadata": metadata,
-            "spec": spec}
+    return {"apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}", "kind": "TrainJob", "metadata": metadata, "spec": spec}
 
 
 def _k8s_toleration(t: dict[str, Any]) -> dict[str, Any]:
     """Accept snake_case (settings) or camelCase (Kubernetes) tolerations; drop unset fields."""
-    out = {"key": t.get("key"), "operator": t.get("operator"), "value": t.get("value"), "effect": t.get("effect"),
-           "tolerationSeconds": t.get("tolerationSeconds", t.get("toleration_seconds"))}
+    out = {
+        "key": t.get("key"),
+        "operator": t.get("operator"),
+        "value": t.get("value"),
+        "effect": t.get("effect"),
+        "tolerationSeconds": t.get("tolerationSeconds", t.get("toleration_seconds")),
+    }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -147,50 +183,86 @@ def validate_manifest(manifest: dict[str, Any]) -> list[str]:
         if not cond:
             problems.append(msg)
 
-    need(manifest.get("apiVersion") == f"{TRAINER_GROUP}/{TRAINER_VERSION}", "apiVersion must be trainer.kubeflow.org/v1alpha1")
+    need(
+        manifest.get("apiVersion") == f"{TRAINER_GROUP}/{TRAINER_VERSION}",
+        "apiVersion must be trainer.kubeflow.org/v1alpha1",
+    )
     need(manifest.get("kind") == "TrainJob", "kind must be TrainJob")
     name = manifest.get("metadata", {}).get("name", "")
     need(bool(_DNS1035.match(name)) and len(name) <= 63, f"metadata.name {name!r} must be an RFC 1035 label (<= 63)")
     spec = manifest.get("spec") or {}
-    allowed_spec = {"runtimeRef", "initializer", "trainer", "podTemplateOverrides", "runtimePatches", "suspend",
-                    "managedBy", "labels", "annotations", "activeDeadlineSeconds"}
+    allowed_spec = {
+        "runtimeRef",
+        "initializer",
+        "trainer",
+        "podTemplateOverrides",
+        "runtimePatches",
+        "suspend",
+        "managedBy",
+        "labels",
+        "annotations",
+        "activeDeadlineSeconds",
+    }
     need(not (set(spec) - allowed_spec), f"unknown spec fields {sorted(set(spec) - allowed_spec)}")
     ref = spec.get("runtimeRef") or {}
     need(bool(ref.get("name")), "spec.runtimeRef.name is required")
-    need(ref.get("kind", "ClusterTrainingRuntime") in ("ClusterTrainingRuntime", "TrainingRuntime"),
-         "spec.runtimeRef.kind must be ClusterTrainingRuntime or TrainingRuntime")
+    need(
+        ref.get("kind", "ClusterTrainingRuntime") in ("ClusterTrainingRuntime", "TrainingRuntime"),
+        "spec.runtimeRef.kind must be ClusterTrainingRuntime or TrainingRuntime",
+    )
     trainer = spec.get("trainer") or {}
     allowed_trainer = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
     need(not (set(trainer) - allowed_trainer), f"unknown trainer fields {sorted(set(trainer) - allowed_trainer)}")
-    need(isinstance(trainer.get("command"), list) and all(isinstance(c, str) for c in trainer["command"]),
-         "spec.trainer.command must be a list of strings")
+    need(
+        isinstance(trainer.get("command"), list) and all(isinstance(c, str) for c in trainer["command"]),
+        "spec.trainer.command must be a list of strings",
+    )
     need(isinstance(trainer.get("numNodes", 1), int) and trainer.get("numNodes", 1) >= 1, "numNodes must be >= 1")
     for env in trainer.get("env", []):
-        need(isinstance(env.get("name"), str) and ("value" in env) != ("valueFrom" in env),
-             f"env entry {env} needs a name and exactly one of value / valueFrom")
+        need(
+            isinstance(env.get("name"), str) and ("value" in env) != ("valueFrom" in env),
+            f"env entry {env} needs a name and exactly one of value / valueFrom",
+        )
         if "valueFrom" in env:
             ref_ = env["valueFrom"].get("secretKeyRef", {})
-            need(bool(ref_.get("name")) and bool(ref_.get("key")), f"env {env.get('name')}: secretKeyRef needs name and key")
+            need(
+                bool(ref_.get("name")) and bool(ref_.get("key")),
+                f"env {env.get('name')}: secretKeyRef needs name and key",
+            )
     res = trainer.get("resourcesPerNode", {})
     need(not (set(res) - {"requests", "limits", "claims"}), "resourcesPerNode has only requests/limits/claims")
     if "podTemplateOverrides" in spec:
         for o in spec["podTemplateOverrides"]:
-            need(bool(o.get("targetJobs")) and all(t.get("name") for t in o["targetJobs"]),
-                 "podTemplateOverrides[].targetJobs[].name is required")
+            need(
+                bool(o.get("targetJobs")) and all(t.get("name") for t in o["targetJobs"]),
+                "podTemplateOverrides[].targetJobs[].name is required",
+            )
             problems.extend(_check_pod_spec(o.get("spec", {})))
     if "runtimePatches" in spec:
         for p in spec["runtimePatches"]:
             need(bool(p.get("manager")), "runtimePatches[].manager is required")
             for rj in p.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", []):
                 need(bool(rj.get("name")), "replicatedJobs[].name is required")
-                problems.extend(_check_pod_spec(rj.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})))
+                problems.extend(
+                    _check_pod_spec(rj.get("template", {}).get("spec", {}).get("template", {}).get("spec", {}))
+                )
     return problems
 
 
 def _check_pod_spec(pod: dict[str, Any]) -> list[str]:
     problems = []
-    allowed = {"serviceAccountName", "nodeSelector", "affinity", "tolerations", "volumes", "initContainers",
-               "containers", "schedulingGates", "imagePullSecrets", "securityContext"}
+    allowed = {
+        "serviceAccountName",
+        "nodeSelector",
+        "affinity",
+        "tolerations",
+        "volumes",
+        "initContainers",
+        "containers",
+        "schedulingGates",
+        "imagePullSecrets",
+        "securityContext",
+    }
     if set(pod) - allowed:
         problems.append(f"unknown pod override fields {sorted(set(pod) - allowed)}")
     volumes = {v.get("name") for v in pod.get("volumes", [])}
@@ -198,7 +270,9 @@ def _check_pod_spec(pod: dict[str, Any]) -> list[str]:
         if not c.get("name"):
             problems.append("override containers need a name")
         if set(c) - {"name", "env", "volumeMounts", "securityContext"}:
-            problems.append(f"container override {c.get('name')}: unknown fields {sorted(set(c) - {'name', 'env', 'volumeMounts', 'securityContext'})}")
+            problems.append(
+                f"container override {c.get('name')}: unknown fields {sorted(set(c) - {'name', 'env', 'volumeMounts', 'securityContext'})}"
+            )
         for m in c.get("volumeMounts", []):
             if m.get("name") not in volumes:
                 problems.append(f"volumeMount {m.get('name')} has no matching volume")
@@ -232,8 +306,9 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def run_trainjob(manifest: dict[str, Any], *, poll_seconds: int = 15, timeout_s: float = 48 * 3600,
-                 api: Any = None, log=print) -> dict[str, Any]:
+def run_trainjob(
+    manifest: dict[str, Any], *, poll_seconds: int = 15, timeout_s: float = 48 * 3600, api: Any = None, log=print
+) -> dict[str, Any]:
     """Create the TrainJob (or adopt an existing one of that name), wait until Complete or Failed.
 
     A TrainJob that already failed (a previous launcher attempt) is deleted and recreated: the stage resumes
@@ -274,8 +349,10 @@ def run_trainjob(manifest: dict[str, Any], *, poll_seconds: int = 15, timeout_s:
         existing = None
     if existing is None:
         api.create_namespaced_custom_object(*args, manifest)
-        log(f"created TrainJob {ns}/{name} ({manifest['spec']['trainer'].get('numNodes', 1)} nodes, "
-            f"runtime {manifest['spec']['runtimeRef']['name']})")
+        log(
+            f"created TrainJob {ns}/{name} ({manifest['spec']['trainer'].get('numNodes', 1)} nodes, "
+            f"runtime {manifest['spec']['runtimeRef']['name']})"
+        )
     else:
         log(f"attached to existing TrainJob {ns}/{name}")
 

@@ -14,7 +14,9 @@ class PPOConfig(TrainingOptions):
     so the loop options of SFT/reward/DPO (max_steps, num_epochs, gradient_accumulation_steps, logging_steps,
     max_eval_samples) are unknown options here, not silently ignored ones."""
 
-    reward_model: str | None = Field(None, description="The reward stage's output dir (merged/, adapter/, metrics.json).")
+    reward_model: str | None = Field(
+        None, description="The reward stage's output dir (merged/, adapter/, metrics.json)."
+    )
     steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
     batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
     mini_batch_size: int = Field(8, gt=0, description="Responses per PPO optimizer step.")
@@ -24,7 +26,9 @@ class PPOConfig(TrainingOptions):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of optimizer steps with linear warm-up.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 so old and new log-probs agree.")
     save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps (and at the end).")
-    max_prompt_length: int = Field(256, gt=8, description="Prompt tokens kept (the question is cut, never the template tail).")
+    max_prompt_length: int = Field(
+        256, gt=8, description="Prompt tokens kept (the question is cut, never the template tail)."
+    )
     min_new_tokens: int = Field(32, gt=0, description="Response length is sampled per step in [min, max] new tokens.")
     max_new_tokens: int = Field(128, gt=0, description="Upper end of the sampled response length.")
     force_length: bool = Field(False, description="Suppress EOS until the sampled length (fixed-length responses).")
@@ -32,7 +36,8 @@ class PPOConfig(TrainingOptions):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off).")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     generation_backend: Literal["cache-loop", "hf"] = Field(
-        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate.")
+        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate."
+    )
     reward_clip: float | None = Field(None, gt=0, description="Clip normalized rewards to [-c, c].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from responses without EOS.")
     max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
@@ -48,10 +53,13 @@ class PPOConfig(TrainingOptions):
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop the step's epochs when approx-KL exceeds this.")
     value_head_init: Literal["zero", "reward"] = Field(
-        "zero", description="Value head start: zeros, or the reward model's score head when the shapes match.")
+        "zero", description="Value head start: zeros, or the reward model's score head when the shapes match."
+    )
     share_reward_base: bool = Field(
-        True, description="Load the reward model as a frozen second adapter on the policy's base when its "
-        "adapter was trained on the same SFT model (one copy of the weights); else load it separately.")
+        True,
+        description="Load the reward model as a frozen second adapter on the policy's base when its "
+        "adapter was trained on the same SFT model (one copy of the weights); else load it separately.",
+    )
     log_generations_every: int = Field(10, gt=0, description="Log a table of sample generations every N steps.")
 
     @model_validator(mode="after")
@@ -65,7 +73,8 @@ class PPOConfig(TrainingOptions):
     def fp16_problem(self) -> str | None:
         """PPO's update calls loss.backward() itself: accelerate's gradient scaler never sees it (ppo/trainer.py)."""
         if "fp16" in (self.precision, self.mixed_precision):
-            return ("PPO's update has no gradient scaler, so it cannot train in fp16 (precision or "
-                    "mixed_precision): use bf16 or fp32")
+            return (
+                "PPO's update has no gradient scaler, so it cannot train in fp16 (precision or "
+                "mixed_precision): use bf16 or fp32"
+            )
         return None
-

@@ -44,17 +44,30 @@ class PolicyWithValue(nn.Module):
         self.reward_scorer = None  # not a submodule: never checkpointed, never optimized
 
     @classmethod
-    def build(cls, base_model, cfg) -> "PolicyWithValue":
+    def build(cls, base_model, cfg) -> PolicyWithValue:
         policy = trainable_model(base_model, cfg, "CAUSAL_LM")
         head = ValueHead(base_model.config.hidden_size, dtype=torch.float32)  # fp32 even on a bf16/4-bit base
         head.to(next(base_model.parameters()).device)
         return cls(policy, head, temperature=getattr(cfg, "temperature", 1.0))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, *,
-                with_values: bool = False, with_entropy: bool = False) -> ResponseOutputs:
-        return response_forward(self.policy, input_ids, attention_mask, response_start,
-                                value_head=self.value_head if with_values else None,
-                                temperature=self.temperature, with_entropy=with_entropy)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int,
+        *,
+        with_values: bool = False,
+        with_entropy: bool = False,
+    ) -> ResponseOutputs:
+        return response_forward(
+            self.policy,
+            input_ids,
+            attention_mask,
+            response_start,
+            value_head=self.value_head if with_values else None,
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+        )
 
     # -- step (3): the reference and the old policy on a rollout ---------------------------------------------
 
@@ -70,8 +83,9 @@ class PolicyWithValue(nn.Module):
         minibatch's forward when that minibatch is the whole batch (same weights, no dropout: pi_old = pi_theta)."""
         self.train(keep_graph)
         with torch.set_grad_enabled(keep_graph):
-            return self(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True,
-                        with_entropy=True)
+            return self(
+                rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True, with_entropy=True
+            )
 
     def save_trained(self, output: str | Path, tokenizer) -> tuple[Path, Path]:
         """The trained policy: value head in `output`, adapter/ (with the value head) and merged/; a shared reward
@@ -94,14 +108,21 @@ class PolicyWithValue(nn.Module):
         if cfg.share_reward_base:
             scorer = SharedBaseRewardModel.try_attach(self.policy, info, cfg)
         if scorer is None:
-            scorer = RewardModelScorer.load(cfg.reward_model, template=cfg.prompt_template, precision=cfg.precision,
-                                            quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
-                                            device=str(next(self.policy.parameters()).device),
-                                            max_length=cfg.max_reward_length)
+            scorer = RewardModelScorer.load(
+                cfg.reward_model,
+                template=cfg.prompt_template,
+                precision=cfg.precision,
+                quantization=cfg.quantization,
+                trust_remote_code=cfg.trust_remote_code,
+                device=str(next(self.policy.parameters()).device),
+                max_length=cfg.max_reward_length,
+            )
 
         shared = isinstance(scorer, SharedBaseRewardModel)
-        tqdm.write(f"reward model {info.merged_dir.parent if info.adapter_dir else info.merged_dir}: "
-                   + ("second adapter on the policy's base" if shared else "loaded separately"))
+        tqdm.write(
+            f"reward model {info.merged_dir.parent if info.adapter_dir else info.merged_dir}: "
+            + ("second adapter on the policy's base" if shared else "loaded separately")
+        )
         self.reward_scorer = scorer
         if cfg.value_head_init == "reward":
             head = scorer.score_head()
@@ -118,15 +139,31 @@ class PolicyWithValue(nn.Module):
 
 # -- PPO's checkpoints: the trainable weights, optimizer, scheduler, RNG (training.checkpoint) + PPO's own state ----
 
-def save_ppo_state(output: str | Path, step: int, model: PolicyWithValue, optimizer, scheduler, kl_ctl,
-                   history: list[dict], skipped_updates: int) -> None:
+
+def save_ppo_state(
+    output: str | Path,
+    step: int,
+    model: PolicyWithValue,
+    optimizer,
+    scheduler,
+    kl_ctl,
+    history: list[dict],
+    skipped_updates: int,
+) -> None:
     """Checkpoint after `step` PPO steps, with the metrics history, skipped-update count and KL controller."""
-    save_checkpoint(output, step, model, optimizer, scheduler, extra={
-        "history": history, "skipped_updates": skipped_updates, "kl_ctl": kl_ctl.state_dict()})
+    save_checkpoint(
+        output,
+        step,
+        model,
+        optimizer,
+        scheduler,
+        extra={"history": history, "skipped_updates": skipped_updates, "kl_ctl": kl_ctl.state_dict()},
+    )
 
 
-def restore_ppo_state(output: str | Path, model: PolicyWithValue, optimizer, scheduler,
-                      kl_ctl) -> tuple[int, list[dict], int]:
+def restore_ppo_state(
+    output: str | Path, model: PolicyWithValue, optimizer, scheduler, kl_ctl
+) -> tuple[int, list[dict], int]:
     """Resume from the latest checkpoint in `output`, if any: (steps done, metrics history, skipped updates)."""
     checkpoint = latest_checkpoint(output)
     if checkpoint is None:

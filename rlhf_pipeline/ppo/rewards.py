@@ -8,9 +8,10 @@ policy's base (`SharedBaseRewardModel`): one copy of the backbone serves policy,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -28,6 +29,7 @@ class RewardSource(Protocol):
 
     def __call__(self, questions: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor: ...
 
+
 class FunctionReward:
     """Wraps `fn(questions, responses, rollout) -> list[float] | Tensor` (toy rewards, rule-based rewards)."""
 
@@ -36,6 +38,7 @@ class FunctionReward:
 
     def __call__(self, questions, responses, rollout):
         return torch.as_tensor(self.fn(questions, responses, rollout), dtype=torch.float32).reshape(-1)
+
 
 @dataclass
 class RewardModelInfo:
@@ -51,6 +54,7 @@ class RewardModelInfo:
     def reward_std(self) -> float:
         std = float(self.metrics.get("reward_std", 1.0))
         return std if std > 1e-6 else 1.0
+
 
 def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
     """The reward stage's output dir (merged/, adapter/, metrics.json), or a bare seq-cls model dir."""
@@ -74,6 +78,7 @@ def read_reward_model_dir(path: str | Path) -> RewardModelInfo:
     adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else None
     return RewardModelInfo(merged_dir=merged, adapter_dir=adapter, metrics=metrics)
 
+
 class RewardModelScorer:
     """Step (2) of PPO: the reward model's score, normalized by the reward stage's held-out mean/std.
 
@@ -86,14 +91,29 @@ class RewardModelScorer:
         self.template, self.max_length = template, max_length
 
     @classmethod
-    def load(cls, path: str | Path, *, template: str, precision: str = "auto", quantization: str = "none",
-             device: str | None = None, trust_remote_code: bool = False, max_length: int = 1024):
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        template: str,
+        precision: str = "auto",
+        quantization: str = "none",
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int = 1024,
+    ):
         from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
         info = read_reward_model_dir(path)
-        model = load_causal_lm(str(info.merged_dir), model_class="AutoModelForSequenceClassification", num_labels=1,
-                               precision=precision, quantization=quantization, device=device,
-                               trust_remote_code=trust_remote_code)
+        model = load_causal_lm(
+            str(info.merged_dir),
+            model_class="AutoModelForSequenceClassification",
+            num_labels=1,
+            precision=precision,
+            quantization=quantization,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
         model.requires_grad_(False)
         tokenizer = load_tokenizer(str(info.merged_dir), padding_side="right", trust_remote_code=trust_remote_code)
         return cls(info, model, tokenizer, template=template, max_length=max_length)
@@ -102,7 +122,7 @@ class RewardModelScorer:
         texts = [format_example(self.template, q, r) for q, r in zip(questions, responses)]
         # the reward stage's own encoding (special tokens + EOS); an over-long text keeps its END, where the
         # score is read, rather than being cut before its last token
-        encoded = [ids[-self.max_length:] for ids in tokenize_documents(self.tokenizer, texts)]
+        encoded = [ids[-self.max_length :] for ids in tokenize_documents(self.tokenizer, texts)]
         device = self.score_head().weight.device
         out = []
         for i in range(0, len(encoded), batch_size):
@@ -115,13 +135,14 @@ class RewardModelScorer:
         return sequence_rewards(self.model, input_ids, attention_mask)
 
     def score_head(self) -> torch.nn.Module:
-        return getattr(self.model, "score", None) or getattr(self.model, "classifier")
+        return getattr(self.model, "score", None) or self.model.classifier
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.info.reward_mean) / self.info.reward_std
 
     def __call__(self, questions, responses, rollout=None) -> torch.Tensor:
         return self.normalize(self.raw_scores(questions, responses))
+
 
 class SharedBaseRewardModel(RewardModelScorer):
     """The reward model as a frozen second LoRA adapter ('reward') on the POLICY's base weights + its score head.
@@ -132,13 +153,14 @@ class SharedBaseRewardModel(RewardModelScorer):
 
     ADAPTER = "reward"
 
-    def __init__(self, info: RewardModelInfo, policy, head: torch.nn.Linear, tokenizer, *, template: str,
-                 max_length: int):
+    def __init__(
+        self, info: RewardModelInfo, policy, head: torch.nn.Linear, tokenizer, *, template: str, max_length: int
+    ):
         self.info, self.policy, self.head, self.tokenizer = info, policy, head, tokenizer
         self.template, self.max_length = template, max_length
 
     @classmethod
-    def try_attach(cls, policy, info: RewardModelInfo, cfg) -> "SharedBaseRewardModel | None":
+    def try_attach(cls, policy, info: RewardModelInfo, cfg) -> SharedBaseRewardModel | None:
         from safetensors.torch import load_file
 
         from rlhf_pipeline.modeling.loading import load_tokenizer
@@ -173,6 +195,7 @@ class SharedBaseRewardModel(RewardModelScorer):
         self.policy.delete_adapter(self.ADAPTER)
         self.policy.set_adapter("default")
 
+
 def same_backbone(base_model, info: RewardModelInfo) -> bool:
     """Whether the reward adapter was trained on exactly the policy's base weights.
 
@@ -194,11 +217,18 @@ def same_backbone(base_model, info: RewardModelInfo) -> bool:
     layers = sorted({int(k.split("layers.")[1].split(".")[0]) for k in ours if "layers." in k})
     if not layers:
         return False
-    probes = [k for k in ours if k.endswith(("embed_tokens.weight", "model.norm.weight"))
-              or k.endswith(f"layers.{layers[0]}.mlp.down_proj.weight")
-              or any(k.endswith(f"layers.{i}.{part}.weight") for i in (layers[0], layers[-1]) for part in
-                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-                     if part.split(".")[-1] in targets)]
+    probes = [
+        k
+        for k in ours
+        if k.endswith(("embed_tokens.weight", "model.norm.weight"))
+        or k.endswith(f"layers.{layers[0]}.mlp.down_proj.weight")
+        or any(
+            k.endswith(f"layers.{i}.{part}.weight")
+            for i in (layers[0], layers[-1])
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+            if part.split(".")[-1] in targets
+        )
+    ]
     files = sorted(info.merged_dir.glob("*.safetensors"))
     found = 0
     for file in files:
@@ -220,6 +250,7 @@ def same_backbone(base_model, info: RewardModelInfo) -> bool:
                 found += 1
     return found == len(probes) and found > 0
 
+
 def _merged_from(base: torch.Tensor, delta, merged: torch.Tensor) -> bool:
     """Whether `merged` (a checkpoint weight) is `base` + the adapter's `delta`, merged the way peft merges.
 
@@ -232,8 +263,10 @@ def _merged_from(base: torch.Tensor, delta, merged: torch.Tensor) -> bool:
     redone = (base.float() + delta).to(base.dtype)
     return bool((redone == merged.to(base.dtype)).float().mean() >= 0.999)
 
-def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None,
-                 missing_eos_penalty: float | None) -> torch.Tensor:
+
+def shape_scores(
+    scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: float | None, missing_eos_penalty: float | None
+) -> torch.Tensor:
     """Optional clip to [-c, c], then subtract the penalty from responses that never emitted EOS."""
     if reward_clip is not None:
         scores = scores.clamp(-reward_clip, reward_clip)
@@ -241,8 +274,10 @@ def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, *, reward_clip: fl
         scores = scores - missing_eos_penalty * (~has_eos.cpu()).to(scores.dtype)
     return scores
 
-def score_responses(reward: RewardSource, questions: list[str], responses: list[str], rollout: Rollout,
-                    cfg) -> tuple[torch.Tensor, torch.Tensor]:
+
+def score_responses(
+    reward: RewardSource, questions: list[str], responses: list[str], rollout: Rollout, cfg
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step (2) of PPO: (raw scores, for the logs; the scores PPO optimizes) [B], the latter on the rollout's device.
 
     The reward model's raw score is normalized by the reward stage's held-out mean/std; a function reward is taken
@@ -253,6 +288,7 @@ def score_responses(reward: RewardSource, questions: list[str], responses: list[
         normalized = reward.normalize(raw)
     else:
         raw = normalized = reward(questions, responses, rollout).float().cpu()
-    scores = shape_scores(normalized, rollout.has_eos, reward_clip=cfg.reward_clip,
-                          missing_eos_penalty=cfg.missing_eos_penalty)
+    scores = shape_scores(
+        normalized, rollout.has_eos, reward_clip=cfg.reward_clip, missing_eos_penalty=cfg.missing_eos_penalty
+    )
     return raw, scores.to(rollout.response_mask.device)

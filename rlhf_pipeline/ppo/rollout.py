@@ -20,8 +20,9 @@ def response_length(step: int, seed: int, min_new_tokens: int, max_new_tokens: i
     return random.Random(seed * 1_000_003 + step).randint(min_new_tokens, max_new_tokens)
 
 
-def step_prompts(step: int, questions: list[str], prompt_ids: list[list[int]],
-                 cfg) -> tuple[list[str], list[list[int]]]:
+def step_prompts(
+    step: int, questions: list[str], prompt_ids: list[list[int]], cfg
+) -> tuple[list[str], list[list[int]]]:
     """The questions of PPO step `step` and their encoded prompts."""
     batch = prompt_indices(step, cfg.batch_size, len(questions), cfg.seed)
     return [questions[i] for i in batch], [prompt_ids[i] for i in batch]
@@ -33,17 +34,28 @@ def sample_rollout(model, tokenizer, prompt_ids: list[list[int]], step: int, cfg
     model.eval()
     max_new = response_length(step, cfg.seed, cfg.min_new_tokens, cfg.max_new_tokens)
     rollout = sample_responses(
-        model.policy, prompt_ids, max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        force_length=cfg.force_length, backend=cfg.generation_backend)
+        model.policy,
+        prompt_ids,
+        max_new_tokens=max_new,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        force_length=cfg.force_length,
+        backend=cfg.generation_backend,
+    )
     return rollout, decode_responses(tokenizer, rollout)
 
 
-def log_generations(run, step: int, questions: list[str], responses: list[str], scores, *, every: int,
-                    first: bool) -> None:
+def log_generations(
+    run, step: int, questions: list[str], responses: list[str], scores, *, every: int, first: bool
+) -> None:
     """The step's (question, response, reward) table as the artifact generations/step_NNNNN.json, every `every`
     steps and on the first step a call runs."""
     if (step + 1) % every != 0 and not first:
         return
-    run.log_table({"step": [step + 1] * len(responses), "question": questions, "response": responses,
-                   "reward": scores.tolist()}, artifact_file=f"generations/step_{step + 1:05d}.json")
+    run.log_table(
+        {"step": [step + 1] * len(responses), "question": questions, "response": responses, "reward": scores.tolist()},
+        artifact_file=f"generations/step_{step + 1:05d}.json",
+    )

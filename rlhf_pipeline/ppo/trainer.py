@@ -68,23 +68,32 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         return done
     questions = read_questions(cfg.data, "rl", cfg.max_train_samples, cfg.seed)
     if len(questions) < cfg.batch_size:
-        raise UserError(f"{cfg.data}/rl.parquet has {len(questions)} questions, "
-                        f"fewer than --batch-size {cfg.batch_size}")
+        raise UserError(
+            f"{cfg.data}/rl.parquet has {len(questions)} questions, fewer than --batch-size {cfg.batch_size}"
+        )
     accelerator = build_accelerator(cfg)
 
     with tracked_run(cfg, "ppo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
-        base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
-                              trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
+        base = load_causal_lm(
+            cfg.model,
+            precision=cfg.precision,
+            quantization=cfg.quantization,
+            trust_remote_code=cfg.trust_remote_code,
+            device=str(accelerator.device),
+        )
         model = PolicyWithValue.build(base, cfg)  # LoRA policy + value head; reference = adapter disabled
         disable_dropout(model)  # pi_old == pi_theta before each step's first update
         reward = FunctionReward(reward_fn) if reward_fn is not None else model.attach_reward_model(cfg)
         optimizer = build_optimizer(model.parameters(), cfg)
         minibatches_per_step = -(-cfg.batch_size // cfg.mini_batch_size)
         scheduler = build_scheduler(optimizer, cfg, cfg.steps * cfg.ppo_epochs * minibatches_per_step)
-        kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-                  else FixedKLController(cfg.init_kl_coef))
+        kl_ctl = (
+            AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else FixedKLController(cfg.init_kl_coef)
+        )
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
         start, history, skipped = restore_ppo_state(cfg.output, model, optimizer, scheduler, kl_ctl)
 
@@ -119,32 +128,64 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
 
             # (6) Clipped policy and value losses over minibatches and epochs; then adapt the KL coefficient.
             with clock("update"):
-                update = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages,
-                                    returns, cfg, accelerator, first_forward=old if reuse_old_pass else None)
+                update = ppo_update(
+                    model,
+                    optimizer,
+                    scheduler,
+                    rollout,
+                    old_logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    cfg,
+                    accelerator,
+                    first_forward=old if reuse_old_pass else None,
+                )
             skipped += update.pop("skipped_updates")
             sequence_kl = float(kl.sum(-1).mean())
             kl_ctl.update(sequence_kl, cfg.batch_size)
 
-            metrics = step_metrics(scores, raw_scores, sequence_kl, kl_ctl.value, old.entropy, rollout, update,
-                                   skipped, clock, cfg)
+            metrics = step_metrics(
+                scores, raw_scores, sequence_kl, kl_ctl.value, old.entropy, rollout, update, skipped, clock, cfg
+            )
             history.append({k.removeprefix("ppo/"): v for k, v in metrics.items()})
             run.log_metrics(metrics, step=step + 1)
-            log_generations(run, step, batch_questions, responses, scores, every=cfg.log_generations_every,
-                            first=step == start)
+            log_generations(
+                run, step, batch_questions, responses, scores, every=cfg.log_generations_every, first=step == start
+            )
             if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps:
                 save_ppo_state(cfg.output, step + 1, model, optimizer, scheduler, kl_ctl, history, skipped)
 
         summary = summarize(history, cfg)
         adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
-        result = StageResult(stage="ppo", status="trained", output=str(cfg.output),
-                             processes=accelerator.num_processes, registered=RegisteredVersion.from_entries(entry),
-                             adapter=str(adapter_dir), merged=str(merged_dir), **summary)
+        result = StageResult(
+            stage="ppo",
+            status="trained",
+            output=str(cfg.output),
+            processes=accelerator.num_processes,
+            registered=RegisteredVersion.from_entries(entry),
+            adapter=str(adapter_dir),
+            merged=str(merged_dir),
+            **summary,
+        )
         result.write()
         return result
 
-def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
-               accelerator, first_forward=None) -> dict:
+
+def ppo_update(
+    model,
+    optimizer,
+    scheduler,
+    rollout,
+    old_logprobs,
+    old_values,
+    advantages,
+    returns,
+    cfg,
+    accelerator,
+    first_forward=None,
+) -> dict:
     """Step (6): `ppo_epochs` passes of shuffled minibatches over one step's rollouts.
 
     `first_forward`: the old pass's outputs WITH their graph, used as the forward of the first minibatch when it
@@ -163,17 +204,21 @@ def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, a
         epoch_kl = []
         for mb in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
             if first_forward is not None:
-                new = ResponseOutputs(logprobs=first_forward.logprobs[mb], values=first_forward.values[mb],
-                                      entropy=None)
+                new = ResponseOutputs(
+                    logprobs=first_forward.logprobs[mb], values=first_forward.values[mb], entropy=None
+                )
                 first_forward = None
             else:
                 with accelerator.autocast():
-                    new = model(rollout.input_ids[mb], rollout.attention_mask[mb], rollout.response_start,
-                                with_values=True)
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(new.logprobs, old_logprobs[mb], advantages[mb], mask[mb],
-                                                           cfg.cliprange)
-            v_loss, vf_clipfrac = ppo_value_loss(new.values.float(), old_values[mb], returns[mb], mask[mb],
-                                                 cfg.cliprange_value)
+                    new = model(
+                        rollout.input_ids[mb], rollout.attention_mask[mb], rollout.response_start, with_values=True
+                    )
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(
+                new.logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.cliprange
+            )
+            v_loss, vf_clipfrac = ppo_value_loss(
+                new.values.float(), old_values[mb], returns[mb], mask[mb], cfg.cliprange_value
+            )
             loss = pg_loss + cfg.vf_coef * v_loss
             if not torch.isfinite(loss):  # checked BEFORE backward: nothing non-finite is ever accumulated
                 skipped += 1
@@ -187,8 +232,13 @@ def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, a
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("approx_kl", approx_kl),
-                               ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
+            for key, value in (
+                ("policy_loss", pg_loss),
+                ("value_loss", v_loss),
+                ("approx_kl", approx_kl),
+                ("clipfrac", clipfrac),
+                ("vf_clipfrac", vf_clipfrac),
+            ):
                 stats[key].append(float(value.detach()))
             epoch_kl.append(float(approx_kl))
         epochs_done += 1
@@ -196,9 +246,13 @@ def ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, a
             break
     model.eval()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
-    out.update(skipped_updates=skipped, epochs=float(epochs_done),
-               explained_variance=float(explained_variance(old_values, returns, mask)))
+    out.update(
+        skipped_updates=skipped,
+        epochs=float(epochs_done),
+        explained_variance=float(explained_variance(old_values, returns, mask)),
+    )
     return out
+
 
 def summarize(history: list[dict], cfg: PPOConfig) -> dict:
     """metrics.json: first/last step reward and KL, steady-state throughput (step 1 = warm-up, excluded)."""
@@ -206,10 +260,15 @@ def summarize(history: list[dict], cfg: PPOConfig) -> dict:
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     steady_seconds = sum(cfg.batch_size / r["samples_per_s"] for r in steady)
     return {
-        "steps": len(history), "samples": len(history) * cfg.batch_size,
-        "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
-        "kl_first": history[0]["kl"], "kl_last": history[-1]["kl"], "kl_coef_last": history[-1]["kl_coef"],
-        "reward_mean_last5": mean("reward_mean", history[-5:]), "kl_mean_last5": mean("kl", history[-5:]),
+        "steps": len(history),
+        "samples": len(history) * cfg.batch_size,
+        "reward_first": history[0]["reward_mean"],
+        "reward_last": history[-1]["reward_mean"],
+        "kl_first": history[0]["kl"],
+        "kl_last": history[-1]["kl"],
+        "kl_coef_last": history[-1]["kl_coef"],
+        "reward_mean_last5": mean("reward_mean", history[-5:]),
+        "kl_mean_last5": mean("kl", history[-5:]),
         "skipped_updates": history[-1]["skipped_updates"],
         "ppo/samples_per_s": len(steady) * cfg.batch_size / steady_seconds,
         "ppo/tokens_per_s": sum(r["tokens_per_s"] * cfg.batch_size / r["samples_per_s"] for r in steady)
@@ -219,6 +278,7 @@ def summarize(history: list[dict], cfg: PPOConfig) -> dict:
 
 
 # -- plumbing of run_ppo ----------------------------------------------------------------------------------------
+
 
 class Stopwatch:
     """A PPO step's wall clock: `with clock("generate"): ...` records that block's seconds in `clock.seconds`."""
@@ -238,21 +298,35 @@ class Stopwatch:
         return time.perf_counter() - self.began
 
 
-def step_metrics(scores, raw_scores, sequence_kl: float, kl_coef: float, entropy, rollout, update: dict,
-                 skipped: int, clock: Stopwatch, cfg: PPOConfig) -> dict[str, float]:
+def step_metrics(
+    scores,
+    raw_scores,
+    sequence_kl: float,
+    kl_coef: float,
+    entropy,
+    rollout,
+    update: dict,
+    skipped: int,
+    clock: Stopwatch,
+    cfg: PPOConfig,
+) -> dict[str, float]:
     """One PPO step's MLflow metrics (`ppo/...`); `update` is ppo_update's stats less skipped_updates."""
     mask = rollout.response_mask.float()
     seconds, n_tokens = clock.elapsed(), float(mask.sum())
     update = dict(update)
     return {
-        "ppo/reward_mean": float(scores.mean()), "ppo/reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "ppo/reward_mean": float(scores.mean()),
+        "ppo/reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "ppo/reward_raw_mean": float(raw_scores.mean()),
-        "ppo/kl": sequence_kl, "ppo/kl_coef": kl_coef,
+        "ppo/kl": sequence_kl,
+        "ppo/kl_coef": kl_coef,
         "ppo/entropy": float(masked_mean(entropy, mask)),
-        "ppo/response_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(rollout.has_eos.float().mean()),
+        "ppo/response_length": float(mask.sum(-1).mean()),
+        "ppo/eos_rate": float(rollout.has_eos.float().mean()),
         "ppo/explained_variance": update.pop("explained_variance"),
         **{f"ppo/{k}": v for k, v in update.items()},
         "ppo/skipped_updates": float(skipped),
-        "ppo/tokens_per_s": n_tokens / seconds, "ppo/samples_per_s": cfg.batch_size / seconds,
+        "ppo/tokens_per_s": n_tokens / seconds,
+        "ppo/samples_per_s": cfg.batch_size / seconds,
         **{f"ppo/time_{k}_s": v for k, v in clock.seconds.items()},
     }

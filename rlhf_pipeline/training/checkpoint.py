@@ -61,8 +61,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any = None, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
     root = _checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -90,8 +97,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+) -> dict[str, Any]:
     """Restore trainable weights, optimizer, scheduler and RNG; return {"step": N, "extra": {...}}."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())

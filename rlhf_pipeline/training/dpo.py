@@ -17,16 +17,16 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.results import RegisteredVersion, StageResult
-from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
-from rlhf_pipeline.training.pair_eval import gather_over_pairs
-from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.padding import collate_pairs
 from rlhf_pipeline.batching.shared_prefix import is_shared_prefix_batch
 from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
+from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
+from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
+from rlhf_pipeline.training.options import LoopOptions
+from rlhf_pipeline.training.pair_eval import gather_over_pairs
 
 
 class DPOConfig(LoopOptions):
@@ -34,11 +34,15 @@ class DPOConfig(LoopOptions):
     beta: float = Field(0.1, gt=0, description="DPO beta / IPO tau: strength of the KL regularization.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
     max_length: int = Field(512, gt=8, description="Pairs with a side longer than this (tokens) are dropped.")
-    precompute_ref: bool = Field(False, description="Compute reference log-probs once before training "
-                                 "(faster with several epochs) instead of in every step.")
+    precompute_ref: bool = Field(
+        False,
+        description="Compute reference log-probs once before training "
+        "(faster with several epochs) instead of in every step.",
+    )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for evaluation.")
     shared_prefix: bool = Field(
-        True, description="Run chosen and rejected in one row that computes their common prefix (the prompt) once "
+        True,
+        description="Run chosen and rejected in one row that computes their common prefix (the prompt) once "
         "(see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
     )
 
@@ -59,8 +63,9 @@ def response_logps(model, batch, average: bool) -> torch.Tensor:
     if is_shared_prefix_batch(batch):
         summed, counts = shared_prefix_response_logprobs(model, batch)
     else:
-        summed, counts = packed_response_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                                  batch["label_mask"])
+        summed, counts = packed_response_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["label_mask"]
+        )
     return summed / counts.clamp(min=1) if average else summed
 
 
@@ -93,9 +98,11 @@ def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[s
     losses, chosen_rewards, rejected_rewards = preference_terms(policy, batch, cfg)
     return losses.mean(), preference_metrics(chosen_rewards, rejected_rewards)
 
+
 @torch.no_grad()
-def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
-                         shared_prefix: bool = False) -> list[tuple]:
+def precompute_reference(
+    policy, pairs, cfg: DPOConfig, pad_id: int, device, shared_prefix: bool = False
+) -> list[tuple]:
     """Reference log-probs of every pair, once (adapter disabled), appended to each pair tuple."""
     from tqdm.auto import tqdm
 
@@ -113,22 +120,41 @@ def precompute_reference(policy, pairs, cfg: DPOConfig, pad_id: int, device,
 @torch.no_grad()
 def evaluate_pairs(accelerator, policy, pairs, cfg: DPOConfig, pad_id: int, shared_prefix: bool = False) -> dict:
     """Held-out loss, reward accuracy, margin and implicit rewards (means over every pair, all processes)."""
+
     def forward(batch):
         losses, chosen, rejected = preference_terms(policy, batch, cfg)
         return {"loss": losses, "chosen": chosen, "rejected": rejected}
 
-    out = gather_over_pairs(accelerator, policy, forward, pairs, batch_size=cfg.batch_size,
-                            collate_fn=lambda b: collate_dpo_pairs(b, pad_id, shared_prefix))
+    out = gather_over_pairs(
+        accelerator,
+        policy,
+        forward,
+        pairs,
+        batch_size=cfg.batch_size,
+        collate_fn=lambda b: collate_dpo_pairs(b, pad_id, shared_prefix),
+    )
     metrics = {"loss": float(out["loss"].mean()), **preference_metrics(out["chosen"], out["rejected"])}
     return {f"dpo/eval_{k}": v for k, v in metrics.items()}
 
+
 def run_dpo(cfg: DPOConfig) -> StageResult:
-    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
-    from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler, finished_run, \
-        micro_batches, micro_batches_per_epoch, resume_if_possible, set_seed, total_optimizer_steps, \
-        tracked_run, train_loop, write_metrics
+    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.modeling.lora import save_adapter_and_merged
+    from rlhf_pipeline.training.loop import (
+        build_accelerator,
+        build_optimizer,
+        build_scheduler,
+        finished_run,
+        micro_batches,
+        micro_batches_per_epoch,
+        resume_if_possible,
+        set_seed,
+        total_optimizer_steps,
+        tracked_run,
+        train_loop,
+        write_metrics,
+    )
     from rlhf_pipeline.training.trainable import trainable_model
 
     done = finished_run(cfg.output, "dpo")
@@ -147,8 +173,13 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         eval_pairs, _ = tokenize_preference_pairs(tokenizer, eval_rows, cfg.prompt_template, cfg.max_length)
         if not train_pairs:
             raise UserError(f"no preference pair fits --max-length {cfg.max_length} ({dropped} dropped)")
-        base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
-                              trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
+        base = load_causal_lm(
+            cfg.model,
+            precision=cfg.precision,
+            quantization=cfg.quantization,
+            trust_remote_code=cfg.trust_remote_code,
+            device=str(accelerator.device),
+        )
         shared = cfg.shared_prefix and enable_shared_prefix(base)
         policy = trainable_model(base, cfg, "CAUSAL_LM")
         pad_id = tokenizer.pad_token_id
@@ -161,9 +192,14 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         scheduler = build_scheduler(optimizer, cfg, total)
         start = resume_if_possible(cfg.output, policy, optimizer, scheduler)
         module, optimizer = accelerator.prepare(policy, optimizer)
-        batches = micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size,
-                                collate_fn=lambda chunk: collate_dpo_pairs(chunk, pad_id, shared), seed=cfg.seed,
-                                start=start * cfg.gradient_accumulation_steps)
+        batches = micro_batches(
+            accelerator,
+            train_pairs,
+            batch_size=cfg.batch_size,
+            collate_fn=lambda chunk: collate_dpo_pairs(chunk, pad_id, shared),
+            seed=cfg.seed,
+            start=start * cfg.gradient_accumulation_steps,
+        )
         unwrapped = accelerator.unwrap_model(module)
 
         def loss_fn(prepared, batch):
@@ -177,14 +213,35 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
             history.append({"step": step, **metrics})
             run.log_metrics(metrics, step=step)
 
-        result = train_loop(accelerator, module, optimizer, scheduler, batches, loss_fn, cfg=cfg, total_steps=total,
-                            start_step=start, prefix="dpo", rate_name="pairs", log_metrics=log_metrics)
-        summary = {"loss_type": cfg.loss, "beta": cfg.beta, "steps": result.steps, "num_pairs": len(train_pairs),
-                   "dropped_too_long": dropped, "dpo/pairs_per_s": result.items_per_s, **result.last_metrics}
+        result = train_loop(
+            accelerator,
+            module,
+            optimizer,
+            scheduler,
+            batches,
+            loss_fn,
+            cfg=cfg,
+            total_steps=total,
+            start_step=start,
+            prefix="dpo",
+            rate_name="pairs",
+            log_metrics=log_metrics,
+        )
+        summary = {
+            "loss_type": cfg.loss,
+            "beta": cfg.beta,
+            "steps": result.steps,
+            "num_pairs": len(train_pairs),
+            "dropped_too_long": dropped,
+            "dpo/pairs_per_s": result.items_per_s,
+            **result.last_metrics,
+        }
         if history:
-            summary.update(first_step={k: v for k, v in history[0].items()},
-                           first_reward_accuracy=history[0].get("dpo/reward_accuracy"),
-                           first_margin=history[0].get("dpo/margin"))
+            summary.update(
+                first_step={k: v for k, v in history[0].items()},
+                first_reward_accuracy=history[0].get("dpo/reward_accuracy"),
+                first_margin=history[0].get("dpo/margin"),
+            )
         unwrapped.eval()
         if eval_pairs:
             with accelerator.autocast():
@@ -194,7 +251,13 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
         entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
         summary.update(adapter=str(adapter_dir), merged=str(merged_dir))
-        outcome = StageResult.of("dpo", "trained", cfg.output, summary, processes=accelerator.num_processes,
-                                 registered=RegisteredVersion.from_entries(entry))
+        outcome = StageResult.of(
+            "dpo",
+            "trained",
+            cfg.output,
+            summary,
+            processes=accelerator.num_processes,
+            registered=RegisteredVersion.from_entries(entry),
+        )
         write_metrics(cfg.output, outcome)
         return outcome

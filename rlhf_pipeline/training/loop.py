@@ -32,10 +32,11 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -71,15 +72,18 @@ def build_accelerator(cfg: Any):
     if getattr(cfg, "num_threads", None):
         torch.set_num_threads(cfg.num_threads)
     # PPO has no gradient_accumulation_steps (one optimizer step per minibatch)
-    plugin = GradientAccumulationPlugin(num_steps=getattr(cfg, "gradient_accumulation_steps", 1),
-                                        sync_with_dataloader=False)
+    plugin = GradientAccumulationPlugin(
+        num_steps=getattr(cfg, "gradient_accumulation_steps", 1), sync_with_dataloader=False
+    )
     mixed_precision = getattr(cfg, "mixed_precision", "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin)
     own_scaling = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     if mixed_precision == "fp16" and accelerator.scaler is None and not own_scaling:
         # accelerate creates the GradScaler only on a GPU-like device; on a CPU fp16 is not even autocast
-        raise UserError(f"--mixed-precision fp16 needs a gradient scaler, which accelerate only creates on a GPU "
-                        f"(this process runs on {accelerator.device.type}); use --mixed-precision bf16 or no")
+        raise UserError(
+            f"--mixed-precision fp16 needs a gradient scaler, which accelerate only creates on a GPU "
+            f"(this process runs on {accelerator.device.type}); use --mixed-precision bf16 or no"
+        )
     return accelerator
 
 
@@ -99,7 +103,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
     try:
         return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     except ValueError:
-        raise UserError(f"unknown --lr-scheduler {cfg.lr_scheduler!r} (try cosine, linear, constant_with_warmup)") from None
+        raise UserError(
+            f"unknown --lr-scheduler {cfg.lr_scheduler!r} (try cosine, linear, constant_with_warmup)"
+        ) from None
 
 
 def micro_batches_per_epoch(num_items: int, batch_size: int, num_processes: int = 1) -> int:
@@ -125,16 +131,18 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_items, generator=generator).tolist()
 
 
-def micro_batches(accelerator, dataset: Sequence, *, batch_size: int, collate_fn: Callable, seed: int,
-                  start: int = 0) -> Iterator[Any]:
+def micro_batches(
+    accelerator, dataset: Sequence, *, batch_size: int, collate_fn: Callable, seed: int, start: int = 0
+) -> Iterator[Any]:
     """Endless stream of this process's micro-batches, epoch after epoch, skipping the first `start` of them."""
     from torch.utils.data import DataLoader
 
     per_epoch = micro_batches_per_epoch(len(dataset), batch_size, accelerator.num_processes)
     epoch, skip = divmod(start, per_epoch)
     while True:
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=epoch_order(len(dataset), seed, epoch),
-                            collate_fn=collate_fn)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=epoch_order(len(dataset), seed, epoch), collate_fn=collate_fn
+        )
         loader = accelerator.prepare_data_loader(loader)  # shards across processes, moves batches to the device
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)  # skips indices, not collated batches
@@ -142,8 +150,9 @@ def micro_batches(accelerator, dataset: Sequence, *, batch_size: int, collate_fn
         epoch, skip = epoch + 1, 0
 
 
-def resume_if_possible(output: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: Any = None) -> int:
+def resume_if_possible(
+    output: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
+) -> int:
     """Load the newest `<output>/checkpoints/step-N` into the (unprepared) module/optimizer/scheduler; return N or 0."""
     path = latest_checkpoint(output)
     if path is None:
@@ -209,18 +218,31 @@ def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
 
 @dataclass
 class LoopResult:
-    steps: int                 # optimizer steps done in total, including those before a resume
-    trained_steps: int         # optimizer steps done by this call
-    train_loss: float | None   # mean loss over all steps, including those before a resume
+    steps: int  # optimizer steps done in total, including those before a resume
+    trained_steps: int  # optimizer steps done by this call
+    train_loss: float | None  # mean loss over all steps, including those before a resume
     items_per_s: float | None  # steady-state throughput over all steps (each process's first step excluded)
     train_seconds: float = 0.0  # wall time of this call's steps
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               batches: Iterator[Any], loss_fn: LossFn, *, cfg: Any, total_steps: int, start_step: int = 0,
-               prefix: str, rate_name: str = "tokens", log_metrics: Callable | None = None,
-               on_step: Callable[[int], None] | None = None, desc: str | None = None) -> LoopResult:
+def train_loop(
+    accelerator,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: Iterator[Any],
+    loss_fn: LossFn,
+    *,
+    cfg: Any,
+    total_steps: int,
+    start_step: int = 0,
+    prefix: str,
+    rate_name: str = "tokens",
+    log_metrics: Callable | None = None,
+    on_step: Callable[[int], None] | None = None,
+    desc: str | None = None,
+) -> LoopResult:
     """Optimizer steps `start_step+1 .. total_steps`, each over `cfg.gradient_accumulation_steps` micro-batches.
 
     Logs `<prefix>/loss`, `<prefix>/lr`, `<prefix>/grad_norm`, `<prefix>/<rate_name>_per_s` and loss_fn's own
@@ -238,8 +260,14 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
     losses: list[float] = []
     timed_items, timed_seconds, first_step_items, first_step_seconds = 0.0, 0.0, 0.0, 0.0
     last: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=start_step, desc=desc or prefix, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=desc or prefix,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not accelerator.is_main_process,
+    )
     step = start_step
     while step < total_steps:
         began = time.perf_counter()
@@ -275,8 +303,13 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
         losses.append(loss_all)
         rate = timed_items / timed_seconds if timed_seconds else items_all / seconds
 
-        last = {f"{prefix}/loss": loss_all, f"{prefix}/lr": lr, f"{prefix}/grad_norm": float(grad_norm),
-                f"{prefix}/{rate_name}_per_s": rate, **{f"{prefix}/{k}": v for k, v in step_metrics.items()}}
+        last = {
+            f"{prefix}/loss": loss_all,
+            f"{prefix}/lr": lr,
+            f"{prefix}/grad_norm": float(grad_norm),
+            f"{prefix}/{rate_name}_per_s": rate,
+            **{f"{prefix}/{k}": v for k, v in step_metrics.items()},
+        }
         if log_metrics is not None and (step % cfg.logging_steps == 0 or step == total_steps):
             log_metrics(last, step=step)
         bar.update(1)
@@ -286,8 +319,14 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 so_far = _merge_totals(totals, losses, timed_items, timed_seconds)
-                save_checkpoint(cfg.output, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                else optimizer, scheduler, extra={"totals": so_far})
+                save_checkpoint(
+                    cfg.output,
+                    step,
+                    unwrapped,
+                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                    scheduler,
+                    extra={"totals": so_far},
+                )
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
@@ -297,17 +336,22 @@ def train_loop(accelerator, module: torch.nn.Module, optimizer: torch.optim.Opti
         timed_items, timed_seconds = first_step_items, first_step_seconds
     all_steps = _merge_totals(totals, losses, timed_items, timed_seconds)
     return LoopResult(
-        steps=step, trained_steps=step - start_step,
+        steps=step,
+        trained_steps=step - start_step,
         train_loss=all_steps["loss_sum"] / all_steps["loss_steps"] if all_steps["loss_steps"] else None,
         items_per_s=all_steps["timed_items"] / all_steps["timed_seconds"] if all_steps["timed_seconds"] else None,
-        train_seconds=timed_seconds + first_step_seconds, last_metrics=last,
+        train_seconds=timed_seconds + first_step_seconds,
+        last_metrics=last,
     )
 
 
 def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_seconds: float) -> dict:
-    return {"loss_sum": before["loss_sum"] + sum(losses), "loss_steps": before["loss_steps"] + len(losses),
-            "timed_items": before["timed_items"] + timed_items,
-            "timed_seconds": before["timed_seconds"] + timed_seconds}
+    return {
+        "loss_sum": before["loss_sum"] + sum(losses),
+        "loss_steps": before["loss_steps"] + len(losses),
+        "timed_items": before["timed_items"] + timed_items,
+        "timed_seconds": before["timed_seconds"] + timed_seconds,
+    }
 
 
 def _checkpoint_extra(output: str | Path) -> dict:

@@ -112,8 +112,9 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, ma
     return rewards
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over response tokens. rewards, values, mask [B, T] -> (advantages, returns).
 
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.
@@ -139,8 +140,9 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 # ------------------------------------------------------------------------------------------------------------
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate. All [B, T] -> (pg_loss, clipfrac, approx_kl), scalars over masked tokens.
 
     approx_kl is the k3 estimate of KL(old || new) on the sampled tokens (cleanrl's; used for early stopping).
@@ -156,8 +158,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return pg_loss, clipfrac, approx_kl
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2). All [B, T] -> (v_loss, vf_clipfrac)."""
     v_loss_unclipped = (values - returns) ** 2
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
@@ -184,9 +187,13 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ------------------------------------------------------------------------------------------------------------
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO (Rafailov et al., eq. 7): -log sigmoid(beta * (pi_logratios - ref_logratios)).
 
     Inputs are SUMMED response log-probs per sequence [B]. Returns (losses [B], chosen_rewards [B],
@@ -200,9 +207,13 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
-def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IPO (Azar et al., eq. 17): (h - 1/(2*tau))^2, h = log [pi(y_w) pi_ref(y_l) / (pi(y_l) pi_ref(y_w))], tau = beta.
 
     The regression target 1/(2*tau) is a fixed log-ratio gap, so the scale of the log-probs matters: the DPO

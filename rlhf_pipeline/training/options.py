@@ -39,12 +39,14 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast compute dtype on top of --precision weights (accelerate's mixed_precision); "
+        "no",
+        description="Autocast compute dtype on top of --precision weights (accelerate's mixed_precision); "
         "bf16 is faster on CPUs with AVX512_BF16 and on GPUs.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
     cpu_kernels: Literal["off", "eager", "fused"] = Field(
-        "off", description="CPU-only speed-ups (rlhf_pipeline/cpu; ignored on a GPU): eager = a cheaper LoRA "
+        "off",
+        description="CPU-only speed-ups (rlhf_pipeline/cpu; ignored on a GPU): eager = a cheaper LoRA "
         "dropout draw and batched-matmul attention for pair batches; fused = also torch.compile'd RMSNorm / "
         "SiLU-MLP / dropout / softmax and thread-split frozen bf16 matmuls (needs a C++ compiler and the `cpu` extra).",
     )
@@ -66,8 +68,10 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
         loss only with mixed_precision fp16 (and only on a GPU: build_accelerator refuses it elsewhere).
         """
         if self.precision == "fp16" and self.mixed_precision != "fp16":
-            return (f"precision fp16 with mixed_precision {self.mixed_precision} trains without a gradient scaler: "
-                    "use precision bf16 or fp32, or mixed_precision fp16 (GPU only)")
+            return (
+                f"precision fp16 with mixed_precision {self.mixed_precision} trains without a gradient scaler: "
+                "use precision bf16 or fp32, or mixed_precision fp16 (GPU only)"
+            )
         return None
 
 

@@ -7,16 +7,23 @@ little padding.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def gather_over_pairs(accelerator, module: torch.nn.Module, forward: Callable[[dict], dict[str, torch.Tensor]],
-                      pairs: Sequence[tuple], *, batch_size: int, collate_fn: Callable[[list], dict],
-                      desc: str = "eval") -> dict[str, torch.Tensor]:
+def gather_over_pairs(
+    accelerator,
+    module: torch.nn.Module,
+    forward: Callable[[dict], dict[str, torch.Tensor]],
+    pairs: Sequence[tuple],
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list], dict],
+    desc: str = "eval",
+) -> dict[str, torch.Tensor]:
     """`forward(batch) -> {name: per-pair tensor [B]}` over every pair; returns {name: [num_pairs]} on the CPU.
 
     `module` is what `forward` runs (put in eval mode for the pass, then restored).
@@ -40,5 +47,3 @@ def gather_over_pairs(accelerator, module: torch.nn.Module, forward: Callable[[d
     finally:
         module.train(was_training)
     return {name: torch.cat(parts) for name, parts in gathered.items()}
-
-

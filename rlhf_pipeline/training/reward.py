@@ -22,18 +22,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.results import RegisteredVersion, StageResult
-from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
-from rlhf_pipeline.training import loop
-from rlhf_pipeline.training.trainable import trainable_model
-from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
-from rlhf_pipeline.batching.tokenize import tokenize_pairs
-from rlhf_pipeline.training.pair_eval import gather_over_pairs
-from rlhf_pipeline.training.options import LoopOptions
-from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
-from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
 from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
+from rlhf_pipeline.batching.tokenize import tokenize_pairs
+from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
+from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
+from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training import loop
+from rlhf_pipeline.training.options import LoopOptions
+from rlhf_pipeline.training.pair_eval import gather_over_pairs
+from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
+from rlhf_pipeline.training.trainable import trainable_model
 
 
 class RewardConfig(LoopOptions):
@@ -43,17 +43,21 @@ class RewardConfig(LoopOptions):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     max_length: int = Field(512, ge=8, description="Pairs with a side longer than this many tokens are dropped.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for accuracy/margin.")
-    eval_before: bool = Field(True, description="Also evaluate the initial model (accuracy_before); costs one eval pass.")
+    eval_before: bool = Field(
+        True, description="Also evaluate the initial model (accuracy_before); costs one eval pass."
+    )
     evaluate_only: bool = Field(False, description="Only score --model on held-out pairs (no training).")
     eval_subset: Literal["auto", "evaluation", "reward"] = Field(
-        "auto", description="--evaluate-only data: evaluation.parquet, the held-out part of reward.parquet, or "
+        "auto",
+        description="--evaluate-only data: evaluation.parquet, the held-out part of reward.parquet, or "
         "auto (evaluation.parquet if present).",
     )
     register_weights: Literal["merged", "adapter"] = Field(
         "merged", description="What to register in MLflow: the merged full model, or only adapter + score head."
     )
     shared_prefix: bool = Field(
-        True, description="Score chosen and rejected in one row that computes their common prefix (the prompt) "
+        True,
+        description="Score chosen and rejected in one row that computes their common prefix (the prompt) "
         "once (see shared_prefix.py); off, or with an attention implementation other than sdpa/eager: two rows.",
     )
 
@@ -64,13 +68,17 @@ class RewardConfig(LoopOptions):
 def pair_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
     chosen, rejected = split_chosen_rejected(module(**batch))
     margin = float((chosen - rejected).detach().mean())
-    return pairwise_loss(chosen, rejected), {"train_accuracy": pairwise_accuracy(chosen, rejected),
-                                             "train_margin": margin}, float(chosen.shape[0])
+    return (
+        pairwise_loss(chosen, rejected),
+        {"train_accuracy": pairwise_accuracy(chosen, rejected), "train_margin": margin},
+        float(chosen.shape[0]),
+    )
 
 
 @torch.no_grad()
-def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval",
-                   shared_prefix: bool = False) -> dict:
+def evaluate_pairs(
+    accelerator, module, pairs, batch_size: int, pad_token_id: int, desc: str = "eval", shared_prefix: bool = False
+) -> dict:
     """Accuracy, mean margin, loss, and reward mean/std over every held-out response (chosen and rejected)."""
     if len(pairs) == 0:
         return {"num_pairs": 0}
@@ -79,13 +87,26 @@ def evaluate_pairs(accelerator, module, pairs, batch_size: int, pad_token_id: in
         chosen, rejected = split_chosen_rejected(module(**batch))
         return {"chosen": chosen, "rejected": rejected}
 
-    out = gather_over_pairs(accelerator, module, forward, pairs, batch_size=batch_size, desc=desc,
-                            collate_fn=lambda b: collate_pairs(b, pad_token_id, shared_prefix))
+    out = gather_over_pairs(
+        accelerator,
+        module,
+        forward,
+        pairs,
+        batch_size=batch_size,
+        desc=desc,
+        collate_fn=lambda b: collate_pairs(b, pad_token_id, shared_prefix),
+    )
     chosen, rejected = out["chosen"], out["rejected"]
     both = torch.cat([chosen, rejected])
-    return {"accuracy": pairwise_accuracy(chosen, rejected), "margin": float((chosen - rejected).mean()),
-            "eval_loss": float(pairwise_loss(chosen, rejected)), "reward_mean": float(both.mean()),
-            "reward_std": float(both.std()) if both.numel() > 1 else 0.0, "num_pairs": int(chosen.numel())}
+    return {
+        "accuracy": pairwise_accuracy(chosen, rejected),
+        "margin": float((chosen - rejected).mean()),
+        "eval_loss": float(pairwise_loss(chosen, rejected)),
+        "reward_mean": float(both.mean()),
+        "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+        "num_pairs": int(chosen.numel()),
+    }
+
 
 def _log_eval(run, metrics: dict, step: int) -> None:
     keys = ("accuracy", "margin", "eval_loss", "reward_mean", "reward_std")
@@ -97,9 +118,15 @@ def load_reward_model(cfg: RewardConfig, device: str):
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
-                           trust_remote_code=cfg.trust_remote_code, device=device,
-                           model_class="AutoModelForSequenceClassification", num_labels=1)
+    model = load_causal_lm(
+        cfg.model,
+        precision=cfg.precision,
+        quantization=cfg.quantization,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        model_class="AutoModelForSequenceClassification",
+        num_labels=1,
+    )
     model.config.pad_token_id = tokenizer.pad_token_id  # batches > 1 need it (our pooling does not read it)
     return model, tokenizer
 
@@ -119,13 +146,17 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
         train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction)
         loop.set_seed(cfg.seed)  # also makes the fresh score head's initialisation reproducible
         model, tokenizer = load_reward_model(cfg, str(accelerator.device))
-        train_pairs = tokenize_pairs(tokenizer, limit(train_rows, cfg.max_train_samples, cfg.seed),
-                                     cfg.prompt_template, cfg.max_length)
-        eval_pairs = tokenize_pairs(tokenizer, limit(eval_rows, cfg.max_eval_samples, cfg.seed),
-                                    cfg.prompt_template, cfg.max_length)
+        train_pairs = tokenize_pairs(
+            tokenizer, limit(train_rows, cfg.max_train_samples, cfg.seed), cfg.prompt_template, cfg.max_length
+        )
+        eval_pairs = tokenize_pairs(
+            tokenizer, limit(eval_rows, cfg.max_eval_samples, cfg.seed), cfg.prompt_template, cfg.max_length
+        )
         if len(train_pairs) == 0:
-            raise UserError(f"all {train_pairs.dropped_too_long} training pairs are longer than --max-length "
-                            f"{cfg.max_length} tokens")
+            raise UserError(
+                f"all {train_pairs.dropped_too_long} training pairs are longer than --max-length "
+                f"{cfg.max_length} tokens"
+            )
 
         shared = cfg.shared_prefix and enable_shared_prefix(model)
         peft_model = trainable_model(model, cfg, "SEQ_CLS")  # score head trained + saved via modules_to_save
@@ -138,8 +169,9 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def evaluate(desc: str) -> dict:
-            return evaluate_pairs(accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc,
-                                  shared_prefix=shared)
+            return evaluate_pairs(
+                accelerator, module, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, desc, shared_prefix=shared
+            )
 
         # "Before" = adapters and the fresh head copy off: the initial model, also when this run resumed.
         before = {}
@@ -148,36 +180,67 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
                 before = evaluate("eval (initial)")
             _log_eval(run, before, step=0)
 
-        batches = loop.micro_batches(accelerator, train_pairs, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id, shared),
-                                     start=start_step * cfg.gradient_accumulation_steps)
-        result = loop.train_loop(accelerator, module, optimizer, scheduler, batches, pair_loss, cfg=cfg,
-                                 total_steps=total_steps, start_step=start_step, prefix="rm", rate_name="pairs",
-                                 log_metrics=run.log_metrics, on_step=on_step)
+        batches = loop.micro_batches(
+            accelerator,
+            train_pairs,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id, shared),
+            start=start_step * cfg.gradient_accumulation_steps,
+        )
+        result = loop.train_loop(
+            accelerator,
+            module,
+            optimizer,
+            scheduler,
+            batches,
+            pair_loss,
+            cfg=cfg,
+            total_steps=total_steps,
+            start_step=start_step,
+            prefix="rm",
+            rate_name="pairs",
+            log_metrics=run.log_metrics,
+            on_step=on_step,
+        )
         after = evaluate("eval")
         _log_eval(run, after, step=result.steps)
 
         metrics = {
-            **after, "accuracy_before": before.get("accuracy"), "margin_before": before.get("margin"),
+            **after,
+            "accuracy_before": before.get("accuracy"),
+            "margin_before": before.get("margin"),
             "dropped_too_long": train_pairs.dropped_too_long + eval_pairs.dropped_too_long,
-            "train_pairs": len(train_pairs), "train_questions": len({r["qid"] for r in train_rows}),
-            "eval_questions": len({r["qid"] for r in eval_rows}), "train_loss": result.train_loss,
-            "pairs_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
-            "train_seconds": result.train_seconds, "max_length": cfg.max_length,
+            "train_pairs": len(train_pairs),
+            "train_questions": len({r["qid"] for r in train_rows}),
+            "eval_questions": len({r["qid"] for r in eval_rows}),
+            "train_loss": result.train_loss,
+            "pairs_per_s": result.items_per_s,
+            "steps": result.steps,
+            "trained_steps": result.trained_steps,
+            "train_seconds": result.train_seconds,
+            "max_length": cfg.max_length,
             **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
         registered: list[RegisteredVersion] = []
         if accelerator.is_main_process:
-            adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
+            adapter_dir, merged_dir = save_adapter_and_merged(
+                accelerator.unwrap_model(module).model, tokenizer, cfg.output
+            )
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
             accuracy_tag = {"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {}
-            registered = RegisteredVersion.from_entries(run.register(
-                merged_dir if cfg.register_weights == "merged" else adapter_dir,
-                artifact_path=cfg.register_weights, tags=accuracy_tag))
-        outcome = StageResult.of("reward", "trained", cfg.output, metrics, processes=accelerator.num_processes,
-                                 registered=registered)
+            registered = RegisteredVersion.from_entries(
+                run.register(
+                    merged_dir if cfg.register_weights == "merged" else adapter_dir,
+                    artifact_path=cfg.register_weights,
+                    tags=accuracy_tag,
+                )
+            )
+        outcome = StageResult.of(
+            "reward", "trained", cfg.output, metrics, processes=accelerator.num_processes, registered=registered
+        )
         if accelerator.is_main_process:
             run.log_dict(outcome.model_dump(mode="json"), "reward/metrics.json")
             loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
@@ -226,8 +289,14 @@ def evaluate_reward_model(cfg: RewardConfig) -> StageResult:
         model, tokenizer = load_reward_model(cfg.model_copy(update={"model": local}), str(accelerator.device))
         pairs = tokenize_pairs(tokenizer, rows, cfg.prompt_template, cfg.max_length)
         module = accelerator.prepare(RewardScorer(model))
-        metrics = evaluate_pairs(accelerator, module, pairs, cfg.batch_size, tokenizer.pad_token_id,
-                                 shared_prefix=cfg.shared_prefix and enable_shared_prefix(model))
+        metrics = evaluate_pairs(
+            accelerator,
+            module,
+            pairs,
+            cfg.batch_size,
+            tokenizer.pad_token_id,
+            shared_prefix=cfg.shared_prefix and enable_shared_prefix(model),
+        )
         metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
         _log_eval(run, metrics, step=0)
         outcome = StageResult.of("reward", "evaluated", cfg.output, metrics, processes=accelerator.num_processes)

@@ -21,8 +21,9 @@ class RewardScorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared_prefix) -> torch.Tensor:
         if shared_prefix:
-            return shared_prefix_rewards(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                      **shared_prefix})
+            return shared_prefix_rewards(
+                self.model, {"input_ids": input_ids, "attention_mask": attention_mask, **shared_prefix}
+            )
         return sequence_rewards(self.model, input_ids, attention_mask)
 
 
@@ -34,5 +35,3 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Share of pairs ranked correctly; a tie counts as wrong."""
     return float((chosen > rejected).float().mean())
-
-

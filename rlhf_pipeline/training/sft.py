@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.results import RegisteredVersion, StageResult
-from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
-from rlhf_pipeline.training import loop
-from rlhf_pipeline.training.trainable import trainable_model
-from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
-from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
-from rlhf_pipeline.modeling.forward import transformer_parts
-from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, collate_packed, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
+from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
+from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.forward import transformer_parts
+from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
+from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training import loop
+from rlhf_pipeline.training.options import LoopOptions
+from rlhf_pipeline.training.trainable import trainable_model
 
 
 class SFTConfig(LoopOptions):
@@ -58,8 +58,9 @@ class CausalLMLoss(torch.nn.Module):
         backbone, lm_head = transformer_parts(self.model)
         # use_cache=False is not only about memory: with a KV cache, transformers ignores position_ids when building
         # the mask, and packed documents would attend to each other.
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = lm_head(hidden[:, :-1][keep]).float()  # [labelled tokens, vocab]
@@ -77,14 +78,16 @@ def sft_loss(module, batch) -> tuple[torch.Tensor, dict[str, float], float]:
 
 
 @torch.no_grad()
-def evaluate_perplexity(accelerator, module, documents: list[list[int]], batch_size: int, pad_token_id: int,
-                        desc: str = "eval") -> dict[str, float]:
+def evaluate_perplexity(
+    accelerator, module, documents: list[list[int]], batch_size: int, pad_token_id: int, desc: str = "eval"
+) -> dict[str, float]:
     """Mean token loss and perplexity over whole held-out documents (padded, longest first, same in both modes)."""
     from torch.utils.data import DataLoader
 
     order = sorted(documents, key=len, reverse=True)  # similar lengths per batch: little padding
     loader = accelerator.prepare_data_loader(
-        DataLoader(order, batch_size=batch_size, collate_fn=lambda docs: collate_padded(docs, pad_token_id)))
+        DataLoader(order, batch_size=batch_size, collate_fn=lambda docs: collate_padded(docs, pad_token_id))
+    )
     was_training = module.training
     module.eval()
     total_loss, total_tokens = 0.0, 0
@@ -130,8 +133,13 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
             collate = lambda docs: collate_padded(docs, tokenizer.pad_token_id)  # noqa: E731
 
         loop.set_seed(cfg.seed)
-        base = load_causal_lm(cfg.model, precision=cfg.precision, quantization=cfg.quantization,
-                              trust_remote_code=cfg.trust_remote_code, device=str(accelerator.device))
+        base = load_causal_lm(
+            cfg.model,
+            precision=cfg.precision,
+            quantization=cfg.quantization,
+            trust_remote_code=cfg.trust_remote_code,
+            device=str(accelerator.device),
+        )
         peft_model = trainable_model(base, cfg, "CAUSAL_LM")
         module = CausalLMLoss(peft_model)
         optimizer = loop.build_optimizer(module.parameters(), cfg)
@@ -143,43 +151,88 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
 
         # "Before" = the base model (adapters off), so it is the same number whether or not this run resumed.
         with accelerator.unwrap_model(module).model.disable_adapter():
-            before = evaluate_perplexity(accelerator, module, eval_docs, cfg.batch_size, tokenizer.pad_token_id,
-                                         desc="eval (base)") if eval_docs else {}
+            before = (
+                evaluate_perplexity(
+                    accelerator, module, eval_docs, cfg.batch_size, tokenizer.pad_token_id, desc="eval (base)"
+                )
+                if eval_docs
+                else {}
+            )
         if before:
-            run.log_metrics({"sft/eval_loss": before["eval_loss"], "sft/eval_perplexity": before["eval_perplexity"]},
-                            step=0)
+            run.log_metrics(
+                {"sft/eval_loss": before["eval_loss"], "sft/eval_perplexity": before["eval_perplexity"]}, step=0
+            )
 
-        batches = loop.micro_batches(accelerator, train_set, batch_size=cfg.batch_size, collate_fn=collate,
-                                     seed=cfg.seed, start=start_step * cfg.gradient_accumulation_steps)
-        result = loop.train_loop(accelerator, module, optimizer, scheduler, batches, sft_loss, cfg=cfg,
-                                 total_steps=total_steps, start_step=start_step, prefix="sft", rate_name="tokens",
-                                 log_metrics=run.log_metrics, on_step=on_step)
+        batches = loop.micro_batches(
+            accelerator,
+            train_set,
+            batch_size=cfg.batch_size,
+            collate_fn=collate,
+            seed=cfg.seed,
+            start=start_step * cfg.gradient_accumulation_steps,
+        )
+        result = loop.train_loop(
+            accelerator,
+            module,
+            optimizer,
+            scheduler,
+            batches,
+            sft_loss,
+            cfg=cfg,
+            total_steps=total_steps,
+            start_step=start_step,
+            prefix="sft",
+            rate_name="tokens",
+            log_metrics=run.log_metrics,
+            on_step=on_step,
+        )
 
-        after = evaluate_perplexity(accelerator, module, eval_docs, cfg.batch_size, tokenizer.pad_token_id,
-                                    desc="eval") if eval_docs else {}
+        after = (
+            evaluate_perplexity(accelerator, module, eval_docs, cfg.batch_size, tokenizer.pad_token_id, desc="eval")
+            if eval_docs
+            else {}
+        )
         if after:
-            run.log_metrics({"sft/eval_loss": after["eval_loss"], "sft/eval_perplexity": after["eval_perplexity"]},
-                            step=result.steps)
+            run.log_metrics(
+                {"sft/eval_loss": after["eval_loss"], "sft/eval_perplexity": after["eval_perplexity"]},
+                step=result.steps,
+            )
 
         metrics = {
-            "eval_loss_before": before.get("eval_loss"), "eval_perplexity_before": before.get("eval_perplexity"),
-            "eval_loss": after.get("eval_loss"), "eval_perplexity": after.get("eval_perplexity"),
-            "eval_tokens": after.get("eval_tokens"), "train_loss": result.train_loss,
-            "tokens_per_s": result.items_per_s, "steps": result.steps, "trained_steps": result.trained_steps,
-            "train_seconds": result.train_seconds, "train_documents": len(train_docs), "eval_documents": len(eval_docs),
-            "train_questions": len({r["qid"] for r in train_rows}), "eval_questions": len({r["qid"] for r in eval_rows}),
-            "packing": cfg.packing, "seq_length": cfg.seq_length, "train_rows": len(train_set),
+            "eval_loss_before": before.get("eval_loss"),
+            "eval_perplexity_before": before.get("eval_perplexity"),
+            "eval_loss": after.get("eval_loss"),
+            "eval_perplexity": after.get("eval_perplexity"),
+            "eval_tokens": after.get("eval_tokens"),
+            "train_loss": result.train_loss,
+            "tokens_per_s": result.items_per_s,
+            "steps": result.steps,
+            "trained_steps": result.trained_steps,
+            "train_seconds": result.train_seconds,
+            "train_documents": len(train_docs),
+            "eval_documents": len(eval_docs),
+            "train_questions": len({r["qid"] for r in train_rows}),
+            "eval_questions": len({r["qid"] for r in eval_rows}),
+            "packing": cfg.packing,
+            "seq_length": cfg.seq_length,
+            "train_rows": len(train_set),
             **count_parameters(accelerator.unwrap_model(module).model),
         }
         accelerator.wait_for_everyone()
         registered: list[RegisteredVersion] = []
         if accelerator.is_main_process:
-            adapter_dir, merged_dir = save_adapter_and_merged(accelerator.unwrap_model(module).model, tokenizer, cfg.output)
+            adapter_dir, merged_dir = save_adapter_and_merged(
+                accelerator.unwrap_model(module).model, tokenizer, cfg.output
+            )
             metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
-            registered = RegisteredVersion.from_entries(run.register(
-                merged_dir if cfg.register_weights == "merged" else adapter_dir, artifact_path=cfg.register_weights))
-        outcome = StageResult.of("sft", "trained", cfg.output, metrics, processes=accelerator.num_processes,
-                                 registered=registered)
+            registered = RegisteredVersion.from_entries(
+                run.register(
+                    merged_dir if cfg.register_weights == "merged" else adapter_dir, artifact_path=cfg.register_weights
+                )
+            )
+        outcome = StageResult.of(
+            "sft", "trained", cfg.output, metrics, processes=accelerator.num_processes, registered=registered
+        )
         if accelerator.is_main_process:
             run.log_dict(outcome.model_dump(mode="json"), "sft/metrics.json")
             loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from rlhf_pipeline.data.prompts import format_example, format_prompt
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
-from rlhf_pipeline.data.prompts import format_example, format_prompt
 from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 

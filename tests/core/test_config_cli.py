@@ -66,8 +66,9 @@ def test_generated_command_parses_flags(capsys):
         return {"ok": True}
 
     cmd = stage_command("demo", DemoConfig, run, help="demo")
-    rv = cmd.main(["--output", "o", "--lora-r", "3", "--no-packing", "--sizes", "4,5,6", "--ratio", "0.5"],
-                  standalone_mode=False)
+    rv = cmd.main(
+        ["--output", "o", "--lora-r", "3", "--no-packing", "--sizes", "4,5,6", "--ratio", "0.5"], standalone_mode=False
+    )
     assert rv == 0
     cfg = seen["cfg"]
     assert (cfg.lora_r, cfg.packing, cfg.sizes, cfg.ratio) == (3, False, [4, 5, 6], 0.5)

@@ -14,9 +14,14 @@ ENTRY = {"name": "rlhf-sft", "version": 3, "uri": "models:/rlhf-sft/3", "run_id"
 
 
 def test_envelope_and_metrics_round_trip(tmp_path):
-    result = StageResult.of("sft", "trained", tmp_path, {"eval_loss": 1.5, "sft/x": 2, "nested": {"a": [1]},
-                                                         "eval_perplexity": None},
-                            processes=2, registered=RegisteredVersion.from_entries(ENTRY, None))
+    result = StageResult.of(
+        "sft",
+        "trained",
+        tmp_path,
+        {"eval_loss": 1.5, "sft/x": 2, "nested": {"a": [1]}, "eval_perplexity": None},
+        processes=2,
+        registered=RegisteredVersion.from_entries(ENTRY, None),
+    )
     assert result.write() == tmp_path / "metrics.json"
     assert StageResult.read(tmp_path) == result
     assert result.metrics == {"eval_loss": 1.5, "sft/x": 2, "nested": {"a": [1]}, "eval_perplexity": None}
@@ -29,8 +34,9 @@ def test_envelope_and_metrics_round_trip(tmp_path):
 
 def test_reused_keeps_everything_but_the_status(tmp_path):
     result = StageResult.of("dpo", "trained", tmp_path, {"steps": 4})
-    assert result.reused().status == "reused" and result.reused().model_dump(exclude={"status"}) == \
-        result.model_dump(exclude={"status"})
+    assert result.reused().status == "reused" and result.reused().model_dump(exclude={"status"}) == result.model_dump(
+        exclude={"status"}
+    )
 
 
 def test_metric_names_may_not_shadow_the_envelope(tmp_path):
@@ -46,10 +52,14 @@ def test_unknown_status_and_unknown_registry_fields_are_refused(tmp_path):
         RegisteredVersion.from_entries({**ENTRY, "aliases": []})
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "not found"), ("{not json", "is not a stage result"),
-    (json.dumps({"accuracy": 0.7, "registered_model": {"version": 1}}), "is not a stage result"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ("{not json", "is not a stage result"),
+        (json.dumps({"accuracy": 0.7, "registered_model": {"version": 1}}), "is not a stage result"),
+    ],
+)
 def test_unreadable_results_are_one_line_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "metrics.json").write_text(content)

@@ -29,8 +29,15 @@ def run_toy(config: ToyConfig) -> dict:
 
 
 TOY = stages.Stage(
-    "toy_stage", f"{__name__}:ToyConfig", f"{__name__}:run_toy", help="A toy stage that only talks.",
-    display_name="Toy", namespace="toy", image="toy", gpu=True, trainjob=True,
+    "toy_stage",
+    f"{__name__}:ToyConfig",
+    f"{__name__}:run_toy",
+    help="A toy stage that only talks.",
+    display_name="Toy",
+    namespace="toy",
+    image="toy",
+    gpu=True,
+    trainjob=True,
 )
 
 
@@ -76,12 +83,15 @@ def test_toy_stage_flag_errors_are_one_line(toy, capsys):
 
 
 def test_pipeline_settings_accept_the_toy_step(toy):
-    settings = PipelineSettings.load(None, {
-        "gpu": {"steps": ["toy_stage"]},
-        "retry": {"steps": ["toy_stage", "report"]},
-        "caching": {"toy_stage": True},
-        "secrets": {"hf": {"name": "hf-token", "keys": {"token": "HF_TOKEN"}, "steps": ["toy_stage"]}},
-    })
+    settings = PipelineSettings.load(
+        None,
+        {
+            "gpu": {"steps": ["toy_stage"]},
+            "retry": {"steps": ["toy_stage", "report"]},
+            "caching": {"toy_stage": True},
+            "secrets": {"hf": {"name": "hf-token", "keys": {"token": "HF_TOKEN"}, "steps": ["toy_stage"]}},
+        },
+    )
     assert settings.gpu.steps == ["toy_stage"] and settings.caching == {"toy_stage": True}
     # defaults follow the declaration: gpu=True -> GPU pool, trainjob=True -> retried, every step gets secrets
     defaults = PipelineSettings()
@@ -93,15 +103,24 @@ def test_toy_stage_can_run_as_a_trainjob(toy):
     from rlhf_pipeline.orchestration import trainjob as tj
 
     assert tj.launch_command("torchrun", "toy_stage", "/c.yaml", None) == [
-        "torchrun", "--no-python", "rlhf", "toy-stage", "--config", "/c.yaml"]
+        "torchrun",
+        "--no-python",
+        "rlhf",
+        "toy-stage",
+        "--config",
+        "/c.yaml",
+    ]
 
 
-@pytest.mark.parametrize("section", [
-    {"gpu": {"steps": ["toy_stage"]}},
-    {"retry": {"steps": ["toy_stage"]}},
-    {"caching": {"toy_stage": True}},
-    {"secrets": {"hf": {"name": "hf-token", "keys": {"token": "HF_TOKEN"}, "steps": ["toy_stage"]}}},
-])
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"gpu": {"steps": ["toy_stage"]}},
+        {"retry": {"steps": ["toy_stage"]}},
+        {"caching": {"toy_stage": True}},
+        {"secrets": {"hf": {"name": "hf-token", "keys": {"token": "HF_TOKEN"}, "steps": ["toy_stage"]}}},
+    ],
+)
 def test_an_unregistered_step_is_rejected(section):
     with pytest.raises(UserError, match="unknown steps"):
         PipelineSettings.load(None, section)

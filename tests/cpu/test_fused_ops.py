@@ -44,7 +44,7 @@ def test_fused_norm_in_bf16_matches_transformers_within_rounding():
     x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
     expected = norm(x)
     fused_ops.fuse_elementwise(norm)
-    torch.testing.assert_close(norm(x), expected, atol=0, rtol=2 ** -7)  # at most 1 bf16 ulp apart
+    torch.testing.assert_close(norm(x), expected, atol=0, rtol=2**-7)  # at most 1 bf16 ulp apart
 
 
 def test_fused_dropout_and_softmax_keep_their_semantics():
@@ -63,7 +63,7 @@ def test_fused_dropout_and_softmax_keep_their_semantics():
     q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
     mask = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5)
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-    torch.testing.assert_close(math_attention(q, k, v, mask, scaling=8 ** -0.5), reference)
+    torch.testing.assert_close(math_attention(q, k, v, mask, scaling=8**-0.5), reference)
 
 
 def test_without_a_compiler_the_model_stays_eager(monkeypatch, capsys):

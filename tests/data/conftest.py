@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from prepare_data_helpers import posts_xml, small_dump_rows
+
 from rlhf_pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

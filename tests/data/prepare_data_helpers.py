@@ -23,14 +23,25 @@ def question(id_: int, accepted: int | None = None, title: str = "A question?", 
 
 
 def answer(id_: int, parent: int, score: int, body: str | None = None) -> dict:
-    return {"Id": id_, "PostTypeId": 2, "ParentId": parent, "Score": score,
-            "Body": body if body is not None else f"<p>Answer {id_} with score {score}.</p>"}
+    return {
+        "Id": id_,
+        "PostTypeId": 2,
+        "ParentId": parent,
+        "Score": score,
+        "Body": body if body is not None else f"<p>Answer {id_} with score {score}.</p>",
+    }
 
 
 def small_dump_rows() -> list[dict]:
     """Two questions with pairs (one of them with an accepted answer), and one with a single answer."""
     return [
-        question(1, accepted=3), answer(2, 1, 10), answer(3, 1, 2), answer(4, 1, -2),
-        question(5), answer(6, 5, 0), answer(7, 5, 7),
-        question(8), answer(9, 8, 1),
+        question(1, accepted=3),
+        answer(2, 1, 10),
+        answer(3, 1, 2),
+        answer(4, 1, -2),
+        question(5),
+        answer(6, 5, 0),
+        answer(7, 5, 7),
+        question(8),
+        answer(9, 8, 1),
     ]

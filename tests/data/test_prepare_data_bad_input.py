@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from prepare_data_helpers import answer, posts_xml, question, small_dump_rows
 
 PREFIX = "rlhf prepare-data: error: "
@@ -56,8 +55,14 @@ def test_rows_missing_score_or_parent_and_orphans_are_counted(tmp_path, run_cli)
     result = run_cli("--input", dump, "--output", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["rows_skipped"] == {**stats["rows_skipped"], "missing_score": 1, "missing_parent_id": 1,
-                                     "missing_id": 1, "not_an_integer": 1, "duplicate_id": 1}
+    assert stats["rows_skipped"] == {
+        **stats["rows_skipped"],
+        "missing_score": 1,
+        "missing_parent_id": 1,
+        "missing_id": 1,
+        "not_an_integer": 1,
+        "duplicate_id": 1,
+    }
     assert stats["answers_skipped"]["orphan_answer"] == 1
     assert stats["answers"] == 7  # the 6 of the small dump + the orphan, which is read then not paired
     assert stats["pairs_total"] == 3
@@ -73,8 +78,9 @@ def test_dump_with_no_eligible_question(tmp_path, run_cli):
     rows = [question(1), answer(2, 1, 3), question(4), answer(5, 4, 1), answer(6, 4, 1)]  # 1 answer; a tie
     dump = write(tmp_path / "s" / "Posts.xml", posts_xml(rows))
     out = tmp_path / "out"
-    assert_one_error_line(run_cli("--input", dump, "--output", out), "no preference pairs",
-                          "fewer_than_two_answers", "all_scores_equal")
+    assert_one_error_line(
+        run_cli("--input", dump, "--output", out), "no preference pairs", "fewer_than_two_answers", "all_scores_equal"
+    )
     assert not list(out.glob("*.parquet"))
 
 
@@ -129,8 +135,7 @@ def test_invalid_option(small_dump, tmp_path, run_cli, args, fragment):
 
 
 def test_site_with_a_directory_is_refused(small_dump, tmp_path, run_cli):
-    assert_one_error_line(run_cli("--input", small_dump.parent, "--output", tmp_path / "o", "--site", "x"),
-                          "--site")
+    assert_one_error_line(run_cli("--input", small_dump.parent, "--output", tmp_path / "o", "--site", "x"), "--site")
 
 
 def test_two_dumps_of_one_site_are_refused(tmp_path, run_cli):

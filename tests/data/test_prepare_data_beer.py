@@ -34,11 +34,13 @@ def expected(beer_posts):
         by_question[a["ParentId"]].append((int(a["Id"]), independent_score(int(a["Score"]), accepted)))
     pairs = {}
     for qid, group in by_question.items():
-        differing = sum(1 for i, (_, s) in enumerate(group) for _, t in group[i + 1:] if s != t)
+        differing = sum(1 for i, (_, s) in enumerate(group) for _, t in group[i + 1 :] if s != t)
         if differing:
             pairs[f"{SITE}:{qid}"] = min(10, differing)
     return {
-        "rows": len(rows), "questions": len(questions), "answers": len(answers),
+        "rows": len(rows),
+        "questions": len(questions),
+        "answers": len(answers),
         "other": len(rows) - len(questions) - len(answers),
         "fewer_than_two": sum(1 for q in questions if len(by_question[q]) < 2),
         "with_two_or_more": sum(1 for q in questions if len(by_question[q]) >= 2),
@@ -85,7 +87,7 @@ def test_subsets_are_disjoint_and_cover_every_paired_question(beer_output, expec
     qids = {s: {row["qid"] for row in rows} for s, rows in tables.items()}
     for i, a in enumerate(SUBSETS):
         assert qids[a], f"{a} is empty"
-        for b in SUBSETS[i + 1:]:
+        for b in SUBSETS[i + 1 :]:
             assert not qids[a] & qids[b], (a, b)
     assert set().union(*qids.values()) == set(expected["pairs"])
     rows_per_question = defaultdict(int)
@@ -120,8 +122,9 @@ def test_loadable_with_datasets(beer_output):
     ds = load_dataset("parquet", data_files=files)
     stats = json.loads((beer_output / "stats.json").read_text())
     assert {s: ds[s].num_rows for s in SUBSETS} == stats["pairs_per_subset"]
-    assert {"qid", "question", "response_j", "response_k", "score_j", "score_k", "answer_id_j",
-            "answer_id_k"} <= set(ds["rl"].column_names)
+    assert {"qid", "question", "response_j", "response_k", "score_j", "score_k", "answer_id_j", "answer_id_k"} <= set(
+        ds["rl"].column_names
+    )
 
 
 def test_same_seed_same_output_other_seed_other_split(beer_posts, beer_output, tmp_path):
@@ -136,9 +139,16 @@ def test_same_seed_same_output_other_seed_other_split(beer_posts, beer_output, t
 
 def test_caps_give_small_subsets(beer_posts, tmp_path):
     out = tmp_path / "capped"
-    result = run_prepare_data(PrepareDataConfig(
-        input=str(beer_posts), output=str(out), finetune_max_questions=5, reward_max_pairs=7,
-        rl_max_pairs=40, evaluation_max_questions=3))
+    result = run_prepare_data(
+        PrepareDataConfig(
+            input=str(beer_posts),
+            output=str(out),
+            finetune_max_questions=5,
+            reward_max_pairs=7,
+            rl_max_pairs=40,
+            evaluation_max_questions=3,
+        )
+    )
     assert (result.stage, result.status, result.output) == ("prepare_data", "prepared", str(out))
     stats = result.metrics
     tables = read_all(out)
@@ -154,5 +164,9 @@ def test_smollm2_recipe_gives_the_capped_subsets(beer_posts, tmp_path, run_cli):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "smollm2" / "prepare_data.yaml"
     result = run_cli("-c", recipe, "--input", beer_posts, "--output", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["pairs_per_subset"] == {"finetune": 256, "reward": 256, "rl": 128,
-                                                             "evaluation": 64}
+    assert json.loads(result.stdout)["pairs_per_subset"] == {
+        "finetune": 256,
+        "reward": 256,
+        "rl": 128,
+        "evaluation": 64,
+    }

@@ -8,8 +8,8 @@ from pathlib import Path
 import py7zr
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from prepare_data_helpers import posts_xml, small_dump_rows
+
 from rlhf_pipeline.data.config import SUBSETS
 
 
@@ -53,13 +53,26 @@ def test_site_archive_7z(small_dump, tmp_path, run_cli):
 
 def h4_records() -> list[dict]:
     """The small dump in the HuggingFaceH4/stack-exchange-preferences schema (pm_score already scored)."""
+
     def ans(aid, pm, selected=False):
-        return {"answer_id": aid, "author": "x", "author_id": 1, "author_profile": "u", "pm_score": pm,
-                "selected": selected, "text": f"<p>Answer {aid} &amp; more</p>"}
+        return {
+            "answer_id": aid,
+            "author": "x",
+            "author_id": 1,
+            "author_profile": "u",
+            "pm_score": pm,
+            "selected": selected,
+            "text": f"<p>Answer {aid} &amp; more</p>",
+        }
 
     return [
-        {"qid": 1, "question": "<p>A question?</p>", "answers": [ans(2, 3), ans(3, 3, True), ans(4, -1)],
-         "date": "2014-01-01", "metadata": ["m"]},
+        {
+            "qid": 1,
+            "question": "<p>A question?</p>",
+            "answers": [ans(2, 3), ans(3, 3, True), ans(4, -1)],
+            "date": "2014-01-01",
+            "metadata": ["m"],
+        },
         {"qid": 5, "question": "<p>Another</p>", "answers": [ans(6, 0), ans(7, 3)], "date": "d", "metadata": []},
         {"qid": 8, "question": "<p>Lonely</p>", "answers": [ans(9, 1)], "date": "d", "metadata": []},
     ]
@@ -73,8 +86,11 @@ def test_h4_parquet_and_jsonl_give_the_same_pairs(tmp_path, run_cli):
     jsonl = tmp_path / "j" / "tiny.stackexchange.com" / "train.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in h4_records()) + "\n")
 
-    expected = [("tiny.stackexchange.com:1", 2, 4, 3, -1), ("tiny.stackexchange.com:1", 3, 4, 3, -1),
-                ("tiny.stackexchange.com:5", 7, 6, 3, 0)]
+    expected = [
+        ("tiny.stackexchange.com:1", 2, 4, 3, -1),
+        ("tiny.stackexchange.com:1", 3, 4, 3, -1),
+        ("tiny.stackexchange.com:5", 7, 6, 3, 0),
+    ]
     for source, out in ((site_dir / "train-00000.parquet", tmp_path / "o1"), (jsonl, tmp_path / "o2")):
         result = run_cli("--input", source, "--output", out)
         assert result.exit_code == 0, result.stderr

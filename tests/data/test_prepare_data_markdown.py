@@ -58,8 +58,11 @@ def test_empty_body_is_empty():
 
 
 # Any HTML tag name, opening or closing: what must not survive conversion.
-HTML_TAG = re.compile(r"</?(?:p|a|img|pre|code|blockquote|ul|ol|li|em|strong|b|i|br|hr|h[1-6]|div|span|"
-                      r"table|tr|td|th|sup|sub|strike|del|kbd)\b[^>]*>", re.IGNORECASE)
+HTML_TAG = re.compile(
+    r"</?(?:p|a|img|pre|code|blockquote|ul|ol|li|em|strong|b|i|br|hr|h[1-6]|div|span|"
+    r"table|tr|td|th|sup|sub|strike|del|kbd)\b[^>]*>",
+    re.IGNORECASE,
+)
 ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-f]+|[a-z]+);", re.IGNORECASE)
 
 

@@ -19,24 +19,37 @@ KUBE_VERSION = "1.31.0"
 BUILTIN_GROUPS = {"", "apps", "batch", "rbac.authorization.k8s.io", "networking.k8s.io", "policy"}
 
 # Contents of the existing Secrets the chart is pointed at. None of them may ever appear in a manifest.
-FAKE_SECRETS = {"pg-password": "PgFake-Pa55w0rd-7731", "s3-key-id": "FAKEKEYID0000000X1Y2",
-                "s3-secret": "fAkE/S3cr3t+K3y/0000000000000000000000", "admin-password": "AdminFake-Pw-5521",
-                "flask-key": "FlaskFake-Key-0192837465"}
+FAKE_SECRETS = {
+    "pg-password": "PgFake-Pa55w0rd-7731",
+    "s3-key-id": "FAKEKEYID0000000X1Y2",
+    "s3-secret": "fAkE/S3cr3t+K3y/0000000000000000000000",
+    "admin-password": "AdminFake-Pw-5521",
+    "flask-key": "FlaskFake-Key-0192837465",
+}
 
 VARIANTS = {
     "defaults": {},
     "everything-set": {
         "opsImage": {"digest": "sha256:" + "a" * 64},
         "imagePullSecrets": ["regcred"],
-        "mlflow": {"image": {"digest": "sha256:" + "b" * 64}, "allowedHosts": ["mlflow.example.com"],
-                   "artifactStore": {"endpointUrl": "http://minio.minio:9000", "prefix": "rlhf"},
-                   "backendStore": {"existingSecret": "prod-pg", "sslmode": "require"}},
+        "mlflow": {
+            "image": {"digest": "sha256:" + "b" * 64},
+            "allowedHosts": ["mlflow.example.com"],
+            "artifactStore": {"endpointUrl": "http://minio.minio:9000", "prefix": "rlhf"},
+            "backendStore": {"existingSecret": "prod-pg", "sslmode": "require"},
+        },
         "runner": {"name": "rlhf-runner", "annotations": {"iam.gke.io/gcp-service-account": "x@y.iam"}},
-        "gpu": {"acceleratorType": "nvidia.com/gpu", "acceleratorCount": 4,
-                "nodeSelector": {"nvidia.com/gpu.present": None, "pool": "a100"},  # Helm merges maps: null drops a default
-                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]},
-        "pipelineJob": {"kfpNamespace": "team-ml", "compileSettings": {"model_cache": {"pvc_name": "cache"}},
-                        "parameters": {"alignment": "dpo", "sft_config": {"max_steps": 500}}},
+        "gpu": {
+            "acceleratorType": "nvidia.com/gpu",
+            "acceleratorCount": 4,
+            "nodeSelector": {"nvidia.com/gpu.present": None, "pool": "a100"},  # Helm merges maps: null drops a default
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+        },
+        "pipelineJob": {
+            "kfpNamespace": "team-ml",
+            "compileSettings": {"model_cache": {"pvc_name": "cache"}},
+            "parameters": {"alignment": "dpo", "sft_config": {"max_steps": 500}},
+        },
         "schedule": {"enabled": False, "cron": "0 0 4 * * *"},
     },
     "auth-off": {"mlflow": {"auth": {"enabled": False}}},
@@ -64,8 +77,11 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
-            for d in docs if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")]
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")
+    ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -103,14 +119,20 @@ def test_custom_resources_checked_separately():
 def test_expected_objects():
     docs = objects(render())
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
-    assert kinds == sorted([
-        "ServiceAccount/rlhf-rlhf-pipeline-mlflow", "ConfigMap/rlhf-rlhf-pipeline-mlflow-auth",
-        "Service/rlhf-rlhf-pipeline-mlflow", "Deployment/rlhf-rlhf-pipeline-mlflow",
-        "ServiceAccount/rlhf-rlhf-pipeline-runner", "Role/rlhf-rlhf-pipeline-runner",
-        "RoleBinding/rlhf-rlhf-pipeline-runner",
-        "ServiceAccount/rlhf-rlhf-pipeline-pipeline-upload", "ConfigMap/rlhf-rlhf-pipeline-pipeline-upload",
-        "Job/rlhf-rlhf-pipeline-pipeline-upload",
-    ])
+    assert kinds == sorted(
+        [
+            "ServiceAccount/rlhf-rlhf-pipeline-mlflow",
+            "ConfigMap/rlhf-rlhf-pipeline-mlflow-auth",
+            "Service/rlhf-rlhf-pipeline-mlflow",
+            "Deployment/rlhf-rlhf-pipeline-mlflow",
+            "ServiceAccount/rlhf-rlhf-pipeline-runner",
+            "Role/rlhf-rlhf-pipeline-runner",
+            "RoleBinding/rlhf-rlhf-pipeline-runner",
+            "ServiceAccount/rlhf-rlhf-pipeline-pipeline-upload",
+            "ConfigMap/rlhf-rlhf-pipeline-pipeline-upload",
+            "Job/rlhf-rlhf-pipeline-pipeline-upload",
+        ]
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -163,8 +185,9 @@ def test_pipeline_job_passes_gpu_settings_schedule_and_parameters():
     assert spec["containers"][0]["image"].endswith("@sha256:" + "a" * 64)
     params = {a.split("=", 2)[1]: json.loads(a.split("=", 2)[2]) for a in args if a.startswith("--param=")}
     assert params["gpu_node_selector"] == {"pool": "a100"}
-    assert params["gpu_tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
-                                          "effect": "NoSchedule"}]
+    assert params["gpu_tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
+    ]
     assert params["alignment"] == "dpo" and params["sft_config"] == {"max_steps": 500}
     assert params["mlflow_tracking_uri"] == "http://rlhf-rlhf-pipeline-mlflow.ml.svc:5000"
     assert "--cron=0 0 4 * * *" in args and "--disabled" in args and "--namespace=team-ml" in args
@@ -202,26 +225,37 @@ def test_no_secret_value_in_any_manifest():
                         assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
 
 
-@pytest.mark.parametrize("values", [
-    # There is no field for a secret value: the schema rejects every attempt to inline one ...
-    {"mlflow": {"auth": {"adminPassword": FAKE_SECRETS["admin-password"]}}},
-    {"mlflow": {"backendStore": {"password": FAKE_SECRETS["pg-password"]}}},
-    {"mlflow": {"artifactStore": {"secretAccessKey": FAKE_SECRETS["s3-secret"]}}},
-    {"pipelineJob": {"kfpToken": "FakeToken-123"}},
-    # ... or to smuggle credentials into a URL.
-    {"mlflow": {"artifactStore": {"endpointUrl": f"http://admin:{FAKE_SECRETS['s3-secret']}@minio:9000"}}},
-    {"pipelineJob": {"kfpHost": f"http://admin:{FAKE_SECRETS['admin-password']}@ml-pipeline:8888"}},
-    # Run parameters are free-form, so the template itself refuses a credentialed tracking URI.
-    {"pipelineJob": {"parameters": {"mlflow_tracking_uri": f"http://a:{FAKE_SECRETS['admin-password']}@mlflow:5000"}}},
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        # There is no field for a secret value: the schema rejects every attempt to inline one ...
+        {"mlflow": {"auth": {"adminPassword": FAKE_SECRETS["admin-password"]}}},
+        {"mlflow": {"backendStore": {"password": FAKE_SECRETS["pg-password"]}}},
+        {"mlflow": {"artifactStore": {"secretAccessKey": FAKE_SECRETS["s3-secret"]}}},
+        {"pipelineJob": {"kfpToken": "FakeToken-123"}},
+        # ... or to smuggle credentials into a URL.
+        {"mlflow": {"artifactStore": {"endpointUrl": f"http://admin:{FAKE_SECRETS['s3-secret']}@minio:9000"}}},
+        {"pipelineJob": {"kfpHost": f"http://admin:{FAKE_SECRETS['admin-password']}@ml-pipeline:8888"}},
+        # Run parameters are free-form, so the template itself refuses a credentialed tracking URI.
+        {
+            "pipelineJob": {
+                "parameters": {"mlflow_tracking_uri": f"http://a:{FAKE_SECRETS['admin-password']}@mlflow:5000"}
+            }
+        },
+    ],
+)
 def test_secret_values_cannot_be_rendered(values):
     with pytest.raises(helm.HelmError):
         render(values)
 
 
 def test_schema_rejects_bad_values():
-    for bad in ({"schedule": {"cron": "daily"}}, {"opsImage": {"digest": "sha256:abc"}},
-                {"gpu": {"acceleratorCount": -1}}, {"gpu": {"tolerations": [{"key": "a", "tolerationSeconds": 5}]}}):
+    for bad in (
+        {"schedule": {"cron": "daily"}},
+        {"opsImage": {"digest": "sha256:abc"}},
+        {"gpu": {"acceleratorCount": -1}},
+        {"gpu": {"tolerations": [{"key": "a", "tolerationSeconds": 5}]}},
+    ):
         with pytest.raises(helm.HelmError):
             render(copy.deepcopy(bad))
 

@@ -25,8 +25,9 @@ from rlhf_pipeline.errors import UserError
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile")) + sorted((IMAGES / "base").glob("*.Dockerfile"))
-HADOLINT = shutil.which("hadolint") or (str(Path(sys.executable).with_name("hadolint"))
-                                         if Path(sys.executable).with_name("hadolint").exists() else None)
+HADOLINT = shutil.which("hadolint") or (
+    str(Path(sys.executable).with_name("hadolint")) if Path(sys.executable).with_name("hadolint").exists() else None
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,9 +87,13 @@ def _is_component(fn: ast.FunctionDef) -> ast.Call | None:
 def _base_image_call(call: ast.Call) -> tuple[str, str] | None:
     """("image_for" or "stage_image", its literal argument) of a component's `base_image=`."""
     for kw in call.keywords:
-        if kw.arg == "base_image" and isinstance(kw.value, ast.Call) and kw.value.args and \
-                getattr(kw.value.func, "id", "") in ("image_for", "stage_image") and \
-                isinstance(kw.value.args[0], ast.Constant):
+        if (
+            kw.arg == "base_image"
+            and isinstance(kw.value, ast.Call)
+            and kw.value.args
+            and getattr(kw.value.func, "id", "") in ("image_for", "stage_image")
+            and isinstance(kw.value.args[0], ast.Constant)
+        ):
             return kw.value.func.id, kw.value.args[0].value
     return None
 
@@ -108,7 +113,8 @@ def _imports(tree: ast.AST) -> set[str]:
     skip: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
-                getattr(h.type, "id", "") in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
+            getattr(h.type, "id", "") in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
             skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
@@ -239,13 +245,17 @@ def test_every_component_has_a_dockerfile_that_installs_its_imports():
     for path, fn, call in components:
         key = _image_key(call)
         if key is None:
-            problems.append(f"{path.name}:{fn.name}: base_image must be image_for('<key>') (else KFP's default "
-                            "python image runs it, which has no rlhf_pipeline)")
+            problems.append(
+                f"{path.name}:{fn.name}: base_image must be image_for('<key>') (else KFP's default "
+                "python image runs it, which has no rlhf_pipeline)"
+            )
             continue
         build = image_build(key)
         if build is None:
-            problems.append(f"{path.name}:{fn.name}: image '{key}' is neither in build.sh's STEP_IMAGES nor has "
-                            f"an images/{key}/Dockerfile")
+            problems.append(
+                f"{path.name}:{fn.name}: image '{key}' is neither in build.sh's STEP_IMAGES nor has "
+                f"an images/{key}/Dockerfile"
+            )
             continue
         dockerfile, extras = build
         installed = installed_by(extras)
@@ -254,8 +264,10 @@ def test_every_component_has_a_dockerfile_that_installs_its_imports():
             if not dists:
                 problems.append(f"{path.name}:{fn.name}: imports '{module}', which no installed distribution provides")
             elif not any(re.sub(r"[-_.]+", "-", d).lower() in installed for d in dists):
-                problems.append(f"{path.name}:{fn.name}: imports '{module}' ({dists[0]}), not installed by image "
-                                f"'{key}' ({dockerfile.relative_to(ROOT)}, extras {sorted(extras) or 'none'})")
+                problems.append(
+                    f"{path.name}:{fn.name}: imports '{module}' ({dists[0]}), not installed by image "
+                    f"'{key}' ({dockerfile.relative_to(ROOT)}, extras {sorted(extras) or 'none'})"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -300,8 +312,11 @@ def test_every_stage_has_an_image_and_a_component(stage):
     base, extras = step_images()[stage.image]
     # a GPU stage's image has CUDA and the GPU extra; a CPU stage's stays slim
     assert (base, extras) == (("cuda", {"gpu"}) if stage.gpu else ("python", set())), stage.key
-    components = [f"{path.name}:{fn.name}" for path, fn, call in component_functions()
-                  if _base_image_call(call) == ("stage_image", stage.key)]
+    components = [
+        f"{path.name}:{fn.name}"
+        for path, fn, call in component_functions()
+        if _base_image_call(call) == ("stage_image", stage.key)
+    ]
     assert components, f"stage {stage.key}: no component with base_image=stage_image({stage.key!r}) in components/"
 
 
@@ -336,8 +351,12 @@ def repo_copy(tmp_path):
     docker = tmp_path / "docker"
     docker.write_text(FAKE_DOCKER)
     docker.chmod(0o755)
-    env = {**os.environ, "DOCKER": str(docker), "FAKE_DOCKER_LOG": str(tmp_path / "docker.log"),
-           "REGISTRY": "registry.example.com/ml"}
+    env = {
+        **os.environ,
+        "DOCKER": str(docker),
+        "FAKE_DOCKER_LOG": str(tmp_path / "docker.log"),
+        "REGISTRY": "registry.example.com/ml",
+    }
     return repo, env, tmp_path / "docker.log"
 
 
@@ -396,11 +415,14 @@ def test_image_for_with_and_without_digest(tmp_path):
     assert images_mod.image_for("report", path) == "host:5000/team/rlhf-report:abc123"
 
 
-@pytest.mark.parametrize("entries,message", [
-    ({"sft": {"name": "rlhf-sft"}}, "no image for component 'ppo'"),
-    ({"ppo": {"name": "rlhf-ppo", "digest": "sha256:123"}}, "invalid digest"),
-    ({"ppo": {"name": "RLHF_PPO"}}, "invalid image name"),
-])
+@pytest.mark.parametrize(
+    "entries,message",
+    [
+        ({"sft": {"name": "rlhf-sft"}}, "no image for component 'ppo'"),
+        ({"ppo": {"name": "rlhf-ppo", "digest": "sha256:123"}}, "invalid digest"),
+        ({"ppo": {"name": "RLHF_PPO"}}, "invalid image name"),
+    ],
+)
 def test_image_for_errors_are_one_line(tmp_path, entries, message):
     with pytest.raises(UserError, match=message):
         images_mod.image_for("ppo", write_images(tmp_path, **entries))

@@ -13,9 +13,20 @@ from rlhf_pipeline.results import StageResult
 
 @pytest.fixture(scope="module")
 def eval_data_dir(tmp_path_factory) -> Path:
-    rows = [{"qid": q, "site": "beer", "question": f"What glass suits a Belgian tripel number {q}?",
-             "response_j": "A tulip glass.", "response_k": "Any.", "score_j": 3, "score_k": 0,
-             "answer_id_j": 100 + q, "answer_id_k": 200 + q} for q in range(6)]
+    rows = [
+        {
+            "qid": q,
+            "site": "beer",
+            "question": f"What glass suits a Belgian tripel number {q}?",
+            "response_j": "A tulip glass.",
+            "response_k": "Any.",
+            "score_j": 3,
+            "score_k": 0,
+            "answer_id_j": 100 + q,
+            "answer_id_k": 200 + q,
+        }
+        for q in range(6)
+    ]
     root = tmp_path_factory.mktemp("eval-data")
     pd.DataFrame(rows).to_parquet(root / "evaluation.parquet")
     return root
@@ -30,7 +41,9 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     torch.manual_seed(5)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     base.config.pad_token_id = 2
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    )
     model.save_pretrained(out / "adapter")
     model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
@@ -46,8 +59,10 @@ def changed_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("policy") / "ppo"
     torch.manual_seed(6)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

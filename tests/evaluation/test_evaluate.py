@@ -31,8 +31,9 @@ def _register(name: str, local_dir) -> str:
     return f"models:/{name}/{version.version}"
 
 
-def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_policy_dir, eval_data_dir, tmp_path,
-                                       mlflow_sqlite, capsys):
+def test_evaluate_sft_against_policies(
+    tiny_model_dir, reward_dir, changed_policy_dir, eval_data_dir, tmp_path, mlflow_sqlite, capsys
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -44,15 +45,37 @@ def test_evaluate_sft_against_policies(tiny_model_dir, reward_dir, changed_polic
     dpo_dir.mkdir()
     (dpo_dir / "merged").symlink_to(changed_policy_dir / "merged")
     name, version = dpo_uri.removeprefix("models:/").split("/")
-    StageResult.of("dpo", "trained", dpo_dir, {}, registered=[
-        RegisteredVersion(name=name, version=version, uri=dpo_uri)]).write()
+    StageResult.of(
+        "dpo", "trained", dpo_dir, {}, registered=[RegisteredVersion(name=name, version=version, uri=dpo_uri)]
+    ).write()
 
     out = tmp_path / "eval"
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--data",
-              str(eval_data_dir), "--output", str(out), "--policy", f"ppo={ppo_uri}", "--policy", f"dpo={dpo_dir}",
-              "--policy", f"same={tiny_model_dir}", "--max-questions", "4", "--max-new-tokens", "8",
-              "--batch-size", "3"])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_model_dir),
+                "--reward-model",
+                str(reward_dir),
+                "--data",
+                str(eval_data_dir),
+                "--output",
+                str(out),
+                "--policy",
+                f"ppo={ppo_uri}",
+                "--policy",
+                f"dpo={dpo_dir}",
+                "--policy",
+                f"same={tiny_model_dir}",
+                "--max-questions",
+                "4",
+                "--max-new-tokens",
+                "8",
+                "--batch-size",
+                "3",
+            ]
+        )
     assert exc.value.code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     result = StageResult.read(out)
@@ -91,15 +114,29 @@ def test_pipeline_wiring_bare_policy_dir_and_sft_model_field(tiny_model_dir, cha
     """What the pipeline passes (orchestration.steps.evaluate_wiring): sft_model and one bare policy path."""
     from rlhf_pipeline.evaluation.evaluate import EvaluateConfig
 
-    cfg = EvaluateConfig(data="d", output="o", reward_model="r", sft_model=str(tiny_model_dir),
-                         policy=str(changed_policy_dir / "merged"))
+    cfg = EvaluateConfig(
+        data="d", output="o", reward_model="r", sft_model=str(tiny_model_dir), policy=str(changed_policy_dir / "merged")
+    )
     assert cfg.policies() == {"policy": str(changed_policy_dir / "merged")}
 
 
 def test_bad_policy_spec_is_one_line(tiny_model_dir, reward_dir, eval_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--data",
-              str(eval_data_dir), "--output", str(tmp_path / "e"), "--policy", "=nameless"])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_model_dir),
+                "--reward-model",
+                str(reward_dir),
+                "--data",
+                str(eval_data_dir),
+                "--output",
+                str(tmp_path / "e"),
+                "--policy",
+                "=nameless",
+            ]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NAME=DIR_OR_URI" in err[0]

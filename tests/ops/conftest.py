@@ -32,8 +32,14 @@ def model_name() -> str:
     return f"policy-{uuid.uuid4().hex[:8]}"
 
 
-def register_version(client, model: str, *, tags: dict[str, float | str] | None = None,
-                     metrics: dict[str, float] | None = None, tmp_path: Path) -> str:
+def register_version(
+    client,
+    model: str,
+    *,
+    tags: dict[str, float | str] | None = None,
+    metrics: dict[str, float] | None = None,
+    tmp_path: Path,
+) -> str:
     """A real model version: a run with metrics and a small logged artifact, registered from it."""
     from mlflow.exceptions import MlflowException
 
@@ -53,8 +59,9 @@ def register_version(client, model: str, *, tags: dict[str, float | str] | None 
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                     await_creation_for=0)  # file artifacts: READY at once
+    mv = client.create_model_version(
+        model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, await_creation_for=0
+    )  # file artifacts: READY at once
     for key, value in (tags or {}).items():
         client.set_model_version_tag(model, mv.version, key, str(value))
     return str(mv.version)

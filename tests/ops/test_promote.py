@@ -59,13 +59,16 @@ def test_pass_moves_champion_and_records_decision(client, model_name, with_champ
     assert snapshot(client, model_name)["locks"] == []  # the lock was released
 
 
-@pytest.mark.parametrize("gate,value", [
-    ("rm/accuracy", 0.59),        # below rm_accuracy_min 0.60
-    ("eval/kl", 10.5),            # above kl_max 10
-    ("eval/win_rate", 0.50),      # below win_rate_min 0.55
-    ("eval/reward_mean", 1.19),   # below the champion's 1.2
-    ("eval/win_rate", "n/a"),     # not a number: fails closed
-])
+@pytest.mark.parametrize(
+    "gate,value",
+    [
+        ("rm/accuracy", 0.59),  # below rm_accuracy_min 0.60
+        ("eval/kl", 10.5),  # above kl_max 10
+        ("eval/win_rate", 0.50),  # below win_rate_min 0.55
+        ("eval/reward_mean", 1.19),  # below the champion's 1.2
+        ("eval/win_rate", "n/a"),  # not a number: fails closed
+    ],
+)
 def test_each_failing_gate_rejects_and_changes_nothing(client, model_name, tmp_path, capsys, gate, value):
     v1 = register_version(client, model_name, tags=CHAMP, tmp_path=tmp_path)
     client.set_registered_model_alias(model_name, "champion", v1)
@@ -127,10 +130,13 @@ def test_dry_run_changes_nothing(client, model_name, with_champion, capsys):
     assert snapshot(client, model_name) == before
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--candidate", "99"], "version '99' of model '{m}' not found"),
-    (["--candidate", "staging"], "alias 'staging' of model '{m}' not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--candidate", "99"], "version '99' of model '{m}' not found"),
+        (["--candidate", "staging"], "alias 'staging' of model '{m}' not found"),
+    ],
+)
 def test_unknown_candidate_is_one_line_error(client, model_name, with_champion, capsys, args, message):
     code, out, err = run_cli(capsys, "--model-name", model_name, *args)
     assert code == 2 and out == ""

@@ -26,8 +26,12 @@ class KfpStub:
         self.requests: list[dict] = []
         self.experiments = [{"experiment_id": "exp-1", "display_name": "rlhf-pipeline"}]
         self.pipelines = [{"pipeline_id": "pipe-1", "display_name": "rlhf-pipeline"}]
-        self.versions = {"pipe-1": [{"pipeline_id": "pipe-1", "pipeline_version_id": "ver-2", "display_name": "b"},
-                                    {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1", "display_name": "a"}]}
+        self.versions = {
+            "pipe-1": [
+                {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-2", "display_name": "b"},
+                {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1", "display_name": "a"},
+            ]
+        }
         self.recurring: dict[str, dict] = {}
         self.counter = 0
 
@@ -62,9 +66,12 @@ class KfpStub:
             self.recurring[run["recurring_run_id"]] = run
             return 200, run
         if path == f"{API}/recurringruns" and method == "GET":
-            runs = [r for r in self.recurring.values()
-                    if ("experiment_id" not in q or r["experiment_id"] == q["experiment_id"])
-                    and (name_filter is None or r["display_name"] == name_filter)]
+            runs = [
+                r
+                for r in self.recurring.values()
+                if ("experiment_id" not in q or r["experiment_id"] == q["experiment_id"])
+                and (name_filter is None or r["display_name"] == name_filter)
+            ]
             return 200, {"recurringRuns": runs, "total_size": len(runs)}  # json_name, as the server sends it
         m = re.fullmatch(f"{API}/recurringruns/([^/]+)", path)
         if m and m.group(1) in self.recurring:
@@ -73,8 +80,11 @@ class KfpStub:
                 return 200, {}
             return 200, self.recurring[m.group(1)]
         if m:
-            return 404, {"error": f"RecurringRun {m.group(1)} not found", "code": 5,
-                         "message": f"RecurringRun {m.group(1)} not found"}
+            return 404, {
+                "error": f"RecurringRun {m.group(1)} not found",
+                "code": 5,
+                "message": f"RecurringRun {m.group(1)} not found",
+            }
         return 404, {"error": f"no stub for {method} {path}", "code": 5, "message": f"no stub for {method} {path}"}
 
     def posts(self, path: str) -> list[dict]:
@@ -124,9 +134,25 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_create_sends_cron_version_and_typed_parameters(kfp_stub, capsys):
-    code, out, err = run_cli(capsys, "create", "--host", kfp_stub.host, "--name", "weekly", "--cron", "0 3 * * 1",
-                             "--param", "alignment=dpo", "--param", "max_steps=500",
-                             "--param", 'sft_config={"lr": 0.0001}', "--param", 'tag="123"', "--json")
+    code, out, err = run_cli(
+        capsys,
+        "create",
+        "--host",
+        kfp_stub.host,
+        "--name",
+        "weekly",
+        "--cron",
+        "0 3 * * 1",
+        "--param",
+        "alignment=dpo",
+        "--param",
+        "max_steps=500",
+        "--param",
+        'sft_config={"lr": 0.0001}',
+        "--param",
+        'tag="123"',
+        "--json",
+    )
     assert code == 0, err
     [req] = kfp_stub.posts("recurringruns")
     body = req["json"]
@@ -134,8 +160,12 @@ def test_create_sends_cron_version_and_typed_parameters(kfp_stub, capsys):
     assert body["experiment_id"] == "exp-1"
     assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"  # 5 fields -> KFP's 6 (seconds first)
     assert body["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-2"}  # newest
-    assert body["runtime_config"]["parameters"] == {"alignment": "dpo", "max_steps": 500,
-                                                    "sft_config": {"lr": 0.0001}, "tag": "123"}
+    assert body["runtime_config"]["parameters"] == {
+        "alignment": "dpo",
+        "max_steps": 500,
+        "sft_config": {"lr": 0.0001},
+        "tag": "123",
+    }
     assert body["mode"] == "ENABLE" and body["max_concurrency"] == 1 and body["no_catchup"] is True
     assert req["auth"] == "Bearer s3cr3t-token"  # token from the environment
     assert json.loads(out)["recurring_run_id"] == "rr-1"  # kfp's "details" links stay off stdout
@@ -158,8 +188,22 @@ def test_create_with_explicit_version_and_replace(kfp_stub, capsys):
 def test_create_with_package_uploads_a_version_and_schedules_it(kfp_stub, capsys, tmp_path):
     package = tmp_path / "pipeline.yaml"
     package.write_text("pipelineInfo:\n  name: rlhf-pipeline\nroot: {}\nschemaVersion: 2.1.0\nsdkVersion: kfp-2.17.0\n")
-    code, _, err = run_cli(capsys, "create", "--host", kfp_stub.host, "--name", "nightly", "--cron", "0 2 * * *",
-                           "--package", str(package), "--version-name", "abc123", "--experiment", "retrain")
+    code, _, err = run_cli(
+        capsys,
+        "create",
+        "--host",
+        kfp_stub.host,
+        "--name",
+        "nightly",
+        "--cron",
+        "0 2 * * *",
+        "--package",
+        str(package),
+        "--version-name",
+        "abc123",
+        "--experiment",
+        "retrain",
+    )
     assert code == 0, err
     [upload] = kfp_stub.posts("pipelines/upload_version")
     assert upload["query"]["name"] == ["abc123"] and upload["query"]["pipelineid"] == ["pipe-1"]
@@ -174,8 +218,16 @@ def test_list_and_delete(kfp_stub, capsys):
     run_cli(capsys, "create", "--host", kfp_stub.host, "--name", "weekly", "--cron", "0 3 * * 1")
     code, out, _ = run_cli(capsys, "list", "--host", kfp_stub.host, "--json")
     assert code == 0
-    assert json.loads(out) == [{"recurring_run_id": "rr-1", "name": "weekly", "cron": "0 0 3 * * 1",
-                                "mode": "ENABLE", "experiment_id": "exp-1", "version_id": "ver-2"}]
+    assert json.loads(out) == [
+        {
+            "recurring_run_id": "rr-1",
+            "name": "weekly",
+            "cron": "0 0 3 * * 1",
+            "mode": "ENABLE",
+            "experiment_id": "exp-1",
+            "version_id": "ver-2",
+        }
+    ]
     code, out, _ = run_cli(capsys, "delete", "--host", kfp_stub.host, "--name", "weekly")
     assert code == 0 and out == "deleted recurring run rr-1\n"
     assert kfp_stub.recurring == {}
@@ -188,8 +240,9 @@ def test_unknown_recurring_run_is_one_line_error(kfp_stub, capsys):
 
 
 def test_unknown_pipeline_is_one_line_error(kfp_stub, capsys):
-    code, _, err = run_cli(capsys, "create", "--host", kfp_stub.host, "--name", "w", "--cron", "0 3 * * 1",
-                           "--pipeline-name", "nope")
+    code, _, err = run_cli(
+        capsys, "create", "--host", kfp_stub.host, "--name", "w", "--cron", "0 3 * * 1", "--pipeline-name", "nope"
+    )
     assert code == 2 and err.count("\n") == 1 and "pipeline 'nope' not found" in err
     assert kfp_stub.posts("recurringruns") == []
 

@@ -27,10 +27,15 @@ def test_every_stage_is_a_task_with_a_display_name(default_spec):
     spec, _, _ = default_spec
     names = {name: task["taskInfo"]["name"] for name, (task, _) in all_tasks(spec).items()}
     assert names == {
-        "prepare-data": "Prepare data", "sft": "Supervised fine-tuning",
-        "reward": "Reward model (train + evaluate)", "ppo": "PPO", "dpo": "DPO",
-        "evaluate": "Evaluate policy vs SFT", "evaluate-2": "Evaluate policy vs SFT",
-        "report": "Report + alias challenger", "report-2": "Report + alias challenger",
+        "prepare-data": "Prepare data",
+        "sft": "Supervised fine-tuning",
+        "reward": "Reward model (train + evaluate)",
+        "ppo": "PPO",
+        "dpo": "DPO",
+        "evaluate": "Evaluate policy vs SFT",
+        "evaluate-2": "Evaluate policy vs SFT",
+        "report": "Report + alias challenger",
+        "report-2": "Report + alias challenger",
         "unknown-alignment": "Unknown alignment",
     }
 
@@ -46,8 +51,19 @@ def test_alignment_branches_are_conditions_on_the_parameter(default_spec):
 def test_parameters_are_documented(default_spec):
     spec, _, _ = default_spec
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("alignment", "input_data", "base_model", "sft_config", "reward_config", "ppo_config",
-                 "dpo_config", "evaluate_config", "mlflow_tracking_uri", "gpu_node_selector", "gpu_tolerations"):
+    for name in (
+        "alignment",
+        "input_data",
+        "base_model",
+        "sft_config",
+        "reward_config",
+        "ppo_config",
+        "dpo_config",
+        "evaluate_config",
+        "mlflow_tracking_uri",
+        "gpu_node_selector",
+        "gpu_tolerations",
+    ):
         assert params[name].get("description"), name
     assert params["alignment"]["defaultValue"] == "ppo"
     assert params["sft_config"]["parameterType"] == "STRUCT"
@@ -64,13 +80,22 @@ def test_typed_artifacts_between_steps(default_spec):
     assert out_types("comp-prepare-data") == {"data": "system.Dataset", "metrics": "system.Metrics"}
     for comp in ("comp-sft", "comp-reward", "comp-ppo", "comp-dpo"):
         assert out_types(comp) == {"model": "system.Model", "metrics": "system.Metrics"}
-    assert out_types("comp-evaluate") == {"metrics": "system.Metrics", "report": "system.Markdown",
-                                          "generations": "system.Dataset"}
-    assert out_types("comp-report") == {"summary": "system.Metrics", "report_md": "system.Markdown",
-                                        "report_html": "system.HTML"}
+    assert out_types("comp-evaluate") == {
+        "metrics": "system.Metrics",
+        "report": "system.Markdown",
+        "generations": "system.Dataset",
+    }
+    assert out_types("comp-report") == {
+        "summary": "system.Metrics",
+        "report_md": "system.Markdown",
+        "report_html": "system.HTML",
+    }
     ins = comps["comp-ppo"]["inputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in ins.items()} == {
-        "data": "system.Dataset", "sft_model": "system.Model", "reward_model": "system.Model"}
+        "data": "system.Dataset",
+        "sft_model": "system.Model",
+        "reward_model": "system.Model",
+    }
 
 
 def test_gpu_settings_on_gpu_steps_only(default_spec):
@@ -89,7 +114,8 @@ def test_gpu_settings_on_gpu_steps_only(default_spec):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["gpu_node_selector"]["defaultValue"] == {"nvidia.com/gpu.present": "true"}
     assert params["gpu_tolerations"]["defaultValue"] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
 
 
 def test_cpu_and_memory_requests(default_spec):
@@ -106,8 +132,12 @@ def test_retries_with_backoff_on_training_only(default_spec):
     spec, _, _ = default_spec
     tasks = all_tasks(spec)
     for name in TRAINING_TASKS:
-        assert tasks[name][0]["retryPolicy"] == {"maxRetryCount": 2, "backoffDuration": "60s", "backoffFactor": 2.0,
-                                                 "backoffMaxDuration": "3600s"}, name
+        assert tasks[name][0]["retryPolicy"] == {
+            "maxRetryCount": 2,
+            "backoffDuration": "60s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "3600s",
+        }, name
     for name in ("prepare-data", "evaluate", "report"):
         assert "retryPolicy" not in tasks[name][0], name
 
@@ -126,7 +156,8 @@ def test_model_cache_pvc_and_cache_env_on_every_step(default_spec):
         label, ex = executor_of(spec, task)
         mounts = platform[label]["pvcMount"]
         assert [(m["pvcNameParameter"]["runtimeValue"]["constant"], m["mountPath"]) for m in mounts] == [
-            ("rlhf-model-cache", "/mnt/rlhf-cache")], task
+            ("rlhf-model-cache", "/mnt/rlhf-cache")
+        ], task
         env = {e["name"]: e["value"] for e in ex["container"]["env"]}
         assert env["RLHF_CACHE_DIR"] == "/mnt/rlhf-cache" and env["HF_HOME"] == "/mnt/rlhf-cache/huggingface"
 
@@ -134,8 +165,10 @@ def test_model_cache_pvc_and_cache_env_on_every_step(default_spec):
 def test_secrets_are_references_never_values(default_spec, tmp_path, monkeypatch):
     spec, platform, text = default_spec
     label, _ = executor_of(spec, "sft")
-    refs = {s["secretNameParameter"]["runtimeValue"]["constant"]: {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]}
-            for s in platform[label]["secretAsEnv"]}
+    refs = {
+        s["secretNameParameter"]["runtimeValue"]["constant"]: {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]}
+        for s in platform[label]["secretAsEnv"]
+    }
     assert refs == {
         "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
         "hf-token": {"token": "HF_TOKEN"},
@@ -174,7 +207,8 @@ env: {MLFLOW_TRACKING_URI: "https://mlflow.example.com"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["gpu_node_selector"]["defaultValue"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert params["gpu_tolerations"]["defaultValue"] == [
-        {"key": "dedicated", "operator": "Equal", "value": "rlhf", "effect": "NoSchedule"}]
+        {"key": "dedicated", "operator": "Equal", "value": "rlhf", "effect": "NoSchedule"}
+    ]
     label, ex = executor_of(spec, "ppo")
     res = ex["container"]["resources"]
     assert res["accelerator"]["resourceCount"] == "4"
@@ -185,7 +219,8 @@ env: {MLFLOW_TRACKING_URI: "https://mlflow.example.com"}
     assert platform[label]["pvcMount"][0]["mountPath"] == "/models"
     assert platform[label]["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "team-cache"
     assert [(s["secretName"], s["optional"] if "optional" in s else False) for s in platform[label]["secretAsEnv"]] == [
-        ("team-mlflow", False)]
+        ("team-mlflow", False)
+    ]
     env = {e["name"]: e["value"] for e in ex["container"]["env"]}
     assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com" and env["RLHF_CACHE_DIR"] == "/models"
 
@@ -197,23 +232,29 @@ def test_cpu_only_settings_drop_accelerators(tmp_path):
     assert "nodeSelector" not in platform[label]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("gpu: {accelerator_count: -1}", "gpu.accelerator_count"),
-    ("gpu: {steps: [sft, train]}", "unknown steps"),
-    ("retry: {backoff_duration: 1m}", "durations"),
-    ("training_resources: {cpu: lots, memory: 1Gi}", "not a Kubernetes quantity"),
-    ("env: {HF_TOKEN: abc}", "look like secrets"),
-    ("secrets: {x: {name: s, keys: {k: 'not valid'}}}", "invalid environment variable"),
-    ("gpus: {}", "unknown setting"),
-    ("[1, 2]", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("gpu: {accelerator_count: -1}", "gpu.accelerator_count"),
+        ("gpu: {steps: [sft, train]}", "unknown steps"),
+        ("retry: {backoff_duration: 1m}", "durations"),
+        ("training_resources: {cpu: lots, memory: 1Gi}", "not a Kubernetes quantity"),
+        ("env: {HF_TOKEN: abc}", "look like secrets"),
+        ("secrets: {x: {name: s, keys: {k: 'not valid'}}}", "invalid environment variable"),
+        ("gpus: {}", "unknown setting"),
+        ("[1, 2]", "must be a mapping"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tmp_path, bad, message):
     import subprocess
 
     path = tmp_path / "k8s.yaml"
     path.write_text(bad + "\n")
-    proc = subprocess.run([RLHF, "compile", "--settings", str(path),
-                           "--output", str(tmp_path / "out.yaml")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [RLHF, "compile", "--settings", str(path), "--output", str(tmp_path / "out.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rlhf compile: error:") and message in lines[0], proc.stderr
@@ -223,10 +264,15 @@ def test_bad_settings_are_one_line_errors(tmp_path, bad, message):
 def test_trainjob_mode_compiles_launchers(tmp_path):
     spec, platform, _ = compile_spec(tmp_path, trainjob=True)
     tasks = all_tasks(spec)
-    launchers = {name: task for name, (task, comp) in tasks.items() if comp["executorLabel"].startswith("exec-trainjob")}
+    launchers = {
+        name: task for name, (task, comp) in tasks.items() if comp["executorLabel"].startswith("exec-trainjob")
+    }
     assert sorted(t["taskInfo"]["name"] for t in launchers.values()) == [
-        "DPO (TrainJob)", "PPO (TrainJob)", "Reward model (train + evaluate) (TrainJob)",
-        "Supervised fine-tuning (TrainJob)"]
+        "DPO (TrainJob)",
+        "PPO (TrainJob)",
+        "Reward model (train + evaluate) (TrainJob)",
+        "Supervised fine-tuning (TrainJob)",
+    ]
     for name, task in launchers.items():
         params = task["inputs"]["parameters"]
         stage = params["stage"]["runtimeValue"]["constant"]
@@ -262,11 +308,9 @@ def test_compile_check_flags_a_stale_file(tmp_path):
     from pipelines.rlhf_pipeline import COMPILED
 
     stale.write_text(COMPILED.read_text().replace("Supervised fine-tuning", "SFT (old)"))
-    proc = subprocess.run([RLHF, "compile", "--check", "-o", str(stale)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([RLHF, "compile", "--check", "-o", str(stale)], capture_output=True, text=True)
     assert proc.returncode == 1 and "stale" in proc.stderr
-    proc = subprocess.run([RLHF, "compile", "--check", "-o", str(COMPILED)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([RLHF, "compile", "--check", "-o", str(COMPILED)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -274,8 +318,15 @@ def test_images_come_from_images_yaml(default_spec):
     from components.images import image_for
 
     spec, _, _ = default_spec
-    for task, component in (("sft", "sft"), ("prepare-data", "prepare_data"), ("ppo", "ppo"), ("report", "report"),
-                            ("evaluate", "evaluate"), ("dpo", "dpo"), ("reward", "reward")):
+    for task, component in (
+        ("sft", "sft"),
+        ("prepare-data", "prepare_data"),
+        ("ppo", "ppo"),
+        ("report", "report"),
+        ("evaluate", "evaluate"),
+        ("dpo", "dpo"),
+        ("reward", "reward"),
+    ):
         _, ex = executor_of(spec, task)
         assert ex["container"]["image"] == image_for(component)
     assert json.dumps(spec).count("pip install") == 0  # images carry the project: no install at run time

@@ -17,18 +17,38 @@ LINEAGE = ("data_hash", "base_model", "git_commit", "config_hash", "kfp_run_id")
 
 
 def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[str, ...] = ()):
-    return run_config.load_config(None, {"model": str(model), "input": str(beer), "output": str(out),
-                                         "alignment": alignment, "num_threads": 2}, (
-        "prepare_data.finetune_max_pairs=48", "prepare_data.reward_max_pairs=64", "prepare_data.rl_max_pairs=16",
-        "prepare_data.evaluation_max_pairs=16",
-        "sft.max_steps=2", "sft.seq_length=128", "sft.batch_size=2", "sft.max_eval_samples=4",
-        "reward.max_steps=3", "reward.batch_size=2", "reward.max_length=256", "reward.max_eval_samples=8",
-        "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.min_new_tokens=8",
-        "ppo.max_new_tokens=8", "ppo.max_prompt_length=64",
-        "dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_eval_samples=4",
-        "evaluate.max_questions=4", "evaluate.max_new_tokens=8", "evaluate.batch_size=4",
-        *sets,
-    ))
+    return run_config.load_config(
+        None,
+        {"model": str(model), "input": str(beer), "output": str(out), "alignment": alignment, "num_threads": 2},
+        (
+            "prepare_data.finetune_max_pairs=48",
+            "prepare_data.reward_max_pairs=64",
+            "prepare_data.rl_max_pairs=16",
+            "prepare_data.evaluation_max_pairs=16",
+            "sft.max_steps=2",
+            "sft.seq_length=128",
+            "sft.batch_size=2",
+            "sft.max_eval_samples=4",
+            "reward.max_steps=3",
+            "reward.batch_size=2",
+            "reward.max_length=256",
+            "reward.max_eval_samples=8",
+            "ppo.steps=1",
+            "ppo.batch_size=4",
+            "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=1",
+            "ppo.min_new_tokens=8",
+            "ppo.max_new_tokens=8",
+            "ppo.max_prompt_length=64",
+            "dpo.max_steps=2",
+            "dpo.batch_size=2",
+            "dpo.max_eval_samples=4",
+            "evaluate.max_questions=4",
+            "evaluate.max_new_tokens=8",
+            "evaluate.batch_size=4",
+            *sets,
+        ),
+    )
 
 
 def executor_output(task_dir: Path) -> dict:

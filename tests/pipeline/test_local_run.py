@@ -20,7 +20,8 @@ def test_the_default_recipe_is_the_defaults():
     cfg = run_config.load_config(None, {})
     for section in run_config.STAGE_SECTIONS:
         assert {k: v for k, v in getattr(cfg, section).items() if k not in ("precision", "mixed_precision")} == {
-            k: v for k, v in recipe[section].items() if k not in ("precision", "mixed_precision")}, section
+            k: v for k, v in recipe[section].items() if k not in ("precision", "mixed_precision")
+        }, section
     assert cfg.alignment == recipe["alignment"] == "ppo" and cfg.model == recipe["model"] == "smollm2-135m-instruct"
 
 
@@ -48,31 +49,47 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
     assert "no native bf16 on this machine: sft, reward, ppo, dpo run in fp32" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sets, message", [
-    (("sft.max_steps",), "SECTION.KEY=VALUE"), (("train.max_steps=3",), "section must be one of"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("sft.max_steps",), "SECTION.KEY=VALUE"),
+        (("train.max_steps=3",), "section must be one of"),
+    ],
+)
 def test_bad_set(sets, message):
     with pytest.raises(UserError, match=message):
         run_config.load_config(None, {}, sets)
 
 
 def test_unknown_stage_option_fails_before_anything_runs(tmp_path):
-    proc = subprocess.run([RLHF, "run", "-o", str(tmp_path / "o"), "--set", "sft.max_stepz=3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [RLHF, "run", "-o", str(tmp_path / "o"), "--set", "sft.max_stepz=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "max_stepz" in proc.stderr
     assert not (tmp_path / "o" / "kfp").exists()
 
 
 def test_missing_input_is_one_line(tmp_path):
-    proc = subprocess.run([RLHF, "run", "-o", str(tmp_path / "o"), "--input", str(tmp_path / "nope.xml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [RLHF, "run", "-o", str(tmp_path / "o"), "--input", str(tmp_path / "nope.xml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "input not found" in proc.stderr
 
 
 def test_print_config(tmp_path):
-    proc = subprocess.run([RLHF, "run", "--print-config", "--alignment", "dpo", "--set", "dpo.beta=0.2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [RLHF, "run", "--print-config", "--alignment", "dpo", "--set", "dpo.beta=0.2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["alignment"] == "dpo" and cfg["dpo"]["beta"] == 0.2

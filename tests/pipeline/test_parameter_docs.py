@@ -11,8 +11,15 @@ from rlhf_pipeline.orchestration import steps
 from rlhf_pipeline.stages import STAGES
 
 # What the pipeline wires into a stage config (stage_values drops those a config class has no field for).
-WIRED = {"data": "/data", "output": "/out", "input": "/dump/Posts.xml", "model": "base", "reward_model": "/rm",
-         "sft_model": "/sft/merged", "policy": ["ppo=/ppo"]}
+WIRED = {
+    "data": "/data",
+    "output": "/out",
+    "input": "/dump/Posts.xml",
+    "model": "base",
+    "reward_model": "/rm",
+    "sft_model": "/sft/merged",
+    "policy": ["ppo=/ppo"],
+}
 
 
 def documented_parameters() -> dict[str, str]:
@@ -56,5 +63,5 @@ def test_config_examples_build_the_real_stage_config(name):
 
 
 def test_every_json_in_the_parameter_docs_parses():
-    for name, text in PARAMS.items():
+    for text in PARAMS.values():
         json_examples(text)  # raises on a malformed example

@@ -33,8 +33,12 @@ def register(client, name, run_key, tags=None):
         pass
     with mlflow.start_run() as run:
         mlflow.log_dict({"x": 1}, "model/x.json")
-    return client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
-                                       tags={"kfp_run_id": run_key, **(tags or {})})
+    return client.create_model_version(
+        name,
+        source=f"runs:/{run.info.run_id}/model",
+        run_id=run.info.run_id,
+        tags={"kfp_run_id": run_key, **(tags or {})},
+    )
 
 
 @pytest.fixture()
@@ -50,8 +54,11 @@ def store(tmp_path, mlflow_sqlite):
 def model_artifact(tmp_path, step, metrics, registered=None):
     out = tmp_path / "work" / step
     out.mkdir(parents=True)
-    versions = [RegisteredVersion(uri=f"models:/{registered['name']}/{registered['version']}", **registered)
-                ] if registered else []
+    versions = (
+        [RegisteredVersion(uri=f"models:/{registered['name']}/{registered['version']}", **registered)]
+        if registered
+        else []
+    )
     result = StageResult.of(step, "trained", out, metrics, registered=versions)
     result.write()
     art = Art(tmp_path / "kfp" / step / "model")
@@ -70,18 +77,34 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     policy = model_artifact(tmp_path, "ppo", {"kl_last": 0.1, "reward_last": 0.3})  # registry entry unknown
     gen_dir = tmp_path / "gen"
     gen_dir.mkdir()
-    (gen_dir / "generations.jsonl").write_text("\n".join(json.dumps(row) for i in range(6) for row in (
-        {"question": f"Which beer {i}?", "model": "sft", "response": "An ale.", "reward": 0.1, "kl": 0.0},
-        {"question": f"Which beer {i}?", "model": "ppo", "response": "A stout <b>.", "reward": 0.4, "kl": 0.3})))
+    (gen_dir / "generations.jsonl").write_text(
+        "\n".join(
+            json.dumps(row)
+            for i in range(6)
+            for row in (
+                {"question": f"Which beer {i}?", "model": "sft", "response": "An ale.", "reward": 0.1, "kl": 0.0},
+                {"question": f"Which beer {i}?", "model": "ppo", "response": "A stout <b>.", "reward": 0.4, "kl": 0.3},
+            )
+        )
+    )
     (tmp_path / "eval.md").write_text("Evaluation text")
     summary = Art(tmp_path / "summary")
     md, html = Art(tmp_path / "report.md"), Art(tmp_path / "report.html")
     result = rep.run_report_step(
         models={"sft": sft, "reward": rm, "policy": policy},
         eval_metrics=Art(tmp_path / "em", {"eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}),
-        generations=Art(gen_dir), eval_report=Art(tmp_path / "eval.md"), alignment="ppo", summary=summary,
-        report_md=md, report_html=html, tracking_uri=mlflow_sqlite, registered_model_prefix="rlhf",
-        kfp_run_id="run-7", num_samples=2, alias="challenger")
+        generations=Art(gen_dir),
+        eval_report=Art(tmp_path / "eval.md"),
+        alignment="ppo",
+        summary=summary,
+        report_md=md,
+        report_html=html,
+        tracking_uri=mlflow_sqlite,
+        registered_model_prefix="rlhf",
+        kfp_run_id="run-7",
+        num_samples=2,
+        alias="challenger",
+    )
     assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == pol_v.version
     assert result["challenger"] == f"rlhf-policy/{pol_v.version}"
     assert summary.metadata == {"rm/accuracy": 0.75, "eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}
@@ -100,11 +123,20 @@ def test_no_policy_version_is_an_error(tmp_path, store, mlflow_sqlite):
     policy = model_artifact(tmp_path, "dpo", {})
     with pytest.raises(UserError, match="no registered policy version"):
         rep.run_report_step(
-            models={"sft": sft, "reward": rm, "policy": policy}, eval_metrics=Art(tmp_path / "em"),
-            generations=Art(tmp_path / "none"), eval_report=Art(tmp_path / "none.md"), alignment="dpo",
-            summary=Art(tmp_path / "s"), report_md=Art(tmp_path / "m"), report_html=Art(tmp_path / "h"),
-            tracking_uri=mlflow_sqlite, registered_model_prefix="rlhf", kfp_run_id="run-8", num_samples=2,
-            alias="challenger")
+            models={"sft": sft, "reward": rm, "policy": policy},
+            eval_metrics=Art(tmp_path / "em"),
+            generations=Art(tmp_path / "none"),
+            eval_report=Art(tmp_path / "none.md"),
+            alignment="dpo",
+            summary=Art(tmp_path / "s"),
+            report_md=Art(tmp_path / "m"),
+            report_html=Art(tmp_path / "h"),
+            tracking_uri=mlflow_sqlite,
+            registered_model_prefix="rlhf",
+            kfp_run_id="run-8",
+            num_samples=2,
+            alias="challenger",
+        )
 
 
 def test_publish_keeps_weights_out_of_the_artifact(tmp_path):
@@ -114,18 +146,24 @@ def test_publish_keeps_weights_out_of_the_artifact(tmp_path):
     (out / "merged" / "config.json").write_text("{}")
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"a")
-    result = StageResult.of("reward", "trained", out, {"accuracy": 0.6, "nested": {"a": 1}, "flag": True,
-                                                        "history": [1, 2], "adapter_dir": str(out / "adapter")},
-                            registered=RegisteredVersion.from_entries(
-                                {"name": "rlhf-reward", "version": 3, "uri": "models:/rlhf-reward/3", "run_id": "r"}))
+    result = StageResult.of(
+        "reward",
+        "trained",
+        out,
+        {"accuracy": 0.6, "nested": {"a": 1}, "flag": True, "history": [1, 2], "adapter_dir": str(out / "adapter")},
+        registered=RegisteredVersion.from_entries(
+            {"name": "rlhf-reward", "version": 3, "uri": "models:/rlhf-reward/3", "run_id": "r"}
+        ),
+    )
     result.write()
     art, metrics = Art(tmp_path / "art"), Art(tmp_path / "m")
     values = steps.publish("reward", out, art, metrics)  # the result comes from metrics.json (as after a TrainJob)
     assert values == {"rm/accuracy": 0.6, "rm/nested/a": 1.0, "rm/processes": 1.0}  # no status, no versions
     assert metrics.metadata == values
     step_json = json.loads((Path(art.path) / "step.json").read_text())
-    assert step_json["registered"] == [{"name": "rlhf-reward", "version": "3", "uri": "models:/rlhf-reward/3",
-                                        "run_id": "r"}]
+    assert step_json["registered"] == [
+        {"name": "rlhf-reward", "version": "3", "uri": "models:/rlhf-reward/3", "run_id": "r"}
+    ]
     assert (Path(art.path) / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path(art.path) / "merged").exists()
     assert art.metadata["output_dir"] == str(out) and art.metadata["registered_version"] == "3"

@@ -11,26 +11,46 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.orchestration.pipeline_params import parse_params
 from rlhf_pipeline.orchestration import submit as sub
+from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
-KNOWN = {"alignment": {"parameterType": "STRING"}, "sft_config": {"parameterType": "STRUCT"},
-         "gpu_tolerations": {"parameterType": "LIST"}, "report_samples": {"parameterType": "NUMBER_INTEGER"}}
+KNOWN = {
+    "alignment": {"parameterType": "STRING"},
+    "sft_config": {"parameterType": "STRUCT"},
+    "gpu_tolerations": {"parameterType": "LIST"},
+    "report_samples": {"parameterType": "NUMBER_INTEGER"},
+}
 
 
 def test_params_are_typed_by_the_pipeline_definition():
-    assert parse_params(["alignment=dpo", 'sft_config={"max_steps": 5}', "report_samples=3",
-                         'gpu_tolerations=[{"key": "a", "operator": "Exists"}]'], KNOWN) == {
-        "alignment": "dpo", "sft_config": {"max_steps": 5}, "report_samples": 3,
-        "gpu_tolerations": [{"key": "a", "operator": "Exists"}]}
+    assert parse_params(
+        [
+            "alignment=dpo",
+            'sft_config={"max_steps": 5}',
+            "report_samples=3",
+            'gpu_tolerations=[{"key": "a", "operator": "Exists"}]',
+        ],
+        KNOWN,
+    ) == {
+        "alignment": "dpo",
+        "sft_config": {"max_steps": 5},
+        "report_samples": 3,
+        "gpu_tolerations": [{"key": "a", "operator": "Exists"}],
+    }
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("alignment", "NAME=VALUE"), ("nope=1", "not a pipeline parameter"), ("sft_config=[1]", "expected a JSON struct"),
-    ("sft_config={bad", "expected a JSON struct"), ("report_samples=true", "number_integer"),
-    ("alignment=rlaif", "ppo or dpo"),
-])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("alignment", "NAME=VALUE"),
+        ("nope=1", "not a pipeline parameter"),
+        ("sft_config=[1]", "expected a JSON struct"),
+        ("sft_config={bad", "expected a JSON struct"),
+        ("report_samples=true", "number_integer"),
+        ("alignment=rlaif", "ppo or dpo"),
+    ],
+)
 def test_bad_params(pair, message):
     with pytest.raises(UserError, match=message):
         parse_params([pair], KNOWN)
@@ -46,7 +66,12 @@ def test_strings_stay_as_given_unless_quoted_as_json():
 def test_without_definitions_values_are_json_or_strings():
     """`rlhf schedule create` has no compiled spec at hand: names are not checked, JSON types the values."""
     assert parse_params(["max_steps=500", "flag=true", "name=weekly", 'tag="123"', 'cfg={"a": 1}']) == {
-        "max_steps": 500, "flag": True, "name": "weekly", "tag": "123", "cfg": {"a": 1}}
+        "max_steps": 500,
+        "flag": True,
+        "name": "weekly",
+        "tag": "123",
+        "cfg": {"a": 1},
+    }
     with pytest.raises(UserError, match="NAME=VALUE"):
         parse_params(["=3"])
     with pytest.raises(UserError, match="ppo or dpo"):
@@ -60,8 +85,12 @@ def _closed_port() -> int:
 
 
 def test_unreachable_host_is_one_line_error():
-    proc = subprocess.run([RLHF, "submit", "--host", f"http://127.0.0.1:{_closed_port()}", "--param", "alignment=dpo"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [RLHF, "submit", "--host", f"http://127.0.0.1:{_closed_port()}", "--param", "alignment=dpo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rlhf submit: error:") and "unreachable" in lines[0], proc.stderr
@@ -110,19 +139,40 @@ def package(tmp_path_factory):
 
 def test_first_submit_uploads_the_pipeline_then_runs(package):
     client = FakeClient()
-    result = sub.submit(host="http://kfp", package=package, pipeline_name="rlhf-pipeline", version_name="abc",
-                        experiment="exp", run_name="run", params={"alignment": "dpo"}, client=client)
+    result = sub.submit(
+        host="http://kfp",
+        package=package,
+        pipeline_name="rlhf-pipeline",
+        version_name="abc",
+        experiment="exp",
+        run_name="run",
+        params={"alignment": "dpo"},
+        client=client,
+    )
     assert result["uploaded"] == "pipeline" and result["run_id"] == "r-1"
     run = client.calls[-1][1]
-    assert run == {"experiment_id": "e-1", "job_name": "run", "params": {"alignment": "dpo"},
-                   "pipeline_id": "p-1", "version_id": "v-1"}
+    assert run == {
+        "experiment_id": "e-1",
+        "job_name": "run",
+        "params": {"alignment": "dpo"},
+        "pipeline_id": "p-1",
+        "version_id": "v-1",
+    }
     assert result["run_url"] == "http://kfp/#/runs/details/r-1"
 
 
 def test_later_submits_upload_a_new_version(package):
     client = FakeClient(existing_pipeline_id="p-9")
-    result = sub.submit(host="http://kfp", package=package, pipeline_name="rlhf-pipeline", version_name="abc",
-                        experiment="exp", run_name="run", params={}, client=client)
+    result = sub.submit(
+        host="http://kfp",
+        package=package,
+        pipeline_name="rlhf-pipeline",
+        version_name="abc",
+        experiment="exp",
+        run_name="run",
+        params={},
+        client=client,
+    )
     assert ("upload_pipeline_version", "abc", "p-9") in client.calls
     assert result["uploaded"] == "version" and client.calls[-1][1]["version_id"] == "v-2"
 
@@ -135,5 +185,13 @@ def test_server_errors_become_one_line(package):
             raise ApiException(status=403, reason="Forbidden")
 
     with pytest.raises(UserError, match=r"HTTP 403 Forbidden"):
-        sub.submit(host="http://kfp", package=package, pipeline_name="p", version_name="v", experiment="e",
-                   run_name="r", params={}, client=Denied())
+        sub.submit(
+            host="http://kfp",
+            package=package,
+            pipeline_name="p",
+            version_name="v",
+            experiment="e",
+            run_name="r",
+            params={},
+            client=Denied(),
+        )

@@ -15,8 +15,11 @@ def settings_data(**overrides) -> dict:
 
 def manifest(stage="sft", **overrides):
     return tj.build_manifest(
-        name=tj.trainjob_name("0b1c2d3e-run", stage), stage=stage, image="registry/rlhf-sft:dev",
-        config_path="/mnt/rlhf-cache/runs/run/sft/config.yaml", settings=settings_data(**overrides),
+        name=tj.trainjob_name("0b1c2d3e-run", stage),
+        stage=stage,
+        image="registry/rlhf-sft:dev",
+        config_path="/mnt/rlhf-cache/runs/run/sft/config.yaml",
+        settings=settings_data(**overrides),
         node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )
@@ -27,13 +30,25 @@ def test_manifest_is_a_valid_trainjob():
     assert tj.validate_manifest(m) == []
     assert m["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and m["kind"] == "TrainJob"
     spec = m["spec"]
-    assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
-                                  "kind": "ClusterTrainingRuntime"}
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
     trainer = spec["trainer"]
-    assert trainer["command"] == ["torchrun", "--no-python", "rlhf", "sft", "--config",
-                                  "/mnt/rlhf-cache/runs/run/sft/config.yaml"]
+    assert trainer["command"] == [
+        "torchrun",
+        "--no-python",
+        "rlhf",
+        "sft",
+        "--config",
+        "/mnt/rlhf-cache/runs/run/sft/config.yaml",
+    ]
     assert trainer["numNodes"] == 2
-    assert trainer["resourcesPerNode"] == {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "8", "memory": "32Gi"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
     env = {e["name"]: e for e in trainer["env"]}
     assert env["RLHF_CACHE_DIR"]["value"] == "/mnt/rlhf-cache"
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}
@@ -42,15 +57,25 @@ def test_manifest_is_a_valid_trainjob():
     assert override["targetJobs"] == [{"name": "node"}]
     pod = override["spec"]
     assert pod["volumes"] == [{"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}}]
-    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "rlhf-model-cache",
-                                                                    "mountPath": "/mnt/rlhf-cache"}]}]
+    assert pod["containers"] == [
+        {"name": "node", "volumeMounts": [{"name": "rlhf-model-cache", "mountPath": "/mnt/rlhf-cache"}]}
+    ]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_runtime_patches_variant_and_options():
-    m = manifest("reward", trainjob={"overrides_api": "runtimePatches", "num_nodes": 4, "num_proc_per_node": 8,
-                                     "launcher": "accelerate", "runtime": "my-torch", "service_account": "trainer"})
+    m = manifest(
+        "reward",
+        trainjob={
+            "overrides_api": "runtimePatches",
+            "num_nodes": 4,
+            "num_proc_per_node": 8,
+            "launcher": "accelerate",
+            "runtime": "my-torch",
+            "service_account": "trainer",
+        },
+    )
     assert tj.validate_manifest(m) == []
     spec = m["spec"]
     assert "podTemplateOverrides" not in spec
@@ -72,16 +97,23 @@ def test_names_are_deterministic_dns_labels():
     assert len(long) <= 63 and tj._DNS1035.match(long)
 
 
-@pytest.mark.parametrize("mutate, problem", [
-    (lambda m: m.update(apiVersion="kubeflow.org/v1"), "apiVersion"),
-    (lambda m: m["metadata"].update(name="Bad_Name"), "RFC 1035"),
-    (lambda m: m["spec"].pop("runtimeRef"), "runtimeRef.name"),
-    (lambda m: m["spec"]["trainer"].update(replicas=2), "unknown trainer fields"),
-    (lambda m: m["spec"]["trainer"]["env"].append({"name": "X", "value": "1", "valueFrom": {}}), "exactly one"),
-    (lambda m: m["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["volumeMounts"].append(
-        {"name": "nope", "mountPath": "/x"}), "no matching volume"),
-    (lambda m: m["spec"].update(podSpec={}), "unknown spec fields"),
-])
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda m: m.update(apiVersion="kubeflow.org/v1"), "apiVersion"),
+        (lambda m: m["metadata"].update(name="Bad_Name"), "RFC 1035"),
+        (lambda m: m["spec"].pop("runtimeRef"), "runtimeRef.name"),
+        (lambda m: m["spec"]["trainer"].update(replicas=2), "unknown trainer fields"),
+        (lambda m: m["spec"]["trainer"]["env"].append({"name": "X", "value": "1", "valueFrom": {}}), "exactly one"),
+        (
+            lambda m: m["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["volumeMounts"].append(
+                {"name": "nope", "mountPath": "/x"}
+            ),
+            "no matching volume",
+        ),
+        (lambda m: m["spec"].update(podSpec={}), "unknown spec fields"),
+    ],
+)
 def test_validation_catches_broken_manifests(mutate, problem):
     m = manifest()
     mutate(m)
@@ -114,8 +146,11 @@ class FakeApi:
         if not self.created:
             raise self._not_found()
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
-        return {"status": {"conditions": [{"type": state, "status": "True", "reason": "r", "message": "m"}]}
-                if state else {}}
+        return {
+            "status": {"conditions": [{"type": state, "status": "True", "reason": "r", "message": "m"}]}
+            if state
+            else {}
+        }
 
     def create_namespaced_custom_object(self, group, version, ns, plural, body):
         self.created.append((ns, body))
@@ -174,12 +209,15 @@ class Art:
         self.path, self.metadata = str(path), dict(metadata)
 
 
-@pytest.mark.parametrize("stage, inputs, want", [
-    ("sft", {}, {"model": "BASE"}),
-    ("reward", {"sft_model"}, {"model": "SFT/merged"}),
-    ("ppo", {"sft_model", "reward_model"}, {"model": "SFT/merged", "reward_model": "RM"}),
-    ("dpo", {"sft_model"}, {"model": "SFT/merged"}),
-])
+@pytest.mark.parametrize(
+    "stage, inputs, want",
+    [
+        ("sft", {}, {"model": "BASE"}),
+        ("reward", {"sft_model"}, {"model": "SFT/merged"}),
+        ("ppo", {"sft_model", "reward_model"}, {"model": "SFT/merged", "reward_model": "RM"}),
+        ("dpo", {"sft_model"}, {"model": "SFT/merged"}),
+    ],
+)
 def test_launcher_wires_the_stage_from_its_inputs(stage, inputs, want, tmp_path, monkeypatch):
     """The launcher body (components/trainjob.py) starts a stage after SFT from SFT's merged weights, the first
     one from the base model, and passes the reward model where it is given: by its inputs, not by stage name."""
@@ -193,13 +231,25 @@ def test_launcher_wires_the_stage_from_its_inputs(stage, inputs, want, tmp_path,
     (tmp_path / "SFT" / "merged" / "config.json").write_text("{}")
     created = []
     monkeypatch.setattr(tj, "run_trainjob", lambda manifest, **_: created.append(manifest))
-    arts = {"sft_model": Art(tmp_path / "sft-art", output_dir=str(tmp_path / "SFT")),
-            "reward_model": Art(tmp_path / "rm-art", output_dir=str(tmp_path / "RM"))}
+    arts = {
+        "sft_model": Art(tmp_path / "sft-art", output_dir=str(tmp_path / "SFT")),
+        "reward_model": Art(tmp_path / "rm-art", output_dir=str(tmp_path / "RM")),
+    }
     trainjob.python_func(
-        stage=stage, image="registry/rlhf-x:dev", data=Art(tmp_path / "data-art", output_dir=str(tmp_path / "data")),
-        config={}, settings=settings_data(), gpu_node_selector={}, gpu_tolerations=[],
-        model=Art(tmp_path / "model-art"), metrics=None, base_model="BASE", kfp_run_id="run-1",
-        work_root=str(tmp_path / "work"), **{k: v for k, v in arts.items() if k in inputs})
+        stage=stage,
+        image="registry/rlhf-x:dev",
+        data=Art(tmp_path / "data-art", output_dir=str(tmp_path / "data")),
+        config={},
+        settings=settings_data(),
+        gpu_node_selector={},
+        gpu_tolerations=[],
+        model=Art(tmp_path / "model-art"),
+        metrics=None,
+        base_model="BASE",
+        kfp_run_id="run-1",
+        work_root=str(tmp_path / "work"),
+        **{k: v for k, v in arts.items() if k in inputs},
+    )
     assert len(created) == 1 and created[0]["spec"]["trainer"]["command"][3] == stage
     cfg = yaml.safe_load((tmp_path / "work" / "run-1" / stage / "config.yaml").read_text())
     expected = {k: (v if v == "BASE" else str(tmp_path / v)) for k, v in want.items()}

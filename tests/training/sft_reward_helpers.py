@@ -19,16 +19,18 @@ def pair_rows(num_questions: int = 8, pairs_per_question: int = 2) -> list[dict]
     for q in range(num_questions):
         topic = TOPICS[q % len(TOPICS)]
         for k in range(pairs_per_question):
-            rows.append({
-                "qid": f"beer:{q}",
-                "question": f"What is a {topic}?",
-                "response_j": f"A {topic} is a beer. It is brewed with malt and hops. Cheers to the {topic}!",
-                "response_k": "no idea" if k % 2 == 0 else "ask someone else please",
-                "score_j": 5,
-                "score_k": 0,
-                "answer_id_j": 1000 + q,
-                "answer_id_k": 2000 + 10 * q + k,
-            })
+            rows.append(
+                {
+                    "qid": f"beer:{q}",
+                    "question": f"What is a {topic}?",
+                    "response_j": f"A {topic} is a beer. It is brewed with malt and hops. Cheers to the {topic}!",
+                    "response_k": "no idea" if k % 2 == 0 else "ask someone else please",
+                    "score_j": 5,
+                    "score_k": 0,
+                    "answer_id_j": 1000 + q,
+                    "answer_id_k": 2000 + 10 * q + k,
+                }
+            )
     return rows
 
 

@@ -16,17 +16,49 @@ def test_sft_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path
     bin_dir = Path(sys.executable).parent
     data, out = make_data_dir(tmp_path / "data"), tmp_path / "out"
     command = [
-        str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(unused_port), "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(bin_dir / "rlhf"), "sft", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
-        "--seq-length", "32", "--batch-size", "2", "--max-steps", "4", "--save-steps", "2",
-        "--learning-rate", "5e-3", "--eval-fraction", "0.25", "--lora-dropout", "0", "--num-threads", "1",
+        str(bin_dir / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(unused_port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(bin_dir / "rlhf"),
+        "sft",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--seq-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--learning-rate",
+        "5e-3",
+        "--eval-fraction",
+        "0.25",
+        "--lora-dropout",
+        "0",
+        "--num-threads",
+        "1",
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "MLFLOW_TRACKING_URI": mlflow_sqlite}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # one summary (rank 0), not one per process
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])  # one summary (rank 0), not one per process
     saved = json.loads((out / "metrics.json").read_text())
     assert summary["processes"] == saved["processes"] == 2
     assert saved["steps"] == saved["trained_steps"] == 4 and saved["eval_loss"] < saved["eval_loss_before"]

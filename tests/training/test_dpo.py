@@ -21,9 +21,19 @@ TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
 def data_dir(tmp_path_factory) -> Path:
     rows = []
     for q in range(12):
-        rows.append({"qid": q, "site": "beer", "question": f"How long should I age stout number {q}?",
-                     "response_j": f"About {q + 2} months in a cool cellar, then taste it.",
-                     "response_k": "Never.", "score_j": 4, "score_k": 0, "answer_id_j": 10 + q, "answer_id_k": 50 + q})
+        rows.append(
+            {
+                "qid": q,
+                "site": "beer",
+                "question": f"How long should I age stout number {q}?",
+                "response_j": f"About {q + 2} months in a cool cellar, then taste it.",
+                "response_k": "Never.",
+                "score_j": 4,
+                "score_k": 0,
+                "answer_id_j": 10 + q,
+                "answer_id_k": 50 + q,
+            }
+        )
     root = tmp_path_factory.mktemp("dpo-data")
     pd.DataFrame(rows).to_parquet(root / "reward.parquet")
     return root
@@ -42,7 +52,10 @@ def test_pairs_are_tokenized_jointly_and_the_response_mask_covers_the_answer(tok
     ids_j, start_j, ids_k, start_k = pairs[0]
     assert dropped == 0
     assert ids_j == tokenizer("Question: Best hops?\n\nAnswer: Citra.")["input_ids"] + [tokenizer.eos_token_id]
-    assert tokenizer.decode(ids_j[start_j:]) == " Citra.<|im_end|>" or tokenizer.decode(ids_j[start_j:]) == "Citra.<|im_end|>"
+    assert (
+        tokenizer.decode(ids_j[start_j:]) == " Citra.<|im_end|>"
+        or tokenizer.decode(ids_j[start_j:]) == "Citra.<|im_end|>"
+    )
     assert tokenizer.decode(ids_j[:start_j]).startswith("Question: Best hops?")
     batch = collate_dpo_pairs(pairs, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2  # [chosen, rejected]
@@ -53,8 +66,8 @@ def test_pairs_are_tokenized_jointly_and_the_response_mask_covers_the_answer(tok
 
 def test_reference_is_the_sft_model_and_the_loss_starts_at_log2(tiny_model_dir, tokenizer):
     from rlhf_pipeline.modeling.loading import load_causal_lm
-    from rlhf_pipeline.training.dpo import response_logps
     from rlhf_pipeline.modeling.lora import apply_lora
+    from rlhf_pipeline.training.dpo import response_logps
 
     cfg = DPOConfig(model=str(tiny_model_dir), data="x", output="x", lora_r=4, lora_dropout=0.0)
     rows = [{"question": f"Q{i}?", "response_j": "Yes, indeed." * (i + 1), "response_k": "No."} for i in range(3)]
@@ -78,10 +91,23 @@ def test_reference_is_the_sft_model_and_the_loss_starts_at_log2(tiny_model_dir, 
 def test_reward_accuracy_and_margin_rise(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite, loss):
     import mlflow
 
-    cfg = DPOConfig(model=str(tiny_model_dir), data=str(data_dir), output=str(tmp_path / "dpo"), loss=loss,
-                    beta=0.1 if loss == "dpo" else 0.5, max_steps=8, batch_size=4, learning_rate=2e-3,
-                    warmup_ratio=0.0, lr_scheduler="constant", lora_r=8, eval_fraction=0.2, max_length=128,
-                    save_steps=100, register_model=(loss == "dpo"))
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        data=str(data_dir),
+        output=str(tmp_path / "dpo"),
+        loss=loss,
+        beta=0.1 if loss == "dpo" else 0.5,
+        max_steps=8,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        lora_r=8,
+        eval_fraction=0.2,
+        max_length=128,
+        save_steps=100,
+        register_model=(loss == "dpo"),
+    )
     summary = run_dpo(cfg)
     assert (summary.stage, summary.status) == ("dpo", "trained")
     assert summary.first_margin == pytest.approx(0.0, abs=1e-6)  # step 1 starts at policy == reference
@@ -96,8 +122,14 @@ def test_reward_accuracy_and_margin_rise(tiny_model_dir, data_dir, tmp_path, mlf
         version = client.get_model_version("rlhf-policy", registered.version)
         assert version.tags["algorithm"] == "dpo" and registered.uri == f"models:/rlhf-policy/{version.version}"
         run = client.get_run(registered.run_id)
-        for key in ("dpo/loss", "dpo/reward_accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward",
-                    "dpo/pairs_per_s"):
+        for key in (
+            "dpo/loss",
+            "dpo/reward_accuracy",
+            "dpo/margin",
+            "dpo/chosen_reward",
+            "dpo/rejected_reward",
+            "dpo/pairs_per_s",
+        ):
             assert key in run.data.metrics, key
     else:
         assert summary.registered == []
@@ -106,8 +138,18 @@ def test_reward_accuracy_and_margin_rise(tiny_model_dir, data_dir, tmp_path, mlf
 
 
 def test_precomputed_reference_gives_the_same_training(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite):
-    common = dict(model=str(tiny_model_dir), data=str(data_dir), max_steps=3, batch_size=4, learning_rate=2e-3,
-                  lora_r=4, eval_fraction=0.0, max_length=128, register_model=False, save_steps=100)
+    common = dict(
+        model=str(tiny_model_dir),
+        data=str(data_dir),
+        max_steps=3,
+        batch_size=4,
+        learning_rate=2e-3,
+        lora_r=4,
+        eval_fraction=0.0,
+        max_length=128,
+        register_model=False,
+        save_steps=100,
+    )
     in_step = run_dpo(DPOConfig(output=str(tmp_path / "a"), **common))
     once = run_dpo(DPOConfig(output=str(tmp_path / "b"), precompute_ref=True, **common))
     assert once.metrics["dpo/loss"] == pytest.approx(in_step.metrics["dpo/loss"], abs=1e-4)
@@ -118,8 +160,18 @@ def test_resume_continues_to_the_same_step_count(tiny_model_dir, data_dir, tmp_p
     from rlhf_pipeline.training.checkpoint import latest_checkpoint
 
     out = tmp_path / "dpo"
-    common = dict(model=str(tiny_model_dir), data=str(data_dir), output=str(out), batch_size=4, learning_rate=2e-3,
-                  lora_r=4, eval_fraction=0.0, max_length=128, register_model=False, save_steps=2)
+    common = dict(
+        model=str(tiny_model_dir),
+        data=str(data_dir),
+        output=str(out),
+        batch_size=4,
+        learning_rate=2e-3,
+        lora_r=4,
+        eval_fraction=0.0,
+        max_length=128,
+        register_model=False,
+        save_steps=2,
+    )
     run_dpo(DPOConfig(max_steps=2, **common))
     assert latest_checkpoint(out).name == "step-2"
     (out / "metrics.json").unlink()  # as if the run had been killed after its step-2 checkpoint

@@ -18,7 +18,7 @@ def test_fast_dropout_keeps_the_right_share_and_the_expectation(p):
     y = dropout(x)
     kept = (y != 0).float().mean().item()
     assert abs(kept - (1 - p)) < 0.003  # 1M draws: standard error <= 0.0005
-    assert abs(dropout.threshold / 32768 - (1 - p)) <= 2 ** -16  # the rounded keep probability
+    assert abs(dropout.threshold / 32768 - (1 - p)) <= 2**-16  # the rounded keep probability
     values = torch.unique(y).tolist()
     assert values[0] == 0.0 and len(values) == 2 and values[1] == pytest.approx(32768 / dropout.threshold)
     assert abs(y.mean().item() - 1.0) < 0.005  # unbiased: kept values scaled by 1 / keep

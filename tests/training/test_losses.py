@@ -7,8 +7,25 @@ import math
 import pytest
 import torch
 
-from rlhf_pipeline.training.losses import AdaptiveKLController, FixedKLController, dpo_loss, explained_variance, gae_advantages, ipo_loss, kl_abs, kl_k1, kl_k3, kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from rlhf_pipeline.modeling.forward import entropy_from_logits, logprobs_from_logits
+from rlhf_pipeline.training.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    dpo_loss,
+    explained_variance,
+    gae_advantages,
+    ipo_loss,
+    kl_abs,
+    kl_k1,
+    kl_k3,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 
 LN2 = math.log(2.0)
 
@@ -18,11 +35,13 @@ def t(*rows):
 
 
 def close(actual, expected, tol=1e-6):
-    assert torch.allclose(torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64),
-                          atol=tol), f"{actual} != {expected}"
+    assert torch.allclose(
+        torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64), atol=tol
+    ), f"{actual} != {expected}"
 
 
 # --- masked statistics ------------------------------------------------------------------------------------------
+
 
 def test_masked_mean_var_whiten_ignore_padding():
     values, mask = t([1.0, 2.0, 3.0, 100.0]), t([1, 1, 1, 0])
@@ -47,6 +66,7 @@ def test_masked_whiten_matches_torch_on_the_real_positions():
 
 # --- log-probs, entropy ------------------------------------------------------------------------------------------
 
+
 def test_logprobs_and_entropy_from_logits():
     logits = t([[0.0, math.log(3.0)]])  # softmax = [0.25, 0.75]
     close(logprobs_from_logits(logits, torch.tensor([[1]])), t([math.log(0.75)]))
@@ -55,6 +75,7 @@ def test_logprobs_and_entropy_from_logits():
 
 
 # --- KL estimators -----------------------------------------------------------------------------------------------
+
 
 def test_kl_estimators_by_hand():
     p, q = t(math.log(0.5), math.log(0.25)), t(math.log(0.25), math.log(0.5))  # policy, reference
@@ -87,6 +108,7 @@ def test_k1_and_k3_estimate_the_true_kl_from_samples():
 
 # --- rewards, GAE ------------------------------------------------------------------------------------------------
 
+
 def test_per_token_rewards_put_the_score_on_the_last_real_token():
     rewards = per_token_rewards(t(2.0), t([0.1, 0.2, 0.3]), kl_coef=0.5, mask=t([1, 1, 0]))
     close(rewards, t([-0.05, -0.1 + 2.0, 0.0]))
@@ -116,6 +138,7 @@ def test_gae_ignores_padding():
 
 # --- PPO losses --------------------------------------------------------------------------------------------------
 
+
 def test_ppo_policy_loss_by_hand():
     ratio = t([1.5, 0.5, 1.1, math.exp(5.0)])
     old = t([-1.0, -2.0, -0.5, -3.0])
@@ -140,8 +163,9 @@ def test_ppo_policy_loss_gradient_is_zero_when_clipped():
 def test_ppo_value_loss_by_hand():
     # token 0: unclipped (1-1)^2 = 0, clipped V = 0 + 0.5 -> (0.5-1)^2 = 0.25 -> 0.25
     # token 1: unclipped (2-0)^2 = 4, clipped V = 2 -> 4 -> 4;  loss = 0.5 * (0.25 + 4) / 2
-    loss, vf_clipfrac = ppo_value_loss(t([1.0, 2.0, 7.0]), t([0.0, 2.0, 0.0]), t([1.0, 0.0, -7.0]), t([1, 1, 0]),
-                                       clip_range_value=0.5)
+    loss, vf_clipfrac = ppo_value_loss(
+        t([1.0, 2.0, 7.0]), t([0.0, 2.0, 0.0]), t([1.0, 0.0, -7.0]), t([1, 1, 0]), clip_range_value=0.5
+    )
     close(loss, 1.0625)
     close(vf_clipfrac, 0.5)
 
@@ -156,6 +180,7 @@ def test_explained_variance():
 
 
 # --- DPO / IPO ---------------------------------------------------------------------------------------------------
+
 
 def test_dpo_loss_by_hand():
     # pair 0: pi logratio = -10 - -12 = 2, ref logratio = -11 - -11.5 = 0.5; z = 0.1 * 1.5 = 0.15
@@ -175,6 +200,7 @@ def test_ipo_loss_by_hand():
 
 
 # --- KL controllers ----------------------------------------------------------------------------------------------
+
 
 def test_adaptive_kl_controller_by_hand():
     ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)

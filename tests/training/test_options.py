@@ -17,8 +17,7 @@ PATHS = {"data": "d", "output": "o"}
 
 
 def test_loop_options_are_sft_reward_and_dpo_only():
-    assert LOOP_ONLY == {"max_steps", "num_epochs", "logging_steps", "max_eval_samples",
-                         "gradient_accumulation_steps"}
+    assert LOOP_ONLY == {"max_steps", "num_epochs", "logging_steps", "max_eval_samples", "gradient_accumulation_steps"}
     for cls in (SFTConfig, RewardConfig, DPOConfig):
         assert LOOP_ONLY <= set(cls.model_fields), cls.__name__
     assert not LOOP_ONLY & set(PPOConfig.model_fields)
@@ -50,18 +49,23 @@ def test_a_ppo_recipe_with_a_loop_option_is_refused(tmp_path):
 def test_fp16_weights_need_fp16_mixed_precision(cls, mixed):
     with pytest.raises(UserError) as err:
         cls.load(None, {**PATHS, "precision": "fp16", "mixed_precision": mixed})
-    assert str(err.value) == (f"invalid options: precision fp16 with mixed_precision {mixed} trains without a "
-                              "gradient scaler: use precision bf16 or fp32, or mixed_precision fp16 (GPU only)")
+    assert str(err.value) == (
+        f"invalid options: precision fp16 with mixed_precision {mixed} trains without a "
+        "gradient scaler: use precision bf16 or fp32, or mixed_precision fp16 (GPU only)"
+    )
     cls.load(None, {**PATHS, "precision": "fp16", "mixed_precision": "fp16"})  # accelerate scales the loss
 
 
-@pytest.mark.parametrize("values", [{"precision": "fp16"}, {"mixed_precision": "fp16"},
-                                    {"precision": "fp16", "mixed_precision": "fp16"}])
+@pytest.mark.parametrize(
+    "values", [{"precision": "fp16"}, {"mixed_precision": "fp16"}, {"precision": "fp16", "mixed_precision": "fp16"}]
+)
 def test_ppo_refuses_fp16_altogether(values):
     with pytest.raises(UserError) as err:
         PPOConfig.load(None, {**PATHS, **values})
-    assert str(err.value) == ("invalid options: PPO's update has no gradient scaler, so it cannot train in fp16 "
-                              "(precision or mixed_precision): use bf16 or fp32")
+    assert str(err.value) == (
+        "invalid options: PPO's update has no gradient scaler, so it cannot train in fp16 "
+        "(precision or mixed_precision): use bf16 or fp32"
+    )
 
 
 def test_bf16_and_scoring_in_fp16_stay_allowed():

@@ -12,28 +12,37 @@ import torch
 
 from rlhf_pipeline.batching.padding import pad
 from rlhf_pipeline.batching.tokenize import encode_prompts
-from rlhf_pipeline.modeling.forward import last_token_index
+from rlhf_pipeline.modeling.forward import last_token_index, response_forward
 from rlhf_pipeline.modeling.generation import response_mask_from_ids, sample_responses
-from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, SharedBaseRewardModel, same_backbone
 from rlhf_pipeline.ppo.config import PPOConfig
-from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout
+from rlhf_pipeline.ppo.rewards import RewardModelInfo, RewardModelScorer, SharedBaseRewardModel, same_backbone
+from rlhf_pipeline.ppo.trainer import ppo_update, run_ppo
 from rlhf_pipeline.results import StageResult
-from rlhf_pipeline.modeling.forward import response_forward
 
 EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
 
+
 def write_pairs(data_dir: Path, subset: str, n_questions: int, pairs_per_question: int = 1) -> None:
     rows = []
     for q in range(n_questions):
         for p in range(pairs_per_question):
-            rows.append({"qid": q, "site": "beer", "question": f"Which beer style number {q} goes with cheese {p}?",
-                         "response_j": f"A malty amber ale, served cool, with aged cheddar {q}.",
-                         "response_k": f"No idea {q}.", "score_j": 5, "score_k": 1,
-                         "answer_id_j": 1000 + 2 * q, "answer_id_k": 1001 + 2 * q})
+            rows.append(
+                {
+                    "qid": q,
+                    "site": "beer",
+                    "question": f"Which beer style number {q} goes with cheese {p}?",
+                    "response_j": f"A malty amber ale, served cool, with aged cheddar {q}.",
+                    "response_k": f"No idea {q}.",
+                    "score_j": 5,
+                    "score_k": 1,
+                    "answer_id_j": 1000 + 2 * q,
+                    "answer_id_k": 1001 + 2 * q,
+                }
+            )
     data_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(data_dir / f"{subset}.parquet")
 
@@ -71,7 +80,9 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     torch.manual_seed(3)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     base.config.pad_token_id = EOS
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -114,6 +125,7 @@ def tokenizer(tiny_model_dir):
 
 # --- masks and padding -------------------------------------------------------------------------------------------
 
+
 def test_response_mask_keeps_the_first_eos_and_drops_what_follows():
     ids = torch.tensor([[5, 6, EOS, EOS, EOS], [5, EOS, 7, EOS, 9], [5, 6, 7, 8, 9]])
     mask, has_eos = response_mask_from_ids(ids, EOS)
@@ -130,14 +142,22 @@ def test_long_prompts_lose_the_question_end_not_the_template_tail(tokenizer):
 def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_model_dir, tokenizer):
     """Left prompt padding: each row's log-probs equal those of the row run alone. Post-EOS padding: whatever
     sits there (other tokens, other log-probs, values) leaves KL, advantages and losses unchanged."""
-    from rlhf_pipeline.training.losses import gae_advantages, kl_penalty, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
+    from rlhf_pipeline.training.losses import (
+        gae_advantages,
+        kl_penalty,
+        masked_whiten,
+        per_token_rewards,
+        ppo_policy_loss,
+        ppo_value_loss,
+    )
 
     model = make_policy(tiny_model_dir)
     randomize_lora(model)
     _, prompt_ids = prompts(tokenizer)
     torch.manual_seed(0)
-    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=6, eos_token_id=EOS,
-                                        pad_token_id=EOS, force_length=True)
+    rollout = sample_responses(
+        model.policy, prompt_ids, max_new_tokens=6, eos_token_id=EOS, pad_token_id=EOS, force_length=True
+    )
     with torch.no_grad():
         batched = model(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
         for row, prompt in enumerate(prompt_ids):
@@ -165,6 +185,7 @@ def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_mo
 
 # --- the reference model and the sampling distribution -----------------------------------------------------------
 
+
 def test_reference_logprobs_equal_the_sft_model(tiny_model_dir, tokenizer):
     from rlhf_pipeline.modeling.loading import load_causal_lm
 
@@ -190,10 +211,18 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
     _, prompt_ids = prompts(tokenizer)
     query, query_mask = pad(prompt_ids, EOS, "left")
     torch.manual_seed(0)
-    out = model.policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=6, do_sample=True,
-                                top_k=0, min_new_tokens=6, pad_token_id=EOS, output_logits=True,
-                                return_dict_in_generate=True)
-    response = out.sequences[:, query.shape[1]:]
+    out = model.policy.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        max_new_tokens=6,
+        do_sample=True,
+        top_k=0,
+        min_new_tokens=6,
+        pad_token_id=EOS,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    response = out.sequences[:, query.shape[1] :]
     sampled = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)
     sampled = sampled.gather(-1, response.unsqueeze(-1)).squeeze(-1)
     mask, _ = response_mask_from_ids(response, EOS)
@@ -203,6 +232,7 @@ def test_training_logprobs_match_the_sampling_distribution(tiny_model_dir, token
 
 
 # --- the dropout-off invariant: pi_old == pi_theta before the first update -----------------------------------
+
 
 def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
     """cpu_kernels=eager swaps LoRA's nn.Dropout for FastDropout (an nn.Dropout subclass): disable_dropout must
@@ -217,8 +247,9 @@ def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
     randomize_lora(model)  # B != 0: LoRA's input dropout reaches the output
     _, prompt_ids = prompts(tokenizer)
     torch.manual_seed(0)
-    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS,
-                               force_length=True)
+    rollout = sample_responses(
+        model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS, force_length=True
+    )
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
 
     def old_and_new():
@@ -236,8 +267,7 @@ def test_disable_dropout_zeros_lora_fast_dropout(tiny_model_dir, tokenizer):
     assert torch.equal(torch.exp(new - old), torch.ones_like(old))
 
 
-def test_disable_dropout_also_zeros_the_attention_dropout_transformers_reads_in_train_mode(tiny_model_dir,
-                                                                                           tokenizer):
+def test_disable_dropout_also_zeros_the_attention_dropout_transformers_reads_in_train_mode(tiny_model_dir, tokenizer):
     """Llama (like most transformers models) keeps attention dropout as a float attribute, not an nn.Dropout, and
     applies it whenever the module is in train mode -- as it is in ppo_update."""
     from transformers import AutoModelForCausalLM
@@ -255,8 +285,9 @@ def test_disable_dropout_also_zeros_the_attention_dropout_transformers_reads_in_
 
 
 @pytest.mark.parametrize("dropout_off", [True, False])
-def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite,
-                                                                  monkeypatch, dropout_off):
+def test_dropout_off_gives_ratio_one_before_each_steps_first_update(
+    tiny_model_dir, data_dir, tmp_path, mlflow_sqlite, monkeypatch, dropout_off
+):
     """A whole run with lora_dropout=0.1 and cpu_kernels=eager, instrumented: in every PPO step the first
     minibatch's new log-probs (train mode, recomputed: minibatch < batch) equal the old pass's bit for bit, so
     ratio == 1, approx_kl == 0 and clipfrac == 0 before the step's first optimizer step. With disable_dropout
@@ -287,8 +318,18 @@ def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_d
         ids, mask = rollout.response_ids.float(), rollout.response_mask.float()
         return ((ids % 97) * mask).sum(1) / mask.sum(1) / 97
 
-    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "ppo", steps=3, batch_size=4, mini_batch_size=2,
-                  ppo_epochs=1, lora_dropout=0.1, cpu_kernels="eager", learning_rate=1e-2)
+    cfg = ppo_cfg(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "ppo",
+        steps=3,
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        lora_dropout=0.1,
+        cpu_kernels="eager",
+        learning_rate=1e-2,
+    )
     run_ppo(cfg, reward_fn=dense)
     assert len(first["seen"]) == 3
     if dropout_off:
@@ -301,10 +342,12 @@ def test_dropout_off_gives_ratio_one_before_each_steps_first_update(tiny_model_d
 
 # --- NaN guard ---------------------------------------------------------------------------------------------------
 
+
 def _update_inputs(model, tokenizer):
     _, prompt_ids = prompts(tokenizer)
-    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS,
-                                        pad_token_id=EOS, force_length=True)
+    rollout = sample_responses(
+        model.policy, prompt_ids, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS, force_length=True
+    )
     with torch.no_grad():
         old = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True)
     advantages = torch.randn_like(old.logprobs)
@@ -320,8 +363,7 @@ def test_nan_guard_skips_the_update_and_keeps_the_weights(tiny_model_dir, tokeni
     from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler
 
     model = make_policy(tiny_model_dir)
-    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=2, ppo_epochs=2,
-                    learning_rate=1e-2)
+    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, 10)
     rollout, old_logprobs, old_values, advantages, returns = _update_inputs(model, tokenizer)
@@ -335,8 +377,9 @@ def test_nan_guard_skips_the_update_and_keeps_the_weights(tiny_model_dir, tokeni
         param = next(p for n, p in model.named_parameters() if "lora_B" in n)
         hook = param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
     before = _trainable(model)
-    stats = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
-                       build_accelerator(cfg))
+    stats = ppo_update(
+        model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg, build_accelerator(cfg)
+    )
     if hook is not None:
         hook.remove()
     assert stats["skipped_updates"] == 4  # 2 epochs x 2 minibatches, all refused
@@ -351,8 +394,7 @@ def test_reusing_the_old_pass_as_the_first_forward_gives_the_same_update(tiny_mo
     weights after 2 epochs equal those of the run that recomputes it."""
     from rlhf_pipeline.training.loop import build_accelerator, build_optimizer, build_scheduler
 
-    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=4, ppo_epochs=2,
-                    learning_rate=1e-2)
+    cfg = PPOConfig(model="x", data="x", output="x", batch_size=4, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2)
     results = []
     for reuse in (False, True):
         torch.manual_seed(0)
@@ -369,8 +411,19 @@ def test_reusing_the_old_pass_as_the_first_forward_gives_the_same_update(tiny_mo
             first = model(rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True)
             assert torch.equal(first.logprobs.detach(), old_logprobs)  # pi_old == pi_theta before the update
         torch.manual_seed(2)  # same minibatch order
-        stats = ppo_update(model, optimizer, scheduler, rollout, old_logprobs, old_values, advantages, returns, cfg,
-                           build_accelerator(cfg), first_forward=first)
+        stats = ppo_update(
+            model,
+            optimizer,
+            scheduler,
+            rollout,
+            old_logprobs,
+            old_values,
+            advantages,
+            returns,
+            cfg,
+            build_accelerator(cfg),
+            first_forward=first,
+        )
         assert stats["skipped_updates"] == 0
         after = _trainable(model)
         assert sum(not torch.equal(after[n], start[n]) for n in start) >= len(start) // 2  # it did train
@@ -382,6 +435,7 @@ def test_reusing_the_old_pass_as_the_first_forward_gives_the_same_update(tiny_mo
 
 
 # --- the reward model --------------------------------------------------------------------------------------------
+
 
 def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_dir, reward_model_dir):
     """The reward model as a second adapter on the policy's base gives the separate model's scores, read at the
@@ -412,8 +466,10 @@ def test_reward_adapter_from_another_base_is_not_shared(tiny_model_dir, reward_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(9)
-    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     randomize_lora(sft)
     sft.merge_and_unload().save_pretrained(tmp_path / "sft", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sft")
@@ -433,8 +489,9 @@ def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
     def reward_dir(base_dir, out):
         torch.manual_seed(3)
         base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.bfloat16)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                task_type="SEQ_CLS"))
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+        )
         for param in model.parameters():  # trained adapters are fp32 (apply_lora), merged into bf16
             if param.requires_grad:
                 param.data = param.data.float()
@@ -444,8 +501,10 @@ def test_same_backbone_on_a_bf16_base(tiny_model_dir, tmp_path):
         return RewardModelInfo(merged_dir=out / "merged", adapter_dir=out / "adapter", metrics={})
 
     torch.manual_seed(9)
-    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, param in sft.named_parameters():
             if "lora_B" in name:
@@ -475,10 +534,25 @@ def target_share(questions, responses, rollout):
 
 
 def ppo_cfg(model_dir, data_dir, output, **overrides) -> PPOConfig:
-    base = dict(model=str(model_dir), data=str(data_dir), output=str(output), batch_size=16, mini_batch_size=8,
-                ppo_epochs=4, min_new_tokens=4, max_new_tokens=4, force_length=True, learning_rate=2e-3,
-                init_kl_coef=0.01, lora_r=8, max_prompt_length=64, register_model=False, save_steps=100,
-                log_generations_every=5, seed=0)
+    base = dict(
+        model=str(model_dir),
+        data=str(data_dir),
+        output=str(output),
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=4,
+        min_new_tokens=4,
+        max_new_tokens=4,
+        force_length=True,
+        learning_rate=2e-3,
+        init_kl_coef=0.01,
+        lora_r=8,
+        max_prompt_length=64,
+        register_model=False,
+        save_steps=100,
+        log_generations_every=5,
+        seed=0,
+    )
     base.update(overrides)
     return PPOConfig(**base)
 
@@ -498,13 +572,24 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
     assert summary.skipped_updates == 0
 
     out = tmp_path / "ppo"
-    for path in ("adapter/adapter_config.json", "adapter/value_head.safetensors", "merged/config.json",
-                 "metrics.json"):
+    for path in ("adapter/adapter_config.json", "adapter/value_head.safetensors", "merged/config.json", "metrics.json"):
         assert (out / path).is_file(), path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_first"] == rewards[0] and metrics["ppo/samples_per_s"] > 0
-    for key in ("reward_last", "kl_first", "kl_last", "kl_coef_last", "reward_mean_last5", "kl_mean_last5",
-                "steps", "samples", "skipped_updates", "ppo/tokens_per_s", "adapter", "merged"):
+    for key in (
+        "reward_last",
+        "kl_first",
+        "kl_last",
+        "kl_coef_last",
+        "reward_mean_last5",
+        "kl_mean_last5",
+        "steps",
+        "samples",
+        "skipped_updates",
+        "ppo/tokens_per_s",
+        "adapter",
+        "merged",
+    ):
         assert key in metrics, key
     assert metrics["history"] == json.loads(json.dumps(summary.history))  # (NaN -> null in the file)
     assert StageResult.read(out) == summary
@@ -512,9 +597,22 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
     assert metrics["registered"] == [registered.model_dump()]
     client = mlflow.tracking.MlflowClient()
     run = client.get_run(registered.run_id)
-    for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/approx_kl",
-                "ppo/clipfrac", "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance",
-                "ppo/response_length", "ppo/tokens_per_s", "ppo/samples_per_s", "ppo/skipped_updates"):
+    for key in (
+        "ppo/reward_mean",
+        "ppo/reward_std",
+        "ppo/kl",
+        "ppo/kl_coef",
+        "ppo/entropy",
+        "ppo/approx_kl",
+        "ppo/clipfrac",
+        "ppo/value_loss",
+        "ppo/policy_loss",
+        "ppo/explained_variance",
+        "ppo/response_length",
+        "ppo/tokens_per_s",
+        "ppo/samples_per_s",
+        "ppo/skipped_updates",
+    ):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "ppo/reward_mean")) == 16
     assert (registered.name, registered.uri) == ("rlhf-policy", f"models:/rlhf-policy/{registered.version}")
@@ -528,10 +626,17 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path,
-                                                                     mlflow_sqlite):
-    small = dict(steps=4, batch_size=4, mini_batch_size=2, ppo_epochs=1, save_steps=2, min_new_tokens=3,
-                 max_new_tokens=5, force_length=False)
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, mlflow_sqlite):
+    small = dict(
+        steps=4,
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        save_steps=2,
+        min_new_tokens=3,
+        max_new_tokens=5,
+        force_length=False,
+    )
     straight = run_ppo(ppo_cfg(tiny_model_dir, data_dir, tmp_path / "straight", **small), reward_fn=target_share)
 
     calls = {"n": 0}
@@ -561,11 +666,22 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny_model_
     assert again.registered == [] and StageResult.read(cfg.output).status == "trained"
 
 
-def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path,
-                                                  mlflow_sqlite):
-    cfg = ppo_cfg(tiny_model_dir, data_dir, tmp_path / "ppo", steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
-                  reward_model=str(reward_model_dir), reward_clip=3.0, missing_eos_penalty=1.0,
-                  value_head_init="reward", force_length=False, kl_estimator="k3")
+def test_ppo_with_the_reward_model_dir_end_to_end(tiny_model_dir, reward_model_dir, data_dir, tmp_path, mlflow_sqlite):
+    cfg = ppo_cfg(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "ppo",
+        steps=2,
+        batch_size=4,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        reward_model=str(reward_model_dir),
+        reward_clip=3.0,
+        missing_eos_penalty=1.0,
+        value_head_init="reward",
+        force_length=False,
+        kl_estimator="k3",
+    )
     summary = run_ppo(cfg)
     assert summary.steps == 2 and all(abs(h["reward_mean"]) <= 4.0 for h in summary.history)
     assert all(h["kl"] >= 0 for h in summary.history)  # k3 is never negative
@@ -575,8 +691,19 @@ def test_cli_reports_a_missing_reward_model_in_one_line(tmp_path, data_dir, caps
     from rlhf_pipeline.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["ppo", "--data", str(data_dir), "--output", str(tmp_path / "o"), "--reward-model", str(tmp_path / "nope"),
-              "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+        main(
+            [
+                "ppo",
+                "--data",
+                str(data_dir),
+                "--output",
+                str(tmp_path / "o"),
+                "--reward-model",
+                str(tmp_path / "nope"),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path}/m.db",
+            ]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reward model not found" in err[0]

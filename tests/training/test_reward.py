@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from sft_reward_helpers import make_data_dir, pair_rows, write_subset
 
-from rlhf_pipeline.results import StageResult
-from rlhf_pipeline.training.reward import RewardConfig, run_reward
 from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
 from rlhf_pipeline.modeling.forward import last_token_index, sequence_rewards
+from rlhf_pipeline.results import StageResult
+from rlhf_pipeline.training.reward import RewardConfig, run_reward
 from rlhf_pipeline.training.reward_scoring import pairwise_accuracy, pairwise_loss
-from sft_reward_helpers import make_data_dir, pair_rows, write_subset
 
 EOS = 2  # SmolLM2: eos == pad == <|im_end|>
 
@@ -54,8 +54,9 @@ def test_last_token_index_any_padding_side():
 
 def test_scores_identical_for_right_and_left_padding_with_pad_equal_eos(tiny_scorer):
     with torch.no_grad():
-        alone = torch.cat([sequence_rewards(tiny_scorer, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
-                           for s in SEQS])
+        alone = torch.cat(
+            [sequence_rewards(tiny_scorer, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in SEQS]
+        )
         right = sequence_rewards(tiny_scorer, *pad(SEQS, "right"))
         left = sequence_rewards(tiny_scorer, *pad(SEQS, "left"))
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-4)
@@ -91,8 +92,13 @@ def test_batched_pair_forward_equals_scoring_each_side_alone(tiny_scorer):
     pairs = [(SEQS[0], SEQS[1]), (SEQS[2], [41, 42, 43, 44, 45, 46, 47, 48, EOS])]
     with torch.no_grad():
         chosen, rejected = split_chosen_rejected(sequence_rewards(tiny_scorer, **collate_pairs(pairs, EOS)))
-        by_hand = [[float(sequence_rewards(tiny_scorer, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)))
-                    for s in pair] for pair in pairs]
+        by_hand = [
+            [
+                float(sequence_rewards(tiny_scorer, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)))
+                for s in pair
+            ]
+            for pair in pairs
+        ]
     torch.testing.assert_close(chosen, torch.tensor([p[0] for p in by_hand]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rejected, torch.tensor([p[1] for p in by_hand]), atol=1e-5, rtol=1e-4)
     loss_by_hand = sum(math.log1p(math.exp(-(j - k))) for j, k in by_hand) / 2
@@ -101,9 +107,17 @@ def test_batched_pair_forward_equals_scoring_each_side_alone(tiny_scorer):
 
 def reward_config(tiny_model_dir, tmp_path, **overrides) -> RewardConfig:
     values = dict(
-        model=str(tiny_model_dir), data=str(make_data_dir(tmp_path / "data")), output=str(tmp_path / "out"),
-        max_length=64, batch_size=4, max_steps=30, save_steps=100, learning_rate=3e-3, eval_fraction=0.25,
-        lora_dropout=0.0, num_threads=1,
+        model=str(tiny_model_dir),
+        data=str(make_data_dir(tmp_path / "data")),
+        output=str(tmp_path / "out"),
+        max_length=64,
+        batch_size=4,
+        max_steps=30,
+        save_steps=100,
+        learning_rate=3e-3,
+        eval_fraction=0.25,
+        lora_dropout=0.0,
+        num_threads=1,
     )
     values.update(overrides)
     return RewardConfig(**values)
@@ -139,16 +153,24 @@ def test_reward_trains_registers_and_evaluates(tiny_model_dir, tmp_path, mlflow_
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # --evaluate-only on the registered version reproduces the held-out numbers (same split of reward.parquet)
-    evaluated = run_reward(cfg.model_copy(update={
-        "evaluate_only": True, "model": "models:/rlhf-reward/1", "output": str(tmp_path / "eval"),
-        "eval_subset": "reward"}))
+    evaluated = run_reward(
+        cfg.model_copy(
+            update={
+                "evaluate_only": True,
+                "model": "models:/rlhf-reward/1",
+                "output": str(tmp_path / "eval"),
+                "eval_subset": "reward",
+            }
+        )
+    )
     assert (evaluated.stage, evaluated.status, evaluated.registered) == ("reward", "evaluated", [])
     assert evaluated.num_pairs == 4 and evaluated.accuracy == metrics["accuracy"]
     assert evaluated.margin == pytest.approx(metrics["margin"], rel=1e-3, abs=1e-4)
     assert StageResult.read(tmp_path / "eval") == evaluated
     # ... and on a directory (the stage output), defaulting to evaluation.parquet
-    on_dir = run_reward(cfg.model_copy(update={"evaluate_only": True, "model": str(out),
-                                               "output": str(tmp_path / "eval-dir")}))
+    on_dir = run_reward(
+        cfg.model_copy(update={"evaluate_only": True, "model": str(out), "output": str(tmp_path / "eval-dir")})
+    )
     assert on_dir.subset == "evaluation" and on_dir.num_pairs == 16
 
     # a rerun reports the finished training run instead of retraining
@@ -161,15 +183,15 @@ def test_too_long_pairs_are_dropped_and_counted(tiny_model_dir, tmp_path, mlflow
     rows[0] = {**rows[0], "response_k": "hops " * 200}  # one pair far over max_length
     data = make_data_dir(tmp_path / "data-long")
     write_subset(data, "reward", rows)
-    result = run_reward(reward_config(tiny_model_dir, tmp_path, data=str(data), max_steps=1,
-                                      register_model=False))
+    result = run_reward(reward_config(tiny_model_dir, tmp_path, data=str(data), max_steps=1, register_model=False))
     assert result.dropped_too_long == 1 and result.registered == []
     assert result.train_pairs + result.num_pairs == len(rows) - 1
 
 
 def test_reward_resume_restores_score_head(tiny_model_dir, tmp_path, mlflow_sqlite):
-    full = reward_config(tiny_model_dir, tmp_path, output=str(tmp_path / "full"), max_steps=4, save_steps=2,
-                         register_model=False)
+    full = reward_config(
+        tiny_model_dir, tmp_path, output=str(tmp_path / "full"), max_steps=4, save_steps=2, register_model=False
+    )
     run_reward(full)
     cut = full.model_copy(update={"output": str(tmp_path / "cut")})
 
@@ -193,16 +215,27 @@ def test_reward_resume_restores_score_head(tiny_model_dir, tmp_path, mlflow_sqli
 def test_reward_through_a_real_mlflow_server(tiny_model_dir, tmp_path, mlflow_server, monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    result = run_reward(reward_config(tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server,
-                                      registered_model_prefix="server-test"))
+    result = run_reward(
+        reward_config(
+            tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server, registered_model_prefix="server-test"
+        )
+    )
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(mlflow_server)
     version = MlflowClient().get_model_version("server-test-reward", result.registered[0].version)
     assert float(version.tags["rm/accuracy"]) == pytest.approx(result.accuracy, abs=1e-4)
-    evaluated = run_reward(RewardConfig(model=f"models:/server-test-reward/{version.version}", data=str(tmp_path / "data"), output=str(tmp_path / "ev"), evaluate_only=True,
-                                        tracking_uri=mlflow_server, max_length=64))
+    evaluated = run_reward(
+        RewardConfig(
+            model=f"models:/server-test-reward/{version.version}",
+            data=str(tmp_path / "data"),
+            output=str(tmp_path / "ev"),
+            evaluate_only=True,
+            tracking_uri=mlflow_server,
+            max_length=64,
+        )
+    )
     assert evaluated.num_pairs == 16 and StageResult.read(tmp_path / "ev") == evaluated
 
 
@@ -224,15 +257,31 @@ def test_reward_trains_with_the_cpu_recipe_kernels(tiny_model_dir, tmp_path, mlf
     monkeypatch.setattr(rsm, "MIN_ROWS_PER_THREAD", 1)
     splits = []
     extension = rsm.extension()
-    monkeypatch.setattr(rsm, "extension", lambda: type("Spy", (), {
-        "row_split_mm": lambda a, b, chunks: splits.append(chunks) or extension.row_split_mm(a, b, chunks)}))
+    monkeypatch.setattr(
+        rsm,
+        "extension",
+        lambda: type(
+            "Spy",
+            (),
+            {"row_split_mm": lambda a, b, chunks: splits.append(chunks) or extension.row_split_mm(a, b, chunks)},
+        ),
+    )
     from accelerate.state import AcceleratorState
 
     threads = torch.get_num_threads()
     AcceleratorState._reset_state(True)  # the process-wide state other tests made has mixed_precision="no"
     try:
-        metrics = run_reward(reward_config(tiny_model_dir, tmp_path, precision="bf16", mixed_precision="bf16",
-                                           cpu_kernels="fused", lora_dropout=0.1, num_threads=2))
+        metrics = run_reward(
+            reward_config(
+                tiny_model_dir,
+                tmp_path,
+                precision="bf16",
+                mixed_precision="bf16",
+                cpu_kernels="fused",
+                lora_dropout=0.1,
+                num_threads=2,
+            )
+        )
     finally:
         AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)

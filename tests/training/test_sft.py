@@ -12,23 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sft_reward_helpers import make_data_dir
 
-from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.modeling.loading import load_causal_lm
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.loading import load_causal_lm
 from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.sft import CausalLMLoss, SFTConfig, run_sft
-from sft_reward_helpers import make_data_dir
 
 EOS = 2  # SmolLM2: eos == pad == <|im_end|>
 
 
 def sft_config(tiny_model_dir, tmp_path, **overrides) -> SFTConfig:
     values = dict(
-        model=str(tiny_model_dir), data=str(make_data_dir(tmp_path / "data")), output=str(tmp_path / "out"),
-        seq_length=32, batch_size=2, max_steps=4, save_steps=2, learning_rate=5e-3, eval_fraction=0.25,
-        lora_dropout=0.0, num_threads=1,
+        model=str(tiny_model_dir),
+        data=str(make_data_dir(tmp_path / "data")),
+        output=str(tmp_path / "out"),
+        seq_length=32,
+        batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=5e-3,
+        eval_fraction=0.25,
+        lora_dropout=0.0,
+        num_threads=1,
     )
     values.update(overrides)
     return SFTConfig(**values)
@@ -58,10 +66,13 @@ def test_packed_document_sees_only_itself(tiny_model_dir):
     blocks = pack_documents([doc_a, doc_b, [1, 2, 3]], seq_length=12, eos_token_id=EOS)
     with torch.no_grad():
         # use_cache=False matters: with a KV cache transformers skips the packed-sequence mask (as CausalLMLoss does)
-        packed = model.model(input_ids=blocks.input_ids, position_ids=blocks.position_ids,
-                             use_cache=False).last_hidden_state
+        packed = model.model(
+            input_ids=blocks.input_ids, position_ids=blocks.position_ids, use_cache=False
+        ).last_hidden_state
         alone = model.model(input_ids=torch.tensor([doc_b])).last_hidden_state
-        cross = model.model(input_ids=blocks.input_ids, use_cache=False).last_hidden_state  # plain causal: b attends to a
+        cross = model.model(
+            input_ids=blocks.input_ids, use_cache=False
+        ).last_hidden_state  # plain causal: b attends to a
     torch.testing.assert_close(packed[0, 5:9], alone[0], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(cross[0, 5:9], alone[0], atol=1e-3)
 
@@ -118,8 +129,14 @@ def test_sft_learns_and_writes_contract_outputs(expressive_tiny_model, tmp_path,
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and metrics["train_questions"] == 6 and metrics["eval_questions"] == 2
-    for key in ("eval_loss", "eval_perplexity", "eval_loss_before", "eval_perplexity_before", "train_loss",
-                "tokens_per_s"):
+    for key in (
+        "eval_loss",
+        "eval_perplexity",
+        "eval_loss_before",
+        "eval_perplexity_before",
+        "train_loss",
+        "tokens_per_s",
+    ):
         assert metrics[key] is not None and torch.isfinite(torch.tensor(metrics[key])), key
     assert metrics["eval_perplexity"] < metrics["eval_perplexity_before"]  # held-out questions improve too
     assert (summary.stage, summary.status, summary.output, summary.processes) == ("sft", "trained", str(out), 1)
@@ -176,8 +193,9 @@ def test_sft_without_held_out_questions(tiny_model_dir, tmp_path, mlflow_sqlite)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path, mlflow_sqlite):
-    full = sft_config(tiny_model_dir, tmp_path, output=str(tmp_path / "full"), register_model=False,
-                      gradient_accumulation_steps=2)
+    full = sft_config(
+        tiny_model_dir, tmp_path, output=str(tmp_path / "full"), register_model=False, gradient_accumulation_steps=2
+    )
     uninterrupted = run_sft(full)
 
     interrupted = full.model_copy(update={"output": str(tmp_path / "interrupted")})
@@ -206,8 +224,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_pat
 def test_sft_registers_through_a_real_mlflow_server(tiny_model_dir, tmp_path, mlflow_server, monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    cfg = sft_config(tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server,
-                     registered_model_prefix="server-test")
+    cfg = sft_config(
+        tiny_model_dir, tmp_path, max_steps=2, tracking_uri=mlflow_server, registered_model_prefix="server-test"
+    )
     result = run_sft(cfg)
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -215,8 +234,11 @@ def test_sft_registers_through_a_real_mlflow_server(tiny_model_dir, tmp_path, ml
     mlflow.set_tracking_uri(mlflow_server)
     version = MlflowClient().get_model_version("server-test-sft", result.registered[0].version)
     assert version.tags["stage"] == "sft"
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/server-test-sft/{version.version}",
-                                                      dst_path=str(tmp_path / "download")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/server-test-sft/{version.version}", dst_path=str(tmp_path / "download")
+        )
+    )
     assert (local / "config.json").is_file() and (local / "model.safetensors").is_file()
 
 
@@ -230,9 +252,21 @@ def test_unreachable_tracking_server_fails_fast_before_training(tiny_model_dir, 
 
     # and through the CLI: one line on stderr, exit status 2
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "rlhf"), "sft", "--model", str(tiny_model_dir), "--data", cfg.data,
-         "--output", str(tmp_path / "cli-out"), "--tracking-uri", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(Path(sys.executable).parent / "rlhf"),
+            "sft",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            cfg.data,
+            "--output",
+            str(tmp_path / "cli-out"),
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("rlhf sft: error: MLflow tracking server")

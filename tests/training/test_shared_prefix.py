@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_pipeline.batching.shared_prefix import collate_shared_prefix, common_prefix_length, pack_first_fit
 from rlhf_pipeline.cpu import math_attention
 from rlhf_pipeline.modeling import unpadded_attention
-from rlhf_pipeline.batching.shared_prefix import collate_shared_prefix, common_prefix_length, pack_first_fit
-from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
+from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
 
 PAD = 0
 
@@ -76,8 +76,9 @@ def test_label_and_predictor_indices_include_response_tokens_inside_the_prefix()
     batch = collate_shared_prefix([([1, 2, 3, 4], [1, 2, 3, 5])], PAD, response_starts=[(2, 2)])
     # layout: [1 2 3 | 4 | 5]
     by_side = {0: [], 1: []}
-    for lab, pred, side in zip(batch["label_index"].tolist(), batch["predictor_index"].tolist(),
-                               batch["label_side"].tolist()):
+    for lab, pred, side in zip(
+        batch["label_index"].tolist(), batch["predictor_index"].tolist(), batch["label_side"].tolist()
+    ):
         by_side[side].append((lab, pred))
     assert by_side[0] == [(2, 1), (3, 2)]  # chosen: A (from col 1), B (from col 2)
     assert by_side[1] == [(2, 1), (4, 2)]  # rejected: A (from col 1), C (from col 2: the prefix, not chosen's B)
@@ -88,10 +89,13 @@ PROMPT = "Question: How do I keep hops fresh?\n\nAnswer: "
 
 def _pairs(tok):
     long_prompt, short_prompt = PROMPT, "Q: ok?\n\nA: "
-    texts = [(long_prompt, "Vacuum seal them and freeze.", "Leave them in the sun."),
-             (long_prompt, "Store cold and dark.", "Store cold, dark and sealed, then use them within a year or so."),
-             (long_prompt, "Freeze.", "Freeze."),  # identical sides (a tie)
-             (short_prompt, "Ice.", "Cold."), (short_prompt, "Yes.", "No.")]  # short: packed into shared rows
+    texts = [
+        (long_prompt, "Vacuum seal them and freeze.", "Leave them in the sun."),
+        (long_prompt, "Store cold and dark.", "Store cold, dark and sealed, then use them within a year or so."),
+        (long_prompt, "Freeze.", "Freeze."),  # identical sides (a tie)
+        (short_prompt, "Ice.", "Cold."),
+        (short_prompt, "Yes.", "No."),
+    ]  # short: packed into shared rows
     eos = [tok.eos_token_id]
     return [(tok(p + a)["input_ids"] + eos, tok(p + b)["input_ids"] + eos) for p, a, b in texts]
 
@@ -118,8 +122,8 @@ def _load(model_cls, model_dir, case, monkeypatch, **kwargs):
 def test_rewards_equal_the_two_row_layout(tiny_model_dir, case, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_pipeline.training.reward_scoring import RewardScorer
     from rlhf_pipeline.batching.padding import collate_pairs
+    from rlhf_pipeline.training.reward_scoring import RewardScorer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
@@ -155,8 +159,9 @@ def test_dpo_logprobs_equal_the_two_row_layout_and_gradients_flow(tiny_model_dir
     assert shared["input_ids"].shape[0] < len(pairs)  # packed
     for average in (False, True):
         with torch.no_grad():
-            torch.testing.assert_close(response_logps(model, shared, average), response_logps(model, two_rows, average),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                response_logps(model, shared, average), response_logps(model, two_rows, average), atol=1e-5, rtol=1e-5
+            )
     summed, counts = shared_prefix_response_logprobs(model, shared)
     assert counts.tolist() == [len(c) - s for c, s, _, _ in pairs] + [len(r) - s for _, _, r, s in pairs]
     summed.sum().backward()
@@ -168,8 +173,8 @@ def test_unpadded_gradients_equal_the_padded_layout(tiny_model_dir):
     """Same loss, same gradients for every weight, whether the model runs padded rows or only the real tokens."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_loss
     from rlhf_pipeline.batching.padding import collate_pairs, split_chosen_rejected
+    from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = collate_pairs(_pairs(tok), tok.pad_token_id, shared_prefix=True)
@@ -199,7 +204,8 @@ def test_math_attention_equals_sdpa_with_grouped_heads_and_a_custom_mask():
     mask |= torch.eye(length, dtype=torch.bool)  # every query may attend somewhere
     ours = math_attention.math_attention(query, key, value, mask, scaling=0.3)  # [R, L, Hq, D]
     reference = torch.nn.functional.scaled_dot_product_attention(
-        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3).transpose(1, 2)
+        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3
+    ).transpose(1, 2)
     torch.testing.assert_close(ours, reference)
     weights = torch.randn_like(ours)
     ours_grads = torch.autograd.grad((ours * weights).sum(), (query, key, value))
