@@ -137,13 +137,13 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
     """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
     import torch
 
-    from rlhf_pipeline.modeling.generation import decode_responses, sample_responses
+    from rlhf_pipeline.modeling.generation import decode_responses, eos_token_ids, sample_responses
 
     torch.manual_seed(cfg.seed)  # same sampling noise for every model
     texts, lengths, rollouts = [], [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):
         rollout = sample_responses(model, prompt_ids[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                                    backend=cfg.generation_backend)
         texts.extend(decode_responses(tokenizer, rollout))
@@ -153,13 +153,12 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
 
 
 def response_logits(model, rollout):
-    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only)."""
-    from rlhf_pipeline.modeling.forward import transformer_parts, position_ids_from_mask
+    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only, with the
+    model's own final-logit processing: modeling/forward.py)."""
+    from rlhf_pipeline.modeling.forward import response_logits as forward_response_logits
 
-    decoder, lm_head = transformer_parts(model)
-    hidden = decoder(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                     position_ids=position_ids_from_mask(rollout.attention_mask), use_cache=False).last_hidden_state
-    return lm_head(hidden[:, rollout.response_start - 1 : -1]).float().log_softmax(-1)
+    logits, _ = forward_response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    return logits.log_softmax(-1)
 
 
 def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[float]]:
@@ -169,19 +168,16 @@ def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[floa
                 never negative and valid for greedy answers too.
     log-ratio = sum over answer tokens of log pi(y_t) - log pi_ref(y_t) (the k1 estimate PPO uses; unbiased only
                 for sampled answers, and can be negative for greedy ones).
+    Both from modeling.forward.response_kl (the two heads in row chunks, never two [B, R, V] tensors at once).
     """
-    import torch
+    from rlhf_pipeline.modeling.forward import response_kl
 
     exact, log_ratio = [], []
-    with torch.no_grad():
-        for r in rollouts:
-            logp, logq = response_logits(policy, r), response_logits(reference, r)  # [B, R, V]
-            mask = r.response_mask.float()
-            per_position = (logp.exp() * (logp - logq)).sum(-1)  # [B, R]
-            exact.extend((per_position * mask).sum(-1).tolist())
-            taken = r.response_ids.unsqueeze(-1)
-            ratio = (logp.gather(-1, taken) - logq.gather(-1, taken)).squeeze(-1)
-            log_ratio.extend((ratio * mask).sum(-1).tolist())
+    for r in rollouts:
+        per_position, ratio = response_kl(policy, reference, r.input_ids, r.attention_mask, r.response_start)
+        mask = r.response_mask.float()
+        exact.extend((per_position * mask).sum(-1).tolist())
+        log_ratio.extend((ratio * mask).sum(-1).tolist())
     return exact, log_ratio
 
 

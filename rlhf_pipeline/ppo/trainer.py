@@ -28,7 +28,7 @@ from rlhf_pipeline.batching.tokenize import encode_prompts
 from rlhf_pipeline.data.subsets import read_questions
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import ResponseOutputs
-from rlhf_pipeline.modeling.generation import decode_responses, sample_responses
+from rlhf_pipeline.modeling.generation import decode_responses, eos_token_ids, sample_responses
 from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 from rlhf_pipeline.modeling.lora import save_adapter_and_merged
 from rlhf_pipeline.ppo.config import PPOConfig
@@ -79,7 +79,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> dict:
             kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
             tqdm.write(f"resuming from {checkpoint} (step {start})")
 
-        eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        eos_id, pad_id = eos_token_ids(model.policy, tokenizer), tokenizer.pad_token_id  # eos_id: a list
         for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             began = time.perf_counter()
             batch_idx = prompt_indices(step, cfg.batch_size, len(questions), cfg.seed)
