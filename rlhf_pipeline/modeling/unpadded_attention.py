@@ -75,13 +75,29 @@ def use_unpadded_attention(model) -> bool:
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager", UNPADDED)
 
 
+def has_sliding_window(model) -> bool:
+    """Whether some attention layer of `model` (plain or peft-wrapped) sees only a window of recent keys: Mistral's
+    `sliding_window`, Gemma 2/3's and Qwen2's (with use_sliding_window) "sliding_attention" layer types."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "sliding_window", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return bool(getattr(config, "use_sliding_window", True))
+
+
 def supports_shared_prefix(model) -> bool:
-    """Whether `model` (plain or peft-wrapped) runs an attention implementation that takes a custom 4-D mask."""
-    return attn_implementation(model) in SHARED_PREFIX_ATTENTION
+    """Whether `model` (plain or peft-wrapped) can take a shared-prefix batch: an attention implementation that takes
+    a custom 4-D mask, and no sliding-window layers (transformers applies a custom 4-D mask as is to every layer,
+    so the window would be lost and tokens further back than it would be attended: wrong scores)."""
+    return attn_implementation(model) in SHARED_PREFIX_ATTENTION and not has_sliding_window(model)
 
 
 def enable_shared_prefix(model) -> bool:
     """supports_shared_prefix(model), after switching an sdpa model to the unpadded attention (call before peft
-    wraps the model)."""
+    wraps the model); a model with sliding-window layers is left as it is (the stages use two rows per pair)."""
+    if has_sliding_window(model):
+        return False
     use_unpadded_attention(model)
     return supports_shared_prefix(model)

@@ -105,3 +105,30 @@ def test_sampled_rollouts_are_seeded_and_right_length(lm_and_prompts):
     other = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, top_k=20, min_new_tokens=6)
     assert not torch.equal(other, runs[0])
+
+
+def test_any_listed_eos_id_stops_a_row_and_is_suppressed_by_min_new_tokens(lm_and_prompts):
+    """EOS as a list (a GenerationConfig's eos_token_id, e.g. Llama 3's three ids): a second id stops rows just as
+    the first does; with the tokenizer's EOS alone the same model runs to max_new_tokens."""
+    model, tok, (query, mask) = lm_and_prompts
+    other = 5  # not the tokenizer's EOS; made the argmax at every step
+    bonus = torch.zeros(model.config.vocab_size)
+    bonus[other] = 1e4
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bonus)
+    try:
+        eos = [tok.eos_token_id, other]
+        stopped = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=eos, do_sample=False)
+        assert stopped[:, query.shape[1]:].tolist() == [[other]] * 3
+        running = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, do_sample=False)
+        assert running.shape[1] == query.shape[1] + 6
+        delayed = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=eos, do_sample=False,
+                                    min_new_tokens=2)
+        assert delayed.shape[1] == query.shape[1] + 3 and (delayed[:, -1] == other).all()
+        assert not torch.isin(delayed[:, query.shape[1]:-1], torch.tensor(eos)).any()
+        hf = model.generate(input_ids=query, attention_mask=mask, do_sample=False, eos_token_id=eos,
+                            pad_token_id=eos[0], temperature=None, top_p=None, top_k=None, max_new_tokens=6,
+                            min_new_tokens=2)
+        assert torch.equal(delayed, hf)
+    finally:
+        hook.remove()
