@@ -280,7 +280,10 @@ def test_reward_at_last_real_token_is_padding_independent(tok, architecture):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).eval()
     torch.nn.init.normal_(transformer_parts(model)[1].weight)  # a visible score, not ~0
-    texts = [p + r + [tok.eos_token_id] for p, r in _sequences(tok)]  # ends with EOS == pad (SmolLM2)
+    # row 0 ends with EOS == pad (SmolLM2), the others with an ordinary token: with pad == eos, a right-padded row
+    # that ends with EOS gives its pad positions the same hidden state as its last token (same token, same position
+    # from the mask, same keys), so only rows NOT ending with EOS expose reading a pad position instead
+    texts = [p + r + ([tok.eos_token_id] if row == 0 else []) for row, (p, r) in enumerate(_sequences(tok))]
     with torch.no_grad():
         unpadded = torch.cat([sequence_rewards(model, torch.tensor([t]), torch.ones(1, len(t), dtype=torch.long))
                               for t in texts])
