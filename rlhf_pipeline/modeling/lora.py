@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-
 TaskType = str  # "CAUSAL_LM" or "SEQ_CLS" (peft.TaskType values)
 
 
@@ -31,7 +30,8 @@ def apply_lora(model, cfg: Any, task_type: TaskType = "CAUSAL_LM"):
     checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
     if getattr(cfg, "quantization", "none") != "none":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
+            model,
+            use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif checkpointing:
@@ -79,8 +79,11 @@ def _merge_from_disk(adapter_dir: Path, base_model) -> torch.nn.Module:
 
     config = base_model.config
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    kwargs = {"num_labels": config.num_labels} if config.architectures and "ForSequenceClassification" in (
-        config.architectures[0]) else {}
+    kwargs = (
+        {"num_labels": config.num_labels}
+        if config.architectures and "ForSequenceClassification" in (config.architectures[0])
+        else {}
+    )
     fresh = type(base_model).from_pretrained(config._name_or_path, dtype=dtype, use_safetensors=True, **kwargs)
     fresh.config.pad_token_id = config.pad_token_id
     return PeftModel.from_pretrained(fresh, str(adapter_dir)).merge_and_unload()

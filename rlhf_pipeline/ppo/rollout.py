@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from rlhf_pipeline.modeling.generation import Rollout, decode_responses, sample_responses
+from rlhf_pipeline.modeling.generation import Rollout, decode_responses, eos_token_ids, sample_responses
 from rlhf_pipeline.training.loop import epoch_order
 
 
@@ -37,7 +37,7 @@ def sample_rollout(model, tokenizer, prompt_ids: list[list[int]], step: int, cfg
         model.policy,
         prompt_ids,
         max_new_tokens=max_new,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_token_ids(model.policy, tokenizer),  # every EOS id of the generation config
         pad_token_id=tokenizer.pad_token_id,
         temperature=cfg.temperature,
         top_p=cfg.top_p,

@@ -55,20 +55,42 @@ def lm_and_prompts(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = [tok(q)["input_ids"] for q in ("Question: Which hops?\n\nAnswer:", "Question: Why?\n\nAnswer:",
-                                             "Question: How long should a lager ferment at 10 C?\n\nAnswer:")]
+    prompts = [
+        tok(q)["input_ids"]
+        for q in (
+            "Question: Which hops?\n\nAnswer:",
+            "Question: Why?\n\nAnswer:",
+            "Question: How long should a lager ferment at 10 C?\n\nAnswer:",
+        )
+    ]
     return model, tok, pad(prompts, tok.pad_token_id, "left")
 
 
 def _hf_greedy(model, query, mask, eos, **kw):
-    return model.generate(input_ids=query, attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                          temperature=None, top_p=None, top_k=None, **kw)
+    return model.generate(
+        input_ids=query,
+        attention_mask=mask,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **kw,
+    )
 
 
 def test_greedy_tokens_equal_generate_with_left_padding(lm_and_prompts):
     model, tok, (query, mask) = lm_and_prompts
-    ours = sample_with_cache(model, query, mask, max_new_tokens=12, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, do_sample=False)
+    ours = sample_with_cache(
+        model,
+        query,
+        mask,
+        max_new_tokens=12,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
     hf = _hf_greedy(model, query, mask, tok.eos_token_id, max_new_tokens=12)
     assert ours.shape == (3, query.shape[1] + 12)
     assert torch.equal(ours, hf)
@@ -81,12 +103,14 @@ def test_eos_stops_rows_and_min_new_tokens_suppresses_it(lm_and_prompts):
     bonus[eos] = 1e4  # EOS dominates every step, for our loop and generate alike
     hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bonus)
     try:
-        stop_now = sample_with_cache(model, query, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos,
-                                     do_sample=False)
-        assert stop_now[:, query.shape[1]:].tolist() == [[eos]] * 3  # all rows finished -> loop stopped
-        delayed = sample_with_cache(model, query, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos,
-                                    do_sample=False, min_new_tokens=3)
-        response = delayed[:, query.shape[1]:]
+        stop_now = sample_with_cache(
+            model, query, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos, do_sample=False
+        )
+        assert stop_now[:, query.shape[1] :].tolist() == [[eos]] * 3  # all rows finished -> loop stopped
+        delayed = sample_with_cache(
+            model, query, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos, do_sample=False, min_new_tokens=3
+        )
+        response = delayed[:, query.shape[1] :]
         assert response.shape[1] == 4 and (response[:, :3] != eos).all() and (response[:, 3] == eos).all()
         assert torch.equal(delayed, _hf_greedy(model, query, mask, eos, max_new_tokens=8, min_new_tokens=3))
     finally:
@@ -98,10 +122,72 @@ def test_sampled_rollouts_are_seeded_and_right_length(lm_and_prompts):
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
-        runs.append(sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, top_k=20, min_new_tokens=6))
+        runs.append(
+            sample_with_cache(
+                model,
+                query,
+                mask,
+                max_new_tokens=6,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                top_k=20,
+                min_new_tokens=6,
+            )
+        )
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (3, query.shape[1] + 6)
     torch.manual_seed(4)
-    other = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, top_k=20, min_new_tokens=6)
+    other = sample_with_cache(
+        model,
+        query,
+        mask,
+        max_new_tokens=6,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        top_k=20,
+        min_new_tokens=6,
+    )
     assert not torch.equal(other, runs[0])
+
+
+def test_any_listed_eos_id_stops_a_row_and_is_suppressed_by_min_new_tokens(lm_and_prompts):
+    """EOS as a list (a GenerationConfig's eos_token_id, e.g. Llama 3's three ids): a second id stops rows just as
+    the first does; with the tokenizer's EOS alone the same model runs to max_new_tokens."""
+    model, tok, (query, mask) = lm_and_prompts
+    other = 5  # not the tokenizer's EOS; made the argmax at every step
+    bonus = torch.zeros(model.config.vocab_size)
+    bonus[other] = 1e4
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bonus)
+    try:
+        eos = [tok.eos_token_id, other]
+        stopped = sample_with_cache(model, query, mask, max_new_tokens=6, eos_token_id=eos, do_sample=False)
+        assert stopped[:, query.shape[1] :].tolist() == [[other]] * 3
+        running = sample_with_cache(
+            model,
+            query,
+            mask,
+            max_new_tokens=6,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            do_sample=False,
+        )
+        assert running.shape[1] == query.shape[1] + 6
+        delayed = sample_with_cache(
+            model, query, mask, max_new_tokens=6, eos_token_id=eos, do_sample=False, min_new_tokens=2
+        )
+        assert delayed.shape[1] == query.shape[1] + 3 and (delayed[:, -1] == other).all()
+        assert not torch.isin(delayed[:, query.shape[1] : -1], torch.tensor(eos)).any()
+        hf = model.generate(
+            input_ids=query,
+            attention_mask=mask,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=6,
+            min_new_tokens=2,
+        )
+        assert torch.equal(delayed, hf)
+    finally:
+        hook.remove()
