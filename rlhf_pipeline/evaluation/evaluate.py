@@ -23,19 +23,19 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.modeling.options import ModelOptions
+from rlhf_pipeline.modeling.options import GenerationOptions, ModelOptions
 from rlhf_pipeline.results import METRICS_FILE, StageResult
 from rlhf_pipeline.tracking import TrackingOptions
 
 SFT = "sft"
 
 
-class EvaluateConfig(ModelOptions, TrackingOptions):
+class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
     data: str = Field(..., description="Directory written by `rlhf prepare-data` (reads evaluation.parquet).")
     output: str = Field(..., description="Where metrics.json, generations.jsonl and report.md go.")
     reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json).")
@@ -52,16 +52,10 @@ class EvaluateConfig(ModelOptions, TrackingOptions):
         None, description="models:/<prefix>-policy/<N> of the (first) policy: gets the eval/* and rm/accuracy tags."
     )
     max_questions: int = Field(32, gt=0, description="Evaluate on at most this many questions.")
-    max_prompt_length: int = Field(256, gt=8, description="Prompt tokens kept (question cut, template tail kept).")
-    max_new_tokens: int = Field(64, gt=0, description="Answer length limit.")
-    do_sample: bool = Field(False, description="Sample (seeded, same for every model) instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with --do-sample).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with --do-sample).")
-    batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
-    generation_backend: Literal["cache-loop", "hf"] = Field(
-        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate."
+    do_sample: bool = Field(
+        False, description="Sample (seeded, same for every model; --temperature/--top-p/--top-k) instead of greedy."
     )
-    max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
+    batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
     samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
 
     @field_validator("policy", mode="before")
@@ -157,6 +151,7 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
             do_sample=cfg.do_sample,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            top_k=cfg.top_k,
             backend=cfg.generation_backend,
         )
         texts.extend(decode_responses(tokenizer, rollout))

@@ -1,13 +1,14 @@
-"""Config fields every model-using stage shares, and the StackLLaMA prompt template."""
+"""Config fields every model-using stage shares: the model and its prompt template; how responses are generated."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from rlhf_pipeline.config import StageConfig
+from rlhf_pipeline.data.prompts import DEFAULT_TEMPLATE
 from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL, Precision, Quantization
-
-DEFAULT_TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
 
 
 class ModelOptions(StageConfig):
@@ -40,3 +41,20 @@ def format_prompt(template: str, question: str) -> str:
 def format_example(template: str, question: str, answer: str) -> str:
     """Prompt and answer joined by the template (SFT text, reward-model input)."""
     return format_prompt(template, question) + answer
+
+
+class GenerationOptions(StageConfig):
+    """How responses are generated (PPO's rollouts, evaluation's answers) and how much the reward model reads."""
+
+    max_prompt_length: int = Field(
+        256, gt=8, description="Prompt tokens kept (the question is cut, never the template tail)."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest response, in new tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    generation_backend: Literal["cache-loop", "hf"] = Field(
+        "cache-loop",
+        description="cache-loop: our KV-cache decode loop (modeling/generation.py, faster); hf: model.generate.",
+    )
+    max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")

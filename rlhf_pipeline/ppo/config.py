@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_pipeline.modeling.options import GenerationOptions
 from rlhf_pipeline.training.options import TrainingOptions
 
 
-class PPOConfig(TrainingOptions):
+class PPOConfig(TrainingOptions, GenerationOptions):
     """TrainingOptions only: PPO counts PPO steps and minibatches (steps, batch_size, mini_batch_size, ppo_epochs),
     so the loop options of SFT/reward/DPO (max_steps, num_epochs, gradient_accumulation_steps, logging_steps,
     max_eval_samples) are unknown options here, not silently ignored ones."""
@@ -26,21 +27,12 @@ class PPOConfig(TrainingOptions):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of optimizer steps with linear warm-up.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 so old and new log-probs agree.")
     save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps (and at the end).")
-    max_prompt_length: int = Field(
-        256, gt=8, description="Prompt tokens kept (the question is cut, never the template tail)."
-    )
     min_new_tokens: int = Field(32, gt=0, description="Response length is sampled per step in [min, max] new tokens.")
     max_new_tokens: int = Field(128, gt=0, description="Upper end of the sampled response length.")
     force_length: bool = Field(False, description="Suppress EOS until the sampled length (fixed-length responses).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the log-probs).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
-    generation_backend: Literal["cache-loop", "hf"] = Field(
-        "cache-loop", description="cache-loop: our KV-cache decode loop (sampling.py, faster); hf: model.generate."
-    )
     reward_clip: float | None = Field(None, gt=0, description="Clip normalized rewards to [-c, c].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from responses without EOS.")
-    max_reward_length: int = Field(1024, gt=0, description="Token limit of the reward model's input.")
     kl_estimator: Literal["k1", "k3", "abs"] = Field("k1", description="Per-token KL estimator for the penalty.")
     init_kl_coef: float = Field(0.2, ge=0, description="Initial KL penalty coefficient (beta).")
     adaptive_kl: bool = Field(True, description="Adapt beta toward --target-kl (Ziegler et al.); else constant.")
