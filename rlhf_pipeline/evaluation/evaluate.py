@@ -20,16 +20,17 @@ side-by-side table, and tags each registered policy version with the gate values
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.data.subsets import read_questions
+from rlhf_pipeline.evaluation.metrics import kl_to_reference, win_rate
+from rlhf_pipeline.evaluation.models import ModelRef, resolve_policy, tag_model_version
+from rlhf_pipeline.evaluation.report import report_markdown
 from rlhf_pipeline.modeling.options import GenerationOptions, ModelOptions
-from rlhf_pipeline.results import METRICS_FILE, StageResult
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.tracking import TrackingOptions
 
 SFT = "sft"
@@ -87,52 +88,6 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
         return specs
 
 
-@dataclass
-class ModelRef:
-    name: str
-    path: str  # a loadable model dir
-    registered_uri: str | None  # models:/name/version to tag, if known
-
-
-def resolve_policy(name: str, spec: str, download_dir: Path) -> ModelRef:
-    """A stage output dir (uses merged/, and its metrics.json registration), a model dir, or a models:/ URI."""
-    if spec.startswith("models:/"):
-        import mlflow
-
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / name))
-        except Exception as exc:  # MlflowException and friends: one line for the user
-            raise UserError(f"cannot download policy {name}={spec}: {str(exc).splitlines()[0]}") from None
-        return ModelRef(name, local, spec)
-    root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise UserError(f"policy {name}: {spec} not found (expected a stage output dir, a model dir or models:/ URI)")
-    path = root / "merged" if (root / "merged" / "config.json").is_file() else root
-    if not (path / "config.json").is_file():
-        raise UserError(f"policy {name}: {spec} holds no model (no merged/config.json or config.json)")
-    uri = None
-    for stage_dir in (root, path.parent):
-        if (stage_dir / METRICS_FILE).is_file():
-            registered = StageResult.read(stage_dir).registered
-            uri = registered[-1].uri if registered else None
-            break
-    return ModelRef(name, str(path), uri)
-
-
-def read_questions(data_dir: str, max_questions: int, seed: int) -> list[str]:
-    from rlhf_pipeline.data.subsets import read_subset
-
-    seen, questions = set(), []
-    for row in read_subset(data_dir, "evaluation"):
-        if row["qid"] not in seen:
-            seen.add(row["qid"])
-            questions.append(row["question"])
-    if len(questions) > max_questions:
-        keep = sorted(random.Random(seed).sample(range(len(questions)), max_questions))
-        questions = [questions[i] for i in keep]
-    return questions
-
-
 def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig):
     """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
     import torch
@@ -160,40 +115,6 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
     return texts, lengths, rollouts
 
 
-def response_logits(model, rollout):
-    """Next-token log-distributions at the response positions [B, R, V] (LM head on those positions only, with the
-    model's own final-logit processing: modeling/forward.py)."""
-    from rlhf_pipeline.modeling.forward import response_logits as forward_response_logits
-
-    logits, _ = forward_response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.response_start)
-    return logits.log_softmax(-1)
-
-
-def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[float]]:
-    """Per answer, on the policy's own answers: (exact KL, sampled log-ratio).
-
-    exact KL  = sum over answer positions of KL(pi(.|prefix) || pi_ref(.|prefix)), over the whole vocabulary:
-                never negative and valid for greedy answers too.
-    log-ratio = sum over answer tokens of log pi(y_t) - log pi_ref(y_t) (the k1 estimate PPO uses; unbiased only
-                for sampled answers, and can be negative for greedy ones).
-    Both from modeling.forward.response_kl (the two heads in row chunks, never two [B, R, V] tensors at once).
-    """
-    from rlhf_pipeline.modeling.forward import response_kl
-
-    exact, log_ratio = [], []
-    for r in rollouts:
-        per_position, ratio = response_kl(policy, reference, r.input_ids, r.attention_mask, r.response_start)
-        mask = r.response_mask.float()
-        exact.extend((per_position * mask).sum(-1).tolist())
-        log_ratio.extend((ratio * mask).sum(-1).tolist())
-    return exact, log_ratio
-
-
-def win_rate(policy_scores: list[float], sft_scores: list[float]) -> float:
-    wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(policy_scores, sft_scores)]
-    return sum(wins) / len(wins)
-
-
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import tempfile
 
@@ -204,7 +125,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
     specs = cfg.policies()
     rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
-    questions = read_questions(cfg.data, cfg.max_questions, cfg.seed)
+    questions = read_questions(cfg.data, "evaluation", cfg.max_questions, cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -328,51 +249,3 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         outcome = StageResult.of("evaluate", "evaluated", out, summary)
         outcome.write()
         return outcome
-
-
-def tag_model_version(uri: str, tags: dict[str, float]) -> None:
-    """Set tags on `models:/<name>/<version>` (the gate values `rlhf promote` reads)."""
-    from mlflow.tracking import MlflowClient
-
-    parts = uri.removeprefix("models:/").split("/")
-    if len(parts) != 2 or not parts[1].isdigit():
-        raise UserError(f"expected models:/<name>/<version>, got {uri}")
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(parts[0], parts[1], key, str(value))
-
-
-def report_markdown(
-    models: dict[str, dict[str, float]],
-    questions: list[str],
-    results: dict,
-    cfg: EvaluateConfig,
-    rm_accuracy: float | None,
-) -> str:
-    decoding = f"sampling (T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed})" if cfg.do_sample else "greedy"
-    lines = [
-        "# Evaluation: SFT vs aligned policies",
-        "",
-        f"{len(questions)} held-out questions, {decoding} decoding, at most {cfg.max_new_tokens} new tokens. "
-        f"Reward = reward model score normalized by its held-out mean/std"
-        + (f" (reward model pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "")
-        + ". "
-        "Win-rate is against SFT (ties 0.5); KL = mean over the policy's own answers of the per-position "
-        "KL(pi || pi_SFT), summed over the answer.",
-        "",
-        "| model | reward_mean | win_rate vs SFT | KL to SFT | response length |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in models.items():
-        lines.append(
-            f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {m['kl']:.3f} | {m['response_length']:.1f} |"
-        )
-    lines += ["", "## Sample generations", ""]
-    for i in range(min(cfg.samples_in_report, len(questions))):
-        question = questions[i].strip().replace("\n", " ")
-        lines += [f"### Q{i + 1}: {question[:300]}{'...' if len(question) > 300 else ''}", ""]
-        for name, r in results.items():
-            answer = r["responses"][i].strip().replace("\n", " ") or "(empty)"
-            lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {answer[:500]}"]
-        lines.append("")
-    return "\n".join(lines) + "\n"

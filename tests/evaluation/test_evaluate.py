@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rlhf_pipeline.cli import main
-from rlhf_pipeline.evaluation.evaluate import win_rate
+from rlhf_pipeline.evaluation.metrics import win_rate
 from rlhf_pipeline.results import RegisteredVersion, StageResult
 
 
