@@ -303,17 +303,6 @@ def response_forward(
     )
 
 
-def response_logits(
-    causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 logits [B, R, V], hidden states [B, R, H]) at the R positions that predict the response tokens.
-    All B x R x V logits at once: prefer response_forward / response_kl where they do."""
-    hidden, lm_head = response_hidden(causal_lm, input_ids, attention_mask, response_start)
-    batch, length, width = hidden.shape
-    logits = lm_head(hidden.reshape(batch * length, width)).float().view(batch, length, -1)
-    return logits, hidden
-
-
 @torch.no_grad()
 def response_kl(
     policy,

@@ -56,8 +56,6 @@ EMBEDDED_MODELS = {
         extra_eos_tokens=("<end_of_turn>",),
     ),  # google/gemma-3-270m: eos [1, 106]
 }
-EMBEDDED_GGUF_PACKAGE = EMBEDDED_MODELS[EMBEDDED_MODEL].package
-EMBEDDED_GGUF_FILE = EMBEDDED_MODELS[EMBEDDED_MODEL].gguf_file
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "8bit", "4bit"]
