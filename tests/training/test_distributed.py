@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from sft_reward_helpers import make_data_dir
+from sft_reward_helpers import make_data_dir, pair_rows, write_subset
 
 from rlhf_pipeline.training.loop import DUMP_TRAINABLE_ENV, STOP_AFTER_STEP_ENV, STOPPED_EXIT_CODE
 
@@ -209,3 +209,92 @@ def test_two_processes_stop_resume_and_equal_one_process(stage, tiny_model_dir, 
     assert metrics["train_loss" if stage != "dpo" else "dpo/loss"] == pytest.approx(
         one.metrics["train_loss" if stage != "dpo" else "dpo/loss"], rel=1e-5
     )
+
+
+# --- PPO ---------------------------------------------------------------------------------------------------------
+
+EOS = 2  # <|im_end|> in the SmolLM2 tokenizer: both eos and pad
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward-stage-shaped output on the tiny base: adapter/ (random LoRA SEQ_CLS + score), merged/, metrics.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_pipeline.results import StageResult
+
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    torch.manual_seed(3)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base.config.pad_token_id = EOS
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
+    StageResult.of("reward", "trained", out, {"accuracy": 0.7, "reward_mean": 0.5, "reward_std": 2.0}).write()
+    return out
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_one_job_and_resume(tiny_model_dir, reward_model_dir, tmp_path, mlflow_sqlite):
+    data = tmp_path / "data"
+    write_subset(data, "rl", pair_rows(num_questions=8, pairs_per_question=1))
+    args = dict(
+        model=tiny_model_dir,
+        data=data,
+        reward_model=reward_model_dir,
+        steps=4,
+        batch_size=4,  # global: 2 prompts per process
+        mini_batch_size=2,
+        ppo_epochs=2,
+        save_steps=2,
+        min_new_tokens=3,
+        max_new_tokens=5,
+        max_prompt_length=64,
+        lora_r=4,
+        learning_rate=5e-3,
+        init_kl_coef=0.05,
+        log_generations_every=2,
+        num_threads=1,
+    )
+    straight_dumps, resumed_dumps = tmp_path / "straight-dumps", tmp_path / "resumed-dumps"
+    straight = launch(
+        "ppo", dict(args, output=tmp_path / "straight"), mlflow_sqlite, env={DUMP_TRAINABLE_ENV: str(straight_dumps)}
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    summary = json.loads(straight.stdout[straight.stdout.index("{") :])
+    saved = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert summary["processes"] == saved["processes"] == 2 and saved["steps"] == 4
+    assert saved["samples"] == 16  # 4 steps x the global batch of 4
+    client, runs = mlflow_runs(mlflow_sqlite)
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "ppo/reward_mean")] == [1, 2, 3, 4]
+    tables = [a.path for a in client.list_artifacts(runs[0].info.run_id, "generations")]
+    assert len(tables) == 3  # the first step, 2 and 4, each with the whole global batch
+    table = json.loads(Path(client.download_artifacts(runs[0].info.run_id, tables[0], str(tmp_path))).read_text())
+    assert len(table["data"]) == 4
+    assert [str(v.version) for v in client.search_model_versions("name='rlhf-policy'")] == ["1"]
+    straight_weights = rank_weights(straight_dumps, "ppo")
+    assert_ranks_identical(straight_weights)
+
+    resumed_args = dict(args, output=tmp_path / "resumed")
+    stopped = launch("ppo", resumed_args, mlflow_sqlite, env={STOP_AFTER_STEP_ENV: "2"})
+    assert stopped.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in stopped.stderr, stopped.stderr[-3000:]
+    assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
+    resumed = launch("ppo", resumed_args, mlflow_sqlite, env={DUMP_TRAINABLE_ENV: str(resumed_dumps)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert again["steps"] == 4 and again["processes"] == 2
+    for a, b in zip(saved["history"], again["history"]):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    resumed_weights = rank_weights(resumed_dumps, "ppo")
+    assert_ranks_identical(resumed_weights)
+    assert_close_weights(straight_weights[0], resumed_weights[0])
