@@ -113,7 +113,13 @@ def test_sft_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path
         lora_dropout=0,
         num_threads=1,
     )
-    proc = launch("sft", args, mlflow_sqlite)
+    from mlflow.tracking import MlflowClient
+
+    # The run Kubeflow's MLflow plugin would have created for the task, injected as MLFLOW_RUN_ID.
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.create_experiment("kfp")
+    injected = client.create_run(experiment).info.run_id
+    proc = launch("sft", args, mlflow_sqlite, env={"MLFLOW_RUN_ID": injected, "MLFLOW_EXPERIMENT_ID": experiment})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])  # one summary (rank 0), not one per process
@@ -123,9 +129,40 @@ def test_sft_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
 
     client, runs = mlflow_runs(mlflow_sqlite)
-    assert len(runs) == 1  # tracked by the main process only
-    assert len(client.get_metric_history(runs[0].info.run_id, "sft/loss")) == 4
+    assert [r.info.run_id for r in runs] == [injected]  # tracked by the main process only, in the injected run
+    assert [r["run_id"] for r in saved["registered"]] == [injected]
+    assert len(client.get_metric_history(injected, "sft/loss")) == 4
     assert [str(v.version) for v in client.search_model_versions("name='rlhf-sft'")] == ["1"]
+
+
+def test_the_injected_run_id_reaches_child_processes_and_the_next_stage(mlflow_sqlite, monkeypatch):
+    """Kubeflow injects MLFLOW_RUN_ID; MLflow removes it (start_run() reading it, end_run()). stage_run keeps a
+    copy for processes started during the run (worker ranks, children) and puts MLFLOW_RUN_ID back afterwards."""
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_pipeline.tracking import RUN_ID_COPY_ENV, TrackingOptions, injected_run_id, stage_run
+
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.create_experiment("kfp")
+    injected = client.create_run(experiment).info.run_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    monkeypatch.setenv("MLFLOW_RUN_ID", injected)
+    monkeypatch.delenv(RUN_ID_COPY_ENV, raising=False)
+    child = [sys.executable, "-c", "from rlhf_pipeline.tracking import injected_run_id; print(injected_run_id())"]
+    with stage_run(TrackingOptions(), "sft") as run:
+        os.environ.pop("MLFLOW_RUN_ID")  # as MLflow's own start_run() does when it reads the variable
+        seen = subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip()
+    assert run.run_id == injected and seen == injected
+    assert os.environ["MLFLOW_RUN_ID"] == injected and RUN_ID_COPY_ENV not in os.environ  # as before the run
+    with stage_run(TrackingOptions(), "reward") as second:  # the next stage in the same pod: the same run
+        pass
+    assert second.run_id == injected
+
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    with stage_run(TrackingOptions(), "sft") as own:  # a run of its own: its id for the children, then gone
+        assert injected_run_id() == own.run_id != injected
+    assert injected_run_id() is None
 
 
 # --- SFT, reward, DPO: stopped + resumed with 2 processes == 1 process with gradient accumulation 2 ---------------
