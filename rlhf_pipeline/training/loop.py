@@ -22,8 +22,10 @@ Resume: a rerun with the same `--output` restores weights, optimizer, scheduler 
 and skips the micro-batches already consumed (the data order depends only on seed and epoch), so an interrupted
 run ends at the same step with the same weights as an uninterrupted one.
 
-Multi-GPU: call the PREPARED module's forward inside `loss_fn` (DDP syncs gradients through it). If the loss
-needs more than `model(**batch)`, wrap it in an nn.Module whose forward computes it (see sft.CausalLMLoss).
+Multi-GPU (`accelerate launch --num_processes N`, one job): call the PREPARED module's forward inside `loss_fn`
+(DDP syncs gradients through it). If the loss needs more than `model(**batch)`, wrap it in an nn.Module whose
+forward computes it (see sft.CausalLMLoss, dpo.PreferenceLoss). The main process alone tracks (tracked_run),
+checkpoints (train_loop) and saves / registers / writes metrics.json (`on_main_then_wait`: the others wait).
 """
 
 from __future__ import annotations
