@@ -38,6 +38,7 @@ def trainjob(
         gpu_node_selector: Node selector of the training pods.
         gpu_tolerations: Tolerations of the training pods.
     """
+    import os
     import shutil
 
     import yaml
@@ -75,6 +76,7 @@ def trainjob(
         tolerations=gpu_tolerations,
         namespace=settings["trainjob"].get("namespace"),
         labels={"pipelines.kubeflow.org/run-id": steps.run_key(kfp_run_id)[:63]},
+        run_env=tj.forwarded_env(dict(os.environ)),  # the training pods attach to this task's MLflow run
     )
     problems = tj.validate_manifest(manifest)
     if problems:

@@ -2,7 +2,10 @@
 
 - Where: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else a local SQLite file (`./mlflow.db`, artifacts in
   `./mlartifacts`). `$MLFLOW_EXPERIMENT_ID` and `$MLFLOW_RUN_ID` are honoured when set (Kubeflow Pipelines 2.17
-  injects them into task pods).
+  injects them into task pods). MLflow itself removes `MLFLOW_RUN_ID` from the environment (start_run() without
+  a run id, end_run()), so a process started later -- a worker rank, a child process, the next stage in the pod --
+  would no longer see it: `stage_run` keeps a copy in `$RLHF_MLFLOW_RUN_ID` while the run is active (the active
+  run's id, injected or not) and restores the environment it found when the run ends.
 - Fail fast: a configured but unreachable tracking server stops the stage within seconds, before training.
 - What: the full stage config as params (prefixed `<stage>.`, so several stages can share one run), metrics per
   step under the stage's namespace, and the stage output registered as a model version `<prefix>-<stage>` tagged
@@ -27,6 +30,8 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.http_probe import is_http_url, probe
 
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # what Kubeflow's MLflow plugin injects (and MLflow removes again)
+RUN_ID_COPY_ENV = "RLHF_MLFLOW_RUN_ID"  # our copy, which MLflow leaves alone
 REACHABILITY_TIMEOUT_S = 5.0
 
 
@@ -158,6 +163,30 @@ class StageRun:
         return entry
 
 
+def injected_run_id() -> str | None:
+    """The MLflow run this process belongs to, if someone else created it: `$MLFLOW_RUN_ID` (Kubeflow), else the
+    copy `$RLHF_MLFLOW_RUN_ID` (kept by a parent's `stage_run`, or passed to a TrainJob's pods)."""
+    return os.environ.get(RUN_ID_ENV) or os.environ.get(RUN_ID_COPY_ENV) or None
+
+
+@contextmanager
+def _run_id_in_environment(run_id: str, injected: bool) -> Iterator[None]:
+    """While the run is active: its id in `$RLHF_MLFLOW_RUN_ID` (child processes attach to it); afterwards: the
+    environment as it was, with an injected `$MLFLOW_RUN_ID` put back after end_run() removed it."""
+    saved = {name: os.environ.get(name) for name in (RUN_ID_ENV, RUN_ID_COPY_ENV)}
+    os.environ[RUN_ID_COPY_ENV] = run_id
+    if injected:
+        os.environ[RUN_ID_ENV] = run_id
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _flat_params(stage: str, params: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in params.items():
@@ -203,12 +232,12 @@ def stage_run(
     if kfp_run_id:
         lineage["kfp_run_id"] = kfp_run_id
 
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = injected_run_id()
     if run_id:  # Kubeflow created the run for this task: attach to it
         active = mlflow.start_run(run_id=run_id)
     else:
         active = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or stage)
-    with active as run:
+    with _run_id_in_environment(active.info.run_id, injected=bool(run_id)), active as run:
         mlflow.set_tags({f"rlhf.{k}": v for k, v in lineage.items()})
         mlflow.log_params(_flat_params(stage, cfg.to_flat_dict()))
         yield StageRun(

@@ -51,17 +51,63 @@ def trainjob_name(kfp_run_id: str, stage: str) -> str:
 
 
 def launch_command(launcher: str, stage: str, config_path: str, num_proc_per_node: int | None) -> list[str]:
-    """The trainer container's command: the stage CLI under torchrun (or accelerate), rendezvous from PET_*."""
+    """The trainer container's command: the stage CLI under torchrun (or accelerate), rendezvous from PET_*.
+
+    accelerate needs the TOTAL process count. With `num_proc_per_node` unset the runtime decides the per-node count
+    and passes it as $PET_NPROC_PER_NODE, which may be a number or a word (`auto`, `gpu`, `cpu`, as torchrun
+    takes it): a word becomes this node's GPU count (at least 1) -- in shell arithmetic it would count as 0.
+    `--multi_gpu` whenever there is more than one process in all: accelerate infers it only from several GPUs on
+    ONE node, and would otherwise run every node's process on its own.
+    """
     cli_stage = trainjob_stage(stage).command
     if launcher == "torchrun":
         return ["torchrun", "--no-python", "rlhf", cli_stage, "--config", config_path]
-    procs = str(num_proc_per_node) if num_proc_per_node else "${PET_NPROC_PER_NODE}"
+    procs = str(num_proc_per_node) if num_proc_per_node else "${PET_NPROC_PER_NODE:-auto}"
     script = (
-        'exec accelerate launch --num_machines "${PET_NNODES}" --machine_rank "${PET_NODE_RANK}" '
+        f'procs="{procs}"; '
+        'case "$procs" in ""|*[!0-9]*) '
+        "procs=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))') || exit 1;; esac; "
+        "total=$(( ${PET_NNODES:-1} * procs )); "
+        'multi=""; if [ "$total" -gt 1 ]; then multi="--multi_gpu"; fi; '
+        'exec accelerate launch $multi --num_machines "${PET_NNODES:-1}" --machine_rank "${PET_NODE_RANK:-0}" '
         '--main_process_ip "${PET_MASTER_ADDR}" --main_process_port "${PET_MASTER_PORT}" '
-        f'--num_processes $(( ${{PET_NNODES}} * {procs} )) -m rlhf_pipeline.cli {cli_stage} --config "$0"'
+        f'--num_processes "$total" -m rlhf_pipeline.cli {cli_stage} --config "$0"'
     )
     return ["bash", "-c", script, config_path]
+
+
+# The variables that tie the training pods to the pipeline run, forwarded from the launcher pod (where Kubeflow's
+# MLflow plugin injected them) to every training pod: they attach to the launcher's MLflow run. The run id goes
+# under both names (tracking.RUN_ID_ENV / RUN_ID_COPY_ENV): MLflow removes MLFLOW_RUN_ID once a run ends.
+FORWARDED_ENV = ("MLFLOW_RUN_ID", "RLHF_MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI", "KFP_RUN_ID")
+
+
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    """The `FORWARDED_ENV` variables set in `environ` (the launcher's os.environ), the run id under both names."""
+    out = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    run_id = environ.get("MLFLOW_RUN_ID") or environ.get("RLHF_MLFLOW_RUN_ID")
+    if run_id:
+        out["MLFLOW_RUN_ID"] = out["RLHF_MLFLOW_RUN_ID"] = run_id
+    return out
+
+
+# /dev/shm: NCCL (and DataLoader workers) exchange data through shared memory; a container's default /dev/shm is
+# 64 MiB, far too small. A memory-backed emptyDir counts against the pod's memory, so it is capped at the pod's
+# memory (limit, else request).
+SHM_VOLUME = "dshm"
+# The images' non-root user (images/bases.env RLHF_UID; the Helm chart's pod security context): fsGroup makes the
+# PVC group-writable for it.
+IMAGE_UID = 10001
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": IMAGE_UID,
+        "runAsGroup": IMAGE_UID,
+        "fsGroup": IMAGE_UID,
+        "fsGroupChangePolicy": "OnRootMismatch",  # chown the PVC once, not on every pod start
+    }
 
 
 def build_manifest(
@@ -75,9 +121,10 @@ def build_manifest(
     tolerations: list[dict[str, Any]] | None = None,
     namespace: str | None = None,
     labels: dict[str, str] | None = None,
+    run_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The TrainJob for one stage. `settings` is `PipelineSettings.model_dump()` (plain data, so the launcher
-    component can receive it as a parameter)."""
+    component can receive it as a parameter); `run_env`: `forwarded_env(os.environ)` of the launcher."""
     command = trainjob_stage(stage).command
     tj = settings["trainjob"]
     gpu = settings["gpu"]
@@ -95,7 +142,12 @@ def build_manifest(
     env = [
         {"name": k, "value": v}
         for k, v in sorted(
-            {**settings.get("env", {}), "RLHF_CACHE_DIR": root, "HF_HOME": f"{root}/huggingface"}.items()
+            {
+                **settings.get("env", {}),
+                **(run_env or {}),
+                "RLHF_CACHE_DIR": root,
+                "HF_HOME": f"{root}/huggingface",
+            }.items()
         )
     ]
     for secret in settings.get("secrets", {}).values():
@@ -121,9 +173,19 @@ def build_manifest(
         trainer["numProcPerNode"] = int(tj["num_proc_per_node"])
 
     pod_spec: dict[str, Any] = {
-        "volumes": [{"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["pvc_name"]}}],
+        "securityContext": pod_security_context(),
+        "volumes": [
+            {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["pvc_name"]}},
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": limits.get("memory", res["memory"])}},
+        ],
         "containers": [
-            {"name": TRAINER_JOB_NAME, "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": cache["mount_path"]}]}
+            {
+                "name": TRAINER_JOB_NAME,
+                "volumeMounts": [
+                    {"name": CACHE_VOLUME, "mountPath": cache["mount_path"]},
+                    {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+                ],
+            }
         ],
     }
     if node_selector:

@@ -77,13 +77,14 @@ class PolicyWithValue(nn.Module):
         with self.policy.disable_adapter():
             return self(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
 
-    def old_outputs(self, rollout: Rollout, *, keep_graph: bool) -> ResponseOutputs:
+    def old_outputs(self, rollout: Rollout, *, keep_graph: bool, forward: nn.Module | None = None) -> ResponseOutputs:
         """pi_old's log-probs, values and entropy of the responses. `keep_graph`: run it with its graph (and in train
         mode, which only matters for gradient checkpointing), so that `ppo_update` can use it as the first
-        minibatch's forward when that minibatch is the whole batch (same weights, no dropout: pi_old = pi_theta)."""
+        minibatch's forward when that minibatch is the whole batch (same weights, no dropout: pi_old = pi_theta).
+        `forward`: the module to run, this one wrapped for several processes (DDP: its gradients are all-reduced)."""
         self.train(keep_graph)
         with torch.set_grad_enabled(keep_graph):
-            return self(
+            return (forward if forward is not None else self)(
                 rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True, with_entropy=True
             )
 

@@ -4,6 +4,9 @@ only, so a resumed run replays exactly the rollouts an uninterrupted one would h
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager, nullcontext
+
+import torch
 
 from rlhf_pipeline.modeling.generation import Rollout, decode_responses, eos_token_ids, sample_responses
 from rlhf_pipeline.training.loop import epoch_order
@@ -21,11 +24,33 @@ def response_length(step: int, seed: int, min_new_tokens: int, max_new_tokens: i
 
 
 def step_prompts(
-    step: int, questions: list[str], prompt_ids: list[list[int]], cfg
+    step: int, questions: list[str], prompt_ids: list[list[int]], cfg, process_index: int = 0, num_processes: int = 1
 ) -> tuple[list[str], list[list[int]]]:
-    """The questions of PPO step `step` and their encoded prompts."""
+    """The questions of PPO step `step` and their encoded prompts: this process's share of the step's
+    `cfg.batch_size` prompts (the global batch), contiguous and in rank order, so gathering the processes' shares
+    gives the 1-process batch back."""
     batch = prompt_indices(step, cfg.batch_size, len(questions), cfg.seed)
+    share = len(batch) // num_processes
+    batch = batch[process_index * share : (process_index + 1) * share]
     return [questions[i] for i in batch], [prompt_ids[i] for i in batch]
+
+
+def process_rng(accelerator, seed: int, step: int):
+    """With several processes: a random state of its own for this process's sampling in step `step`, a function of
+    (seed, step, rank), so the ranks draw different samples while the global random state (the minibatch order of
+    the update) stays the same on every rank, and a resumed run draws the same samples. With one process: nothing
+    (the global state, as a 1-process run always did)."""
+    if accelerator.num_processes == 1:
+        return nullcontext()
+    return _forked_rng(accelerator, (seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
+
+
+@contextmanager
+def _forked_rng(accelerator, seed: int):
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def sample_rollout(model, tokenizer, prompt_ids: list[list[int]], step: int, cfg) -> tuple[Rollout, list[str]]:

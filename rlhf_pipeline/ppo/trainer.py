@@ -15,12 +15,20 @@ algorithm reads top to bottom in this file; each PPO step (numbered as in the co
 By role: config.py (options), rollout.py (which prompts, how long, the samples), policy.py (policy + reference +
 critic on one base, PPO's checkpoints), rewards.py (reward sources); the math is training/losses.py, every
 forward modeling/forward.py. The result is a `results.StageResult`, also written as <output>/metrics.json.
+
+Under `accelerate launch --num_processes N` it is ONE job over the global batch (`--batch-size` prompts per step):
+each process samples, scores and evaluates its share (batch_size / N prompts; its own random state for sampling),
+the update runs through DDP (gradients all-reduced; minibatches of mini_batch_size / N per process), and the
+advantage whitening, the adaptive KL controller, the NaN guard, the early stop and the step's metrics use the
+statistics of the global batch (all-reduced / gathered), so every process takes the same decisions and holds the
+same weights. The main process alone logs to MLflow, checkpoints, saves, registers and writes metrics.json.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -33,14 +41,17 @@ from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout, restore_ppo_state, save_ppo_state
 from rlhf_pipeline.ppo.rewards import FunctionReward, read_reward_model_dir, score_responses
-from rlhf_pipeline.ppo.rollout import log_generations, sample_rollout, step_prompts
+from rlhf_pipeline.ppo.rollout import log_generations, process_rng, sample_rollout, step_prompts
 from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.training.loop import (
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    dump_trainable,
     finished_run,
+    on_main_then_wait,
     set_seed,
+    stop_if_asked,
     tracked_run,
 )
 from rlhf_pipeline.training.losses import (
@@ -72,6 +83,20 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
             f"{cfg.data}/rl.parquet has {len(questions)} questions, fewer than --batch-size {cfg.batch_size}"
         )
     accelerator = build_accelerator(cfg)
+    world = accelerator.num_processes
+    if cfg.batch_size % world or cfg.mini_batch_size % world:
+        raise UserError(
+            f"--batch-size ({cfg.batch_size}) and --mini-batch-size ({cfg.mini_batch_size}) must be multiples of "
+            f"the number of processes ({world}): each process samples and trains on an equal share"
+        )
+    # This process's share of every step's batch and minibatch (the whole of them with one process).
+    local_cfg = (
+        cfg
+        if world == 1
+        else cfg.model_copy(
+            update={"batch_size": cfg.batch_size // world, "mini_batch_size": cfg.mini_batch_size // world}
+        )
+    )
 
     with tracked_run(cfg, "ppo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
         set_seed(cfg.seed)
@@ -96,13 +121,18 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         )
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
         start, history, skipped = restore_ppo_state(cfg.output, model, optimizer, scheduler, kl_ctl)
+        # Several processes: the update's forwards go through DDP, which all-reduces the policy's and the value
+        # head's gradients (sampling, scoring and the reference pass use `model` itself: no gradients there).
+        prepared = accelerator.prepare_model(model) if world > 1 else model
 
         for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             clock = Stopwatch()
-            batch_questions, batch_prompts = step_prompts(step, questions, prompt_ids, cfg)
+            batch_questions, batch_prompts = step_prompts(
+                step, questions, prompt_ids, cfg, accelerator.process_index, world
+            )
 
             # (1) Sample one response per prompt, of a length drawn per step from (seed, step).
-            with clock("generate"), accelerator.autocast():
+            with clock("generate"), accelerator.autocast(), process_rng(accelerator, cfg.seed, step):
                 rollout, responses = sample_rollout(model, tokenizer, batch_prompts, step, cfg)
             mask = rollout.response_mask.float()  # [B, R]
 
@@ -115,21 +145,21 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
             reuse_old_pass = cfg.mini_batch_size >= cfg.batch_size
             with clock("forward"), accelerator.autocast():
                 ref_logprobs = model.reference_logprobs(rollout)
-                old = model.old_outputs(rollout, keep_graph=reuse_old_pass)
+                old = model.old_outputs(rollout, keep_graph=reuse_old_pass, forward=prepared)
             old_logprobs, old_values = old.logprobs.detach(), old.values.detach().float()
 
             # (4) Per-token KL penalty; the score is added at the last real token.
             kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # [B, R]
             rewards = per_token_rewards(scores, kl, kl_ctl.value, mask)  # [B, R]
 
-            # (5) GAE advantages, whitened over the real tokens of the whole batch.
+            # (5) GAE advantages, whitened over the real tokens of the whole (global) batch.
             advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, mask)
+            advantages = whiten_over_processes(accelerator, advantages, mask)
 
             # (6) Clipped policy and value losses over minibatches and epochs; then adapt the KL coefficient.
             with clock("update"):
                 update = ppo_update(
-                    model,
+                    prepared,
                     optimizer,
                     scheduler,
                     rollout,
@@ -137,39 +167,74 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
                     old_values,
                     advantages,
                     returns,
-                    cfg,
+                    local_cfg,
                     accelerator,
                     first_forward=old if reuse_old_pass else None,
                 )
             skipped += update.pop("skipped_updates")
-            sequence_kl = float(kl.sum(-1).mean())
+            # The adaptive KL controller sees the mean KL of the global batch (the same value on every process).
+            if world == 1:
+                sequence_kl = float(kl.sum(-1).mean())
+            else:
+                sequence_kl = sum_over_processes(accelerator, kl.sum(-1)) / cfg.batch_size
             kl_ctl.update(sequence_kl, cfg.batch_size)
 
+            # The step's metrics over the global batch: every process computes the same numbers.
+            seen = Gathered.of(accelerator, scores, raw_scores, old.entropy, mask, rollout.has_eos)
             metrics = step_metrics(
-                scores, raw_scores, sequence_kl, kl_ctl.value, old.entropy, rollout, update, skipped, clock, cfg
+                seen.scores,
+                seen.raw_scores,
+                sequence_kl,
+                kl_ctl.value,
+                seen.entropy,
+                seen.mask,
+                seen.has_eos,
+                update,
+                skipped,
+                clock,
+                cfg,
             )
             history.append({k.removeprefix("ppo/"): v for k, v in metrics.items()})
             run.log_metrics(metrics, step=step + 1)
-            log_generations(
-                run, step, batch_questions, responses, scores, every=cfg.log_generations_every, first=step == start
-            )
+            if (step + 1) % cfg.log_generations_every == 0 or step == start:
+                log_generations(
+                    run,
+                    step,
+                    gather_strings(accelerator, batch_questions),
+                    gather_strings(accelerator, responses),
+                    seen.scores,
+                    every=cfg.log_generations_every,
+                    first=step == start,
+                )
             if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps:
-                save_ppo_state(cfg.output, step + 1, model, optimizer, scheduler, kl_ctl, history, skipped)
+                save = partial(
+                    save_ppo_state, cfg.output, step + 1, model, optimizer, scheduler, kl_ctl, history, skipped
+                )
+                on_main_then_wait(accelerator, save)  # one writer; the others wait until the checkpoint is whole
+            stop_if_asked(accelerator, step + 1)
 
         summary = summarize(history, cfg)
-        adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
-        entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
-        result = StageResult(
-            stage="ppo",
-            status="trained",
-            output=str(cfg.output),
-            processes=accelerator.num_processes,
-            registered=RegisteredVersion.from_entries(entry),
-            adapter=str(adapter_dir),
-            merged=str(merged_dir),
-            **summary,
-        )
-        result.write()
+        dump_trainable(accelerator, model, "ppo")
+
+        def save_and_register() -> StageResult:  # the main process only; the others wait for it
+            adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
+            entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
+            result = StageResult(
+                stage="ppo",
+                status="trained",
+                output=str(cfg.output),
+                processes=world,
+                registered=RegisteredVersion.from_entries(entry),
+                adapter=str(adapter_dir),
+                merged=str(merged_dir),
+                **summary,
+            )
+            result.write()  # last: its presence marks the run finished
+            return result
+
+        result = on_main_then_wait(accelerator, save_and_register)
+        if result is None:  # a non-main process: the same summary, nothing written or registered
+            result = StageResult(stage="ppo", status="trained", output=str(cfg.output), processes=world, **summary)
         return result
 
 
@@ -195,6 +260,7 @@ def ppo_update(
     NaN never reaches the weights. An epoch whose mean approx-KL passes `early_stop_kl` ends the update.
     """
     mask = rollout.response_mask.float()
+    world = accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
     stat_names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "vf_clipfrac")
     stats: dict[str, list[float]] = {k: [] for k in stat_names}
@@ -220,11 +286,13 @@ def ppo_update(
                 new.values.float(), old_values[mb], returns[mb], mask[mb], cfg.cliprange_value
             )
             loss = pg_loss + cfg.vf_coef * v_loss
-            if not torch.isfinite(loss):  # checked BEFORE backward: nothing non-finite is ever accumulated
+            # checked BEFORE backward: nothing non-finite is ever accumulated (on every process if on one: with
+            # DDP all of them must run the backward, or none)
+            if not (torch.isfinite(loss) if world == 1 else all_finite(accelerator, loss)):
                 skipped += 1
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            loss.backward()  # with DDP (several processes): the gradients are all-reduced here
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # the same on every process
             if not torch.isfinite(grad_norm):  # and the gradients before the step
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -232,20 +300,19 @@ def ppo_update(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for key, value in (
-                ("policy_loss", pg_loss),
-                ("value_loss", v_loss),
-                ("approx_kl", approx_kl),
-                ("clipfrac", clipfrac),
-                ("vf_clipfrac", vf_clipfrac),
-            ):
-                stats[key].append(float(value.detach()))
-            epoch_kl.append(float(approx_kl))
+            values = (pg_loss, v_loss, approx_kl, clipfrac, vf_clipfrac)
+            if world > 1:  # the minibatch's statistics over all processes (the early stop decides the same)
+                values = mean_scalars_over_processes(accelerator, values)
+            for key, value in zip(stat_names, values):
+                stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+            epoch_kl.append(stats["approx_kl"][-1])
         epochs_done += 1
         if cfg.early_stop_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_kl:
             break
     model.eval()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    if world > 1:  # the critic's explained variance over the global batch
+        old_values, returns, mask = (gather_rows(accelerator, t) for t in (old_values, returns, mask))
     out.update(
         skipped_updates=skipped,
         epochs=float(epochs_done),
@@ -304,14 +371,16 @@ def step_metrics(
     sequence_kl: float,
     kl_coef: float,
     entropy,
-    rollout,
+    mask,
+    has_eos,
     update: dict,
     skipped: int,
     clock: Stopwatch,
     cfg: PPOConfig,
 ) -> dict[str, float]:
-    """One PPO step's MLflow metrics (`ppo/...`); `update` is ppo_update's stats less skipped_updates."""
-    mask = rollout.response_mask.float()
+    """One PPO step's MLflow metrics (`ppo/...`) over the step's (global) batch: per-response `scores`,
+    `raw_scores`, `has_eos` [B], per-token `entropy` and response `mask` [B, R]; `update` is ppo_update's stats less
+    skipped_updates."""
     seconds, n_tokens = clock.elapsed(), float(mask.sum())
     update = dict(update)
     return {
@@ -322,7 +391,7 @@ def step_metrics(
         "ppo/kl_coef": kl_coef,
         "ppo/entropy": float(masked_mean(entropy, mask)),
         "ppo/response_length": float(mask.sum(-1).mean()),
-        "ppo/eos_rate": float(rollout.has_eos.float().mean()),
+        "ppo/eos_rate": float(has_eos.float().mean()),
         "ppo/explained_variance": update.pop("explained_variance"),
         **{f"ppo/{k}": v for k, v in update.items()},
         "ppo/skipped_updates": float(skipped),
@@ -330,3 +399,75 @@ def step_metrics(
         "ppo/samples_per_s": cfg.batch_size / seconds,
         **{f"ppo/time_{k}_s": v for k, v in clock.seconds.items()},
     }
+
+
+# -- several processes: one job over the global batch --------------------------------------------------------------
+
+
+def sum_over_processes(accelerator, values: torch.Tensor) -> float:
+    """The sum of `values` over every process (float64)."""
+    total = values.detach().double().sum().to(accelerator.device)
+    return float(accelerator.reduce(total, "sum"))
+
+
+def all_finite(accelerator, value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every process (one all-reduce)."""
+    finite = torch.isfinite(value.detach()).all().double().to(accelerator.device)
+    return bool(accelerator.reduce(finite, "sum") == accelerator.num_processes)
+
+
+def mean_scalars_over_processes(accelerator, values) -> list[torch.Tensor]:
+    """Each scalar's mean over the processes (float64, one all-reduce)."""
+    stacked = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in values])
+    return list(accelerator.reduce(stacked.to(accelerator.device), "mean").unbind())
+
+
+def whiten_over_processes(accelerator, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_whiten` with the mean and (unbiased) variance of the masked values of EVERY process (all-reduced
+    masked sums); exactly `masked_whiten` with one process."""
+    if accelerator.num_processes == 1:
+        return masked_whiten(values, mask)
+    weights = mask.to(values.dtype)
+    sums = accelerator.reduce(torch.stack([(values * weights).sum(), weights.sum()]).double(), "sum")
+    count = sums[1].clamp(min=1.0)
+    mean = sums[0] / count
+    squares = accelerator.reduce(((values.double() - mean) ** 2 * weights.double()).sum(), "sum")
+    variance = squares / count
+    if sums[1] > 1:
+        variance = variance * sums[1] / (sums[1] - 1)
+    mean, variance = mean.to(values.dtype), variance.to(values.dtype)
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * weights
+
+
+def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's rows [b, ...] as one tensor [B, ...] in rank order; a second dim (the response length,
+    which may differ per process) is padded with zeros first (a zero mask hides the padding)."""
+    tensor = tensor.detach().to(accelerator.device)
+    if tensor.dim() > 1:
+        tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=0)
+    return accelerator.gather(tensor)
+
+
+def gather_strings(accelerator, texts: list[str]) -> list[str]:
+    """Every process's strings in rank order."""
+    if accelerator.num_processes == 1:
+        return texts
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(texts)))
+
+
+class Gathered:
+    """The per-response quantities of step_metrics over the global batch (this process's own with one)."""
+
+    def __init__(self, scores, raw_scores, entropy, mask, has_eos):
+        self.scores, self.raw_scores, self.entropy, self.mask, self.has_eos = scores, raw_scores, entropy, mask, has_eos
+
+    @classmethod
+    def of(cls, accelerator, scores, raw_scores, entropy, mask, has_eos) -> Gathered:
+        if accelerator.num_processes == 1:
+            return cls(scores, raw_scores, entropy, mask, has_eos)
+        return cls(
+            *(gather_rows(accelerator, t).cpu() for t in (scores, raw_scores.float(), entropy.float(), mask)),
+            gather_rows(accelerator, has_eos.to(torch.int64)).cpu().bool(),
+        )

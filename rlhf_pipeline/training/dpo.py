@@ -93,6 +93,20 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     }
 
 
+class PreferenceLoss(torch.nn.Module):
+    """forward(batch) -> (losses [B], chosen rewards [B], rejected rewards [B]): `preference_terms` as a module, so
+    that accelerate/DDP can wrap it and all-reduce the policy's gradients over processes (the gradient sync hooks
+    into the forward of the module it wraps). The reference pass (adapter disabled, no grad) runs inside it too."""
+
+    def __init__(self, policy: torch.nn.Module, cfg: DPOConfig):
+        super().__init__()
+        self.policy = policy  # the PeftModel (saved and merged by the stage)
+        self.cfg = cfg
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return preference_terms(self.policy, batch, self.cfg)
+
+
 def preference_loss(policy, batch, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO/IPO loss of one batch and its metrics."""
     losses, chosen_rewards, rejected_rewards = preference_terms(policy, batch, cfg)
@@ -137,7 +151,8 @@ def evaluate_pairs(accelerator, policy, pairs, cfg: DPOConfig, pad_id: int, shar
     return {f"dpo/eval_{k}": v for k, v in metrics.items()}
 
 
-def run_dpo(cfg: DPOConfig) -> StageResult:
+def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
+    """Train (or resume, or report a finished run); `on_step(step)` is called after every optimizer step."""
     from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.modeling.lora import save_adapter_and_merged
@@ -145,9 +160,11 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         build_accelerator,
         build_optimizer,
         build_scheduler,
+        dump_trainable,
         finished_run,
         micro_batches,
         micro_batches_per_epoch,
+        on_main_then_wait,
         resume_if_possible,
         set_seed,
         total_optimizer_steps,
@@ -186,12 +203,13 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
         if cfg.precompute_ref:
             with accelerator.autocast():
                 train_pairs = precompute_reference(policy, train_pairs, cfg, pad_id, accelerator.device, shared)
-        optimizer = build_optimizer(policy.parameters(), cfg)
+        module = PreferenceLoss(policy, cfg)
+        optimizer = build_optimizer(module.parameters(), cfg)
         per_epoch = micro_batches_per_epoch(len(train_pairs), cfg.batch_size, accelerator.num_processes)
         total = total_optimizer_steps(cfg, per_epoch)
         scheduler = build_scheduler(optimizer, cfg, total)
-        start = resume_if_possible(cfg.output, policy, optimizer, scheduler)
-        module, optimizer = accelerator.prepare(policy, optimizer)
+        start = resume_if_possible(cfg.output, module, optimizer, scheduler)
+        module, optimizer = accelerator.prepare(module, optimizer)
         batches = micro_batches(
             accelerator,
             train_pairs,
@@ -200,12 +218,11 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
             seed=cfg.seed,
             start=start * cfg.gradient_accumulation_steps,
         )
-        unwrapped = accelerator.unwrap_model(module)
 
         def loss_fn(prepared, batch):
-            loss, metrics = preference_loss(unwrapped, batch, cfg)
+            losses, chosen_rewards, rejected_rewards = prepared(batch)  # the PREPARED module: DDP syncs gradients
             sides = batch["last_index"].shape[0] if shared else batch["input_ids"].shape[0]  # 2 per pair
-            return loss, metrics, sides / 2
+            return losses.mean(), preference_metrics(chosen_rewards, rejected_rewards), sides / 2
 
         history: list[dict] = []
 
@@ -226,11 +243,14 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
             prefix="dpo",
             rate_name="pairs",
             log_metrics=log_metrics,
+            on_step=on_step,
         )
+        unwrapped = accelerator.unwrap_model(module).policy
         summary = {
             "loss_type": cfg.loss,
             "beta": cfg.beta,
             "steps": result.steps,
+            "trained_steps": result.trained_steps,
             "num_pairs": len(train_pairs),
             "dropped_too_long": dropped,
             "dpo/pairs_per_s": result.items_per_s,
@@ -248,16 +268,23 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
                 eval_metrics = evaluate_pairs(accelerator, unwrapped, eval_pairs, cfg, pad_id, shared)
             run.log_metrics(eval_metrics, step=result.steps)
             summary.update(eval_metrics)
-        adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
-        entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
-        summary.update(adapter=str(adapter_dir), merged=str(merged_dir))
-        outcome = StageResult.of(
-            "dpo",
-            "trained",
-            cfg.output,
-            summary,
-            processes=accelerator.num_processes,
-            registered=RegisteredVersion.from_entries(entry),
-        )
-        write_metrics(cfg.output, outcome)
+        dump_trainable(accelerator, unwrapped, "dpo")
+
+        def save_and_register() -> StageResult:  # the main process only; the others wait for it
+            adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
+            entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
+            outcome = StageResult.of(
+                "dpo",
+                "trained",
+                cfg.output,
+                {**summary, "adapter": str(adapter_dir), "merged": str(merged_dir)},
+                processes=accelerator.num_processes,
+                registered=RegisteredVersion.from_entries(entry),
+            )
+            write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
+            return outcome
+
+        outcome = on_main_then_wait(accelerator, save_and_register)
+        if outcome is None:  # a non-main process: the same summary, nothing written or registered
+            outcome = StageResult.of("dpo", "trained", cfg.output, summary, processes=accelerator.num_processes)
         return outcome

@@ -22,8 +22,10 @@ Resume: a rerun with the same `--output` restores weights, optimizer, scheduler 
 and skips the micro-batches already consumed (the data order depends only on seed and epoch), so an interrupted
 run ends at the same step with the same weights as an uninterrupted one.
 
-Multi-GPU: call the PREPARED module's forward inside `loss_fn` (DDP syncs gradients through it). If the loss
-needs more than `model(**batch)`, wrap it in an nn.Module whose forward computes it (see sft.CausalLMLoss).
+Multi-GPU (`accelerate launch --num_processes N`, one job): call the PREPARED module's forward inside `loss_fn`
+(DDP syncs gradients through it). If the loss needs more than `model(**batch)`, wrap it in an nn.Module whose
+forward computes it (see sft.CausalLMLoss, dpo.PreferenceLoss). The main process alone tracks (tracked_run),
+checkpoints (train_loop) and saves / registers / writes metrics.json (`on_main_then_wait`: the others wait).
 """
 
 from __future__ import annotations
@@ -185,14 +187,20 @@ def finished_run(output: str | Path, stage: str | None = None) -> StageResult | 
 
 
 class _NoTracking:
-    """What non-main processes get instead of a StageRun: MLflow is written by the main process only."""
+    """What non-main processes get instead of a StageRun: MLflow is written by the main process only. `run_id` is
+    the main process's run (broadcast), so every rank knows which run it belongs to."""
 
-    registered: list = []
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self.registered: list = []  # per instance: nothing a rank appends here leaks into another run
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, data: dict, artifact_file: str) -> None:
         pass
 
     def register(self, *args, **kwargs) -> None:
@@ -201,14 +209,74 @@ class _NoTracking:
 
 @contextmanager
 def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
-    """`tracking.stage_run` on the main process (fails fast on an unreachable server), a no-op elsewhere."""
+    """`tracking.stage_run` on the main process (fails fast on an unreachable server), a no-op elsewhere; with
+    several processes the main process's run id is broadcast to the others (`run.run_id` on every rank)."""
     from rlhf_pipeline.tracking import stage_run
 
     if accelerator.is_main_process:
         with stage_run(cfg, stage, **lineage) as run:
+            _broadcast_object(accelerator, run.run_id)
             yield run
     else:
-        yield _NoTracking()
+        yield _NoTracking(_broadcast_object(accelerator, None))
+
+
+def _broadcast_object(accelerator, value: Any) -> Any:
+    """The main process's `value` on every process (itself with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def on_main_then_wait(accelerator, fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process only (save, register, write metrics.json), the others wait for it to finish;
+    returns fn's value on the main process, None elsewhere."""
+    accelerator.wait_for_everyone()
+    value = fn() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hooks for tests of a multi-process run (environment variables, read by every stage's loop)
+# ----------------------------------------------------------------------------------------------------------------
+
+# A directory: after training, every process writes its trainable weights as `<stage>-rank<i>.safetensors` there
+# (the test compares the ranks bit for bit, and with a 1-process run).
+DUMP_TRAINABLE_ENV = "RLHF_DUMP_TRAINABLE"
+# A step number k: every process exits (status STOPPED_EXIT_CODE) right after step k's checkpoint, as a
+# preempted job would; the rerun resumes from it.
+STOP_AFTER_STEP_ENV = "RLHF_STOP_AFTER_STEP"
+STOPPED_EXIT_CODE = 75
+
+
+def dump_trainable(accelerator, module: torch.nn.Module, stage: str) -> None:
+    import os
+
+    target = os.environ.get(DUMP_TRAINABLE_ENV)
+    if not target:
+        return
+    from safetensors.torch import save_file
+
+    from rlhf_pipeline.training.checkpoint import trainable_state
+
+    Path(target).mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(module), str(Path(target) / f"{stage}-rank{accelerator.process_index}.safetensors"))
+
+
+def stop_if_asked(accelerator, step: int) -> None:
+    """Exit every process after step `step` when $RLHF_STOP_AFTER_STEP says so (call it after the checkpoint)."""
+    import os
+    import sys
+
+    if os.environ.get(STOP_AFTER_STEP_ENV) == str(step):
+        accelerator.wait_for_everyone()
+        tqdm.write(f"{STOP_AFTER_STEP_ENV}={step}: stopping after step {step}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOPPED_EXIT_CODE)  # no interpreter teardown: the process group is simply abandoned, as on a kill
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,6 +362,7 @@ def train_loop(
         # Throughput over all processes; the reduce also waits for the slowest process, as the step really does.
         items_all = float(accelerator.reduce(torch.tensor(step_items, device=accelerator.device), "sum"))
         loss_all = float(accelerator.reduce(step_loss, "mean"))
+        step_metrics = mean_over_processes(accelerator, step_metrics)
         seconds = time.perf_counter() - began
         if step == start_step + 1:
             first_step_items, first_step_seconds = items_all, seconds
@@ -330,6 +399,7 @@ def train_loop(
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
+        stop_if_asked(accelerator, step)
     bar.close()
 
     if not timed_seconds and first_step_seconds:  # a single step: its own rate is all there is
@@ -343,6 +413,14 @@ def train_loop(
         train_seconds=timed_seconds + first_step_seconds,
         last_metrics=last,
     )
+
+
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric's mean over the processes (float64, one all-reduce); unchanged with one process."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(metrics, accelerator.reduce(values, "mean").tolist()))
 
 
 def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_seconds: float) -> dict:

@@ -222,13 +222,12 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
             "max_length": cfg.max_length,
             **count_parameters(accelerator.unwrap_model(module).model),
         }
-        accelerator.wait_for_everyone()
-        registered: list[RegisteredVersion] = []
-        if accelerator.is_main_process:
+        loop.dump_trainable(accelerator, accelerator.unwrap_model(module).model, "reward")
+
+        def save_and_register() -> StageResult:  # the main process only; the others wait for it
             adapter_dir, merged_dir = save_adapter_and_merged(
                 accelerator.unwrap_model(module).model, tokenizer, cfg.output
             )
-            metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
             accuracy_tag = {"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {}
             registered = RegisteredVersion.from_entries(
@@ -238,12 +237,21 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
                     tags=accuracy_tag,
                 )
             )
-        outcome = StageResult.of(
-            "reward", "trained", cfg.output, metrics, processes=accelerator.num_processes, registered=registered
-        )
-        if accelerator.is_main_process:
+            outcome = StageResult.of(
+                "reward",
+                "trained",
+                cfg.output,
+                {**metrics, "adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir)},
+                processes=accelerator.num_processes,
+                registered=registered,
+            )
             run.log_dict(outcome.model_dump(mode="json"), "reward/metrics.json")
             loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
+            return outcome
+
+        outcome = loop.on_main_then_wait(accelerator, save_and_register)
+        if outcome is None:  # a non-main process: the same metrics, nothing written or registered
+            outcome = StageResult.of("reward", "trained", cfg.output, metrics, processes=accelerator.num_processes)
         return outcome
 
 
@@ -300,7 +308,10 @@ def evaluate_reward_model(cfg: RewardConfig) -> StageResult:
         metrics.update(dropped_too_long=pairs.dropped_too_long, subset=subset, model=cfg.model)
         _log_eval(run, metrics, step=0)
         outcome = StageResult.of("reward", "evaluated", cfg.output, metrics, processes=accelerator.num_processes)
-        if accelerator.is_main_process:
+
+        def write() -> None:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             loop.write_metrics(cfg.output, outcome)
+
+        loop.on_main_then_wait(accelerator, write)
         return outcome

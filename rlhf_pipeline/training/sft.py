@@ -218,22 +218,30 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
             "train_rows": len(train_set),
             **count_parameters(accelerator.unwrap_model(module).model),
         }
-        accelerator.wait_for_everyone()
-        registered: list[RegisteredVersion] = []
-        if accelerator.is_main_process:
+        loop.dump_trainable(accelerator, accelerator.unwrap_model(module).model, "sft")
+
+        def save_and_register() -> StageResult:  # the main process only; the others wait for it
             adapter_dir, merged_dir = save_adapter_and_merged(
                 accelerator.unwrap_model(module).model, tokenizer, cfg.output
             )
-            metrics.update(adapter_dir=str(adapter_dir), merged_dir=str(merged_dir))
             registered = RegisteredVersion.from_entries(
                 run.register(
                     merged_dir if cfg.register_weights == "merged" else adapter_dir, artifact_path=cfg.register_weights
                 )
             )
-        outcome = StageResult.of(
-            "sft", "trained", cfg.output, metrics, processes=accelerator.num_processes, registered=registered
-        )
-        if accelerator.is_main_process:
+            outcome = StageResult.of(
+                "sft",
+                "trained",
+                cfg.output,
+                {**metrics, "adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir)},
+                processes=accelerator.num_processes,
+                registered=registered,
+            )
             run.log_dict(outcome.model_dump(mode="json"), "sft/metrics.json")
             loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
+            return outcome
+
+        outcome = loop.on_main_then_wait(accelerator, save_and_register)
+        if outcome is None:  # a non-main process: the same metrics, nothing written or registered
+            outcome = StageResult.of("sft", "trained", cfg.output, metrics, processes=accelerator.num_processes)
         return outcome

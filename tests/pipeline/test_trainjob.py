@@ -56,10 +56,27 @@ def test_manifest_is_a_valid_trainjob():
     override = spec["podTemplateOverrides"][0]
     assert override["targetJobs"] == [{"name": "node"}]
     pod = override["spec"]
-    assert pod["volumes"] == [{"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}}]
-    assert pod["containers"] == [
-        {"name": "node", "volumeMounts": [{"name": "rlhf-model-cache", "mountPath": "/mnt/rlhf-cache"}]}
+    assert pod["volumes"] == [
+        {"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},  # NCCL's shared memory
     ]
+    assert pod["containers"] == [
+        {
+            "name": "node",
+            "volumeMounts": [
+                {"name": "rlhf-model-cache", "mountPath": "/mnt/rlhf-cache"},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ],
+        }
+    ]
+    # the images' non-root user may write to the PVC
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "fsGroupChangePolicy": "OnRootMismatch",
+    }
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -88,6 +105,60 @@ def test_runtime_patches_variant_and_options():
     assert spec["trainer"]["command"][:2] == ["bash", "-c"] and "accelerate launch" in spec["trainer"]["command"][2]
     assert "rlhf_pipeline.cli reward" in spec["trainer"]["command"][2]
     assert spec["runtimeRef"]["name"] == "my-torch"
+
+
+def _run_launcher_script(command: list[str], **env: str) -> list[str]:
+    """The accelerate launcher's bash script, run with `accelerate` replaced by echo: the arguments it would get."""
+    import os
+    import subprocess
+    import sys
+
+    assert command[:2] == ["bash", "-c"]
+    script = command[2].replace("exec accelerate", "echo").replace("python3 -c", f"{sys.executable} -c")
+    pet = {"PET_MASTER_ADDR": "master", "PET_MASTER_PORT": "29500", "PET_NODE_RANK": "0", **env}
+    out = subprocess.run(
+        ["bash", "-c", script, command[3]], env={"PATH": os.environ["PATH"], **pet}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "per_node, env, processes, multi",
+    [
+        (None, {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "auto"}, "2", True),  # the runtime's word: GPUs here (0 -> 1)
+        (None, {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4"}, "8", True),
+        (None, {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1"}, "1", False),
+        (8, {"PET_NNODES": "2"}, "16", True),
+    ],
+)
+def test_accelerate_launcher_counts_processes_when_the_runtime_decides(per_node, env, processes, multi):
+    """`auto` (numProcPerNode left to the runtime) must not become 0 processes in shell arithmetic, and more than
+    one process in all needs --multi_gpu (accelerate infers it only from several GPUs on one node)."""
+    args = _run_launcher_script(tj.launch_command("accelerate", "sft", "/cfg/config.yaml", per_node), **env)
+    assert args[args.index("--num_processes") + 1] == processes
+    assert args[args.index("--num_machines") + 1] == env["PET_NNODES"]
+    assert ("--multi_gpu" in args) is multi
+    assert args[-3:] == ["sft", "--config", "/cfg/config.yaml"]
+
+
+def test_the_launchers_mlflow_run_reaches_the_training_pods():
+    """Kubeflow's MLflow plugin injects MLFLOW_RUN_ID into the launcher pod; the training pods get it (also as
+    the copy MLflow does not remove) and attach to that run."""
+    forwarded = tj.forwarded_env({"MLFLOW_RUN_ID": "abc", "MLFLOW_EXPERIMENT_ID": "7", "HOME": "/root"})
+    assert forwarded == {"MLFLOW_RUN_ID": "abc", "RLHF_MLFLOW_RUN_ID": "abc", "MLFLOW_EXPERIMENT_ID": "7"}
+    assert tj.forwarded_env({"RLHF_MLFLOW_RUN_ID": "abc"})["MLFLOW_RUN_ID"] == "abc"  # after MLflow removed it
+    m = tj.build_manifest(
+        name="rlhf-sft-x",
+        stage="sft",
+        image="i",
+        config_path="/c.yaml",
+        settings=settings_data(),
+        run_env=forwarded,
+    )
+    assert tj.validate_manifest(m) == []
+    env = {e["name"]: e.get("value") for e in m["spec"]["trainer"]["env"]}
+    assert env["MLFLOW_RUN_ID"] == env["RLHF_MLFLOW_RUN_ID"] == "abc" and env["MLFLOW_EXPERIMENT_ID"] == "7"
 
 
 def test_names_are_deterministic_dns_labels():
@@ -231,6 +302,7 @@ def test_launcher_wires_the_stage_from_its_inputs(stage, inputs, want, tmp_path,
     (tmp_path / "SFT" / "merged" / "config.json").write_text("{}")
     created = []
     monkeypatch.setattr(tj, "run_trainjob", lambda manifest, **_: created.append(manifest))
+    monkeypatch.setenv("MLFLOW_RUN_ID", "kfp-created-run")  # injected by Kubeflow's MLflow plugin
     arts = {
         "sft_model": Art(tmp_path / "sft-art", output_dir=str(tmp_path / "SFT")),
         "reward_model": Art(tmp_path / "rm-art", output_dir=str(tmp_path / "RM")),
@@ -255,3 +327,5 @@ def test_launcher_wires_the_stage_from_its_inputs(stage, inputs, want, tmp_path,
     expected = {k: (v if v == "BASE" else str(tmp_path / v)) for k, v in want.items()}
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["data"] == str(tmp_path / "work" / "run-1" / "data")
+    env = {e["name"]: e.get("value") for e in created[0]["spec"]["trainer"]["env"]}
+    assert env["MLFLOW_RUN_ID"] == env["RLHF_MLFLOW_RUN_ID"] == "kfp-created-run"
