@@ -66,6 +66,13 @@ def get(key: str) -> Stage:
     return stage
 
 
+def registered_name(prefix: str, key: str) -> str:
+    """The registered model a stage's output becomes: `<prefix>-<Stage.registers>` (`rlhf-policy` for PPO and DPO),
+    `<prefix>-<key>` for a stage the registry does not know."""
+    stage = STAGES.get(key)
+    return f"{prefix}-{stage.registers if stage is not None and stage.registers else key}"
+
+
 def training_stages() -> list[Stage]:
     return [s for s in STAGES.values() if s.trainjob]
 

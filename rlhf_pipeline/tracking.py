@@ -28,6 +28,7 @@ from pydantic import Field
 from rlhf_pipeline.config import StageConfig
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.http_probe import is_http_url, probe
+from rlhf_pipeline.stages import registered_name
 
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # what Kubeflow's MLflow plugin injects (and MLflow removes again)
@@ -135,14 +136,15 @@ class StageRun:
         tags: dict[str, str] | None = None,
         artifact_path: str = "model",
     ) -> dict[str, Any] | None:
-        """Upload `local_dir` as run artifacts and register it as a new version of `<prefix>-<stage>`."""
+        """Upload `local_dir` as run artifacts and register it as a new version of the stage's registered model
+        (`stages.registered_name`: `<prefix>-sft`, `<prefix>-reward`, `<prefix>-policy`) unless `name` is given."""
         if not self.register_enabled:
             return None
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        name = name or f"{self.prefix}-{self.stage}"
+        name = name or registered_name(self.prefix, self.stage)
         mlflow.log_artifacts(str(local_dir), artifact_path)
         client = MlflowClient()
         try:

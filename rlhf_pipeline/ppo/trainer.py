@@ -218,7 +218,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
 
         def save_and_register() -> StageResult:  # the main process only; the others wait for it
             adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
-            entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": "ppo"})
+            entry = run.register(merged_dir, tags={"algorithm": "ppo"})
             result = StageResult(
                 stage="ppo",
                 status="trained",

@@ -272,7 +272,7 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
 
         def save_and_register() -> StageResult:  # the main process only; the others wait for it
             adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
-            entry = run.register(merged_dir, name=f"{cfg.registered_model_prefix}-policy", tags={"algorithm": cfg.loss})
+            entry = run.register(merged_dir, tags={"algorithm": cfg.loss})
             outcome = StageResult.of(
                 "dpo",
                 "trained",

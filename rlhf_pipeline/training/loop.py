@@ -35,7 +35,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,8 +435,3 @@ def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_s
 def _checkpoint_extra(output: str | Path) -> dict:
     path = latest_checkpoint(output)
     return json.loads((path / "state.json").read_text()).get("extra", {}) if path else {}
-
-
-def autocast_context(accelerator):
-    """Mixed-precision context for forwards outside train_loop (evaluation)."""
-    return accelerator.autocast() if accelerator is not None else nullcontext()
