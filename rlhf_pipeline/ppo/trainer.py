@@ -13,21 +13,13 @@ algorithm reads top to bottom in this file; each PPO step (numbered as in the co
   (5) GAE advantages, whitened              losses.gae_advantages, masked_whiten
   (6) clipped policy + value loss           ppo_update below: minibatches x ppo_epochs, approx-KL early stop
 By role: config.py (options), rollout.py (which prompts, how long, the samples), policy.py (policy + reference +
-critic on one base, PPO's checkpoints), rewards.py (reward sources); the math is training/losses.py, every
-forward modeling/forward.py. The result is a `results.StageResult`, also written as <output>/metrics.json.
-
-Under `accelerate launch --num_processes N` it is ONE job over the global batch (`--batch-size` prompts per step):
-each process samples, scores and evaluates its share (batch_size / N prompts; its own random state for sampling),
-the update runs through DDP (gradients all-reduced; minibatches of mini_batch_size / N per process), and the
-advantage whitening, the adaptive KL controller, the NaN guard, the early stop and the step's metrics use the
-statistics of the global batch (all-reduced / gathered), so every process takes the same decisions and holds the
-same weights. The main process alone logs to MLflow, checkpoints, saves, registers and writes metrics.json.
+critic on one base, PPO's checkpoints), rewards.py (reward sources), distributed.py (one job over several
+processes), metrics.py (what is logged); the math is training/losses.py, every forward modeling/forward.py. The
+result is a `results.StageResult`, also written as <output>/metrics.json.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -39,6 +31,15 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import ResponseOutputs
 from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.distributed import (
+    all_finite,
+    gather_rows,
+    gather_strings,
+    mean_scalars_over_processes,
+    sum_over_processes,
+    whiten_over_processes,
+)
+from rlhf_pipeline.ppo.metrics import Gathered, Stopwatch, step_metrics, summarize
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout, restore_ppo_state, save_ppo_state
 from rlhf_pipeline.ppo.rewards import FunctionReward, read_reward_model_dir, score_responses
 from rlhf_pipeline.ppo.rollout import log_generations, process_rng, sample_rollout, step_prompts
@@ -60,8 +61,6 @@ from rlhf_pipeline.training.losses import (
     explained_variance,
     gae_advantages,
     kl_penalty,
-    masked_mean,
-    masked_whiten,
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
@@ -319,155 +318,3 @@ def ppo_update(
         explained_variance=float(explained_variance(old_values, returns, mask)),
     )
     return out
-
-
-def summarize(history: list[dict], cfg: PPOConfig) -> dict:
-    """metrics.json: first/last step reward and KL, steady-state throughput (step 1 = warm-up, excluded)."""
-    steady = history[1:] or history
-    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    steady_seconds = sum(cfg.batch_size / r["samples_per_s"] for r in steady)
-    return {
-        "steps": len(history),
-        "samples": len(history) * cfg.batch_size,
-        "reward_first": history[0]["reward_mean"],
-        "reward_last": history[-1]["reward_mean"],
-        "kl_first": history[0]["kl"],
-        "kl_last": history[-1]["kl"],
-        "kl_coef_last": history[-1]["kl_coef"],
-        "reward_mean_last5": mean("reward_mean", history[-5:]),
-        "kl_mean_last5": mean("kl", history[-5:]),
-        "skipped_updates": history[-1]["skipped_updates"],
-        "ppo/samples_per_s": len(steady) * cfg.batch_size / steady_seconds,
-        "ppo/tokens_per_s": sum(r["tokens_per_s"] * cfg.batch_size / r["samples_per_s"] for r in steady)
-        / steady_seconds,
-        "history": history,
-    }
-
-
-# -- plumbing of run_ppo ----------------------------------------------------------------------------------------
-
-
-class Stopwatch:
-    """A PPO step's wall clock: `with clock("generate"): ...` records that block's seconds in `clock.seconds`."""
-
-    def __init__(self):
-        self.began, self.seconds = time.perf_counter(), {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        tic = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = time.perf_counter() - tic
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.began
-
-
-def step_metrics(
-    scores,
-    raw_scores,
-    sequence_kl: float,
-    kl_coef: float,
-    entropy,
-    mask,
-    has_eos,
-    update: dict,
-    skipped: int,
-    clock: Stopwatch,
-    cfg: PPOConfig,
-) -> dict[str, float]:
-    """One PPO step's MLflow metrics (`ppo/...`) over the step's (global) batch: per-response `scores`,
-    `raw_scores`, `has_eos` [B], per-token `entropy` and response `mask` [B, R]; `update` is ppo_update's stats less
-    skipped_updates."""
-    seconds, n_tokens = clock.elapsed(), float(mask.sum())
-    update = dict(update)
-    return {
-        "ppo/reward_mean": float(scores.mean()),
-        "ppo/reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "ppo/reward_raw_mean": float(raw_scores.mean()),
-        "ppo/kl": sequence_kl,
-        "ppo/kl_coef": kl_coef,
-        "ppo/entropy": float(masked_mean(entropy, mask)),
-        "ppo/response_length": float(mask.sum(-1).mean()),
-        "ppo/eos_rate": float(has_eos.float().mean()),
-        "ppo/explained_variance": update.pop("explained_variance"),
-        **{f"ppo/{k}": v for k, v in update.items()},
-        "ppo/skipped_updates": float(skipped),
-        "ppo/tokens_per_s": n_tokens / seconds,
-        "ppo/samples_per_s": cfg.batch_size / seconds,
-        **{f"ppo/time_{k}_s": v for k, v in clock.seconds.items()},
-    }
-
-
-# -- several processes: one job over the global batch --------------------------------------------------------------
-
-
-def sum_over_processes(accelerator, values: torch.Tensor) -> float:
-    """The sum of `values` over every process (float64)."""
-    total = values.detach().double().sum().to(accelerator.device)
-    return float(accelerator.reduce(total, "sum"))
-
-
-def all_finite(accelerator, value: torch.Tensor) -> bool:
-    """Whether `value` is finite on every process (one all-reduce)."""
-    finite = torch.isfinite(value.detach()).all().double().to(accelerator.device)
-    return bool(accelerator.reduce(finite, "sum") == accelerator.num_processes)
-
-
-def mean_scalars_over_processes(accelerator, values) -> list[torch.Tensor]:
-    """Each scalar's mean over the processes (float64, one all-reduce)."""
-    stacked = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in values])
-    return list(accelerator.reduce(stacked.to(accelerator.device), "mean").unbind())
-
-
-def whiten_over_processes(accelerator, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`masked_whiten` with the mean and (unbiased) variance of the masked values of EVERY process (all-reduced
-    masked sums); exactly `masked_whiten` with one process."""
-    if accelerator.num_processes == 1:
-        return masked_whiten(values, mask)
-    weights = mask.to(values.dtype)
-    sums = accelerator.reduce(torch.stack([(values * weights).sum(), weights.sum()]).double(), "sum")
-    count = sums[1].clamp(min=1.0)
-    mean = sums[0] / count
-    squares = accelerator.reduce(((values.double() - mean) ** 2 * weights.double()).sum(), "sum")
-    variance = squares / count
-    if sums[1] > 1:
-        variance = variance * sums[1] / (sums[1] - 1)
-    mean, variance = mean.to(values.dtype), variance.to(values.dtype)
-    return (values - mean) * torch.rsqrt(variance + 1e-8) * weights
-
-
-def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's rows [b, ...] as one tensor [B, ...] in rank order; a second dim (the response length,
-    which may differ per process) is padded with zeros first (a zero mask hides the padding)."""
-    tensor = tensor.detach().to(accelerator.device)
-    if tensor.dim() > 1:
-        tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=0)
-    return accelerator.gather(tensor)
-
-
-def gather_strings(accelerator, texts: list[str]) -> list[str]:
-    """Every process's strings in rank order."""
-    if accelerator.num_processes == 1:
-        return texts
-    from accelerate.utils import gather_object
-
-    return list(gather_object(list(texts)))
-
-
-class Gathered:
-    """The per-response quantities of step_metrics over the global batch (this process's own with one)."""
-
-    def __init__(self, scores, raw_scores, entropy, mask, has_eos):
-        self.scores, self.raw_scores, self.entropy, self.mask, self.has_eos = scores, raw_scores, entropy, mask, has_eos
-
-    @classmethod
-    def of(cls, accelerator, scores, raw_scores, entropy, mask, has_eos) -> Gathered:
-        if accelerator.num_processes == 1:
-            return cls(scores, raw_scores, entropy, mask, has_eos)
-        return cls(
-            *(gather_rows(accelerator, t).cpu() for t in (scores, raw_scores.float(), entropy.float(), mask)),
-            gather_rows(accelerator, has_eos.to(torch.int64)).cpu().bool(),
-        )
