@@ -43,7 +43,7 @@ from rlhf_pipeline.ppo.metrics import Gathered, Stopwatch, step_metrics, summari
 from rlhf_pipeline.ppo.policy import PolicyWithValue, disable_dropout, restore_ppo_state, save_ppo_state
 from rlhf_pipeline.ppo.rewards import FunctionReward, read_reward_model_dir, score_responses
 from rlhf_pipeline.ppo.rollout import log_generations, process_rng, sample_rollout, step_prompts
-from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.loop import (
     build_accelerator,
     build_optimizer,
@@ -65,6 +65,7 @@ from rlhf_pipeline.training.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rlhf_pipeline.training.outputs import finish_stage
 
 
 def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
@@ -215,26 +216,15 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         summary = summarize(history, cfg)
         dump_trainable(accelerator, model, "ppo")
 
-        def save_and_register() -> StageResult:  # the main process only; the others wait for it
-            adapter_dir, merged_dir = model.save_trained(cfg.output, tokenizer)
-            entry = run.register(merged_dir, tags={"algorithm": "ppo"})
-            result = StageResult(
-                stage="ppo",
-                status="trained",
-                output=str(cfg.output),
-                processes=world,
-                registered=RegisteredVersion.from_entries(entry),
-                adapter=str(adapter_dir),
-                merged=str(merged_dir),
-                **summary,
-            )
-            result.write()  # last: its presence marks the run finished
-            return result
-
-        result = on_main_then_wait(accelerator, save_and_register)
-        if result is None:  # a non-main process: the same summary, nothing written or registered
-            result = StageResult(stage="ppo", status="trained", output=str(cfg.output), processes=world, **summary)
-        return result
+        return finish_stage(
+            accelerator,
+            run,
+            "ppo",
+            str(cfg.output),
+            summary,
+            lambda: model.save_trained(cfg.output, tokenizer),
+            tags={"algorithm": "ppo"},
+        )
 
 
 def ppo_update(

@@ -23,7 +23,7 @@ from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import shared_prefix_response_logprobs
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
-from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.training.pair_eval import gather_over_pairs
@@ -164,14 +164,13 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
         finished_run,
         micro_batches,
         micro_batches_per_epoch,
-        on_main_then_wait,
         resume_if_possible,
         set_seed,
         total_optimizer_steps,
         tracked_run,
         train_loop,
-        write_metrics,
     )
+    from rlhf_pipeline.training.outputs import finish_stage
     from rlhf_pipeline.training.trainable import trainable_model
 
     done = finished_run(cfg.output, "dpo")
@@ -270,21 +269,12 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
             summary.update(eval_metrics)
         dump_trainable(accelerator, unwrapped, "dpo")
 
-        def save_and_register() -> StageResult:  # the main process only; the others wait for it
-            adapter_dir, merged_dir = save_adapter_and_merged(unwrapped, tokenizer, cfg.output)
-            entry = run.register(merged_dir, tags={"algorithm": cfg.loss})
-            outcome = StageResult.of(
-                "dpo",
-                "trained",
-                cfg.output,
-                {**summary, "adapter": str(adapter_dir), "merged": str(merged_dir)},
-                processes=accelerator.num_processes,
-                registered=RegisteredVersion.from_entries(entry),
-            )
-            write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
-            return outcome
-
-        outcome = on_main_then_wait(accelerator, save_and_register)
-        if outcome is None:  # a non-main process: the same summary, nothing written or registered
-            outcome = StageResult.of("dpo", "trained", cfg.output, summary, processes=accelerator.num_processes)
-        return outcome
+        return finish_stage(
+            accelerator,
+            run,
+            "dpo",
+            cfg.output,
+            summary,
+            lambda: save_adapter_and_merged(unwrapped, tokenizer, cfg.output),
+            tags={"algorithm": cfg.loss},
+        )

@@ -28,9 +28,10 @@ from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.modeling.unpadded_attention import enable_shared_prefix
-from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.options import LoopOptions
+from rlhf_pipeline.training.outputs import finish_stage
 from rlhf_pipeline.training.pair_eval import gather_over_pairs
 from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
 from rlhf_pipeline.training.trainable import trainable_model
@@ -224,35 +225,19 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
         }
         loop.dump_trainable(accelerator, accelerator.unwrap_model(module).model, "reward")
 
-        def save_and_register() -> StageResult:  # the main process only; the others wait for it
-            adapter_dir, merged_dir = save_adapter_and_merged(
-                accelerator.unwrap_model(module).model, tokenizer, cfg.output
-            )
-            run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
-            accuracy_tag = {"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {}
-            registered = RegisteredVersion.from_entries(
-                run.register(
-                    merged_dir if cfg.register_weights == "merged" else adapter_dir,
-                    artifact_path=cfg.register_weights,
-                    tags=accuracy_tag,
-                )
-            )
-            outcome = StageResult.of(
-                "reward",
-                "trained",
-                cfg.output,
-                {**metrics, "adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir)},
-                processes=accelerator.num_processes,
-                registered=registered,
-            )
-            run.log_dict(outcome.model_dump(mode="json"), "reward/metrics.json")
-            loop.write_metrics(cfg.output, outcome)  # last: its presence marks the run finished
-            return outcome
-
-        outcome = loop.on_main_then_wait(accelerator, save_and_register)
-        if outcome is None:  # a non-main process: the same metrics, nothing written or registered
-            outcome = StageResult.of("reward", "trained", cfg.output, metrics, processes=accelerator.num_processes)
-        return outcome
+        model = accelerator.unwrap_model(module).model
+        run.log_metrics({"rm/dropped_too_long": metrics["dropped_too_long"]}, step=result.steps)
+        return finish_stage(
+            accelerator,
+            run,
+            "reward",
+            cfg.output,
+            metrics,
+            lambda: save_adapter_and_merged(model, tokenizer, cfg.output),
+            register=cfg.register_weights,
+            artifact_path=cfg.register_weights,
+            tags={"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {},
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

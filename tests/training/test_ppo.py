@@ -587,8 +587,8 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
         "samples",
         "skipped_updates",
         "ppo/tokens_per_s",
-        "adapter",
-        "merged",
+        "adapter_dir",
+        "merged_dir",
     ):
         assert key in metrics, key
     assert metrics["history"] == json.loads(json.dumps(summary.history))  # (NaN -> null in the file)

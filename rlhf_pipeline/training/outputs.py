@@ -1,0 +1,51 @@
+"""What a finished training stage leaves behind, written once however many processes trained it: `adapter/` and
+`merged/`, one registered model version, and its `StageResult` as `<output>/metrics.json` (written last: its
+presence marks the run finished)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training.loop import on_main_then_wait, write_metrics
+
+
+def finish_stage(
+    accelerator,
+    run,
+    stage: str,
+    output: str,
+    metrics: dict[str, Any],
+    save: Callable[[], tuple[Path, Path]],
+    *,
+    register: Literal["merged", "adapter"] = "merged",
+    artifact_path: str = "model",
+    tags: dict[str, str] | None = None,
+) -> StageResult:
+    """On the main process: `save()` -> (adapter_dir, merged_dir), register one of them (as the run's artifacts under
+    `artifact_path`), log and write the result; the other processes wait and return the same metrics (nothing
+    written, nothing registered)."""
+
+    def on_main() -> StageResult:
+        adapter_dir, merged_dir = save()
+        entry = run.register(
+            merged_dir if register == "merged" else adapter_dir, artifact_path=artifact_path, tags=tags
+        )
+        result = StageResult.of(
+            stage,
+            "trained",
+            output,
+            {**metrics, "adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir)},
+            processes=accelerator.num_processes,
+            registered=RegisteredVersion.from_entries(entry),
+        )
+        run.log_dict(result.model_dump(mode="json"), f"{stage}/metrics.json")
+        write_metrics(output, result)
+        return result
+
+    result = on_main_then_wait(accelerator, on_main)
+    if result is None:
+        result = StageResult.of(stage, "trained", output, metrics, processes=accelerator.num_processes)
+    return result
