@@ -78,6 +78,8 @@ def format_validation_error(exc: ValidationError, overrides: dict[str, Any], sou
     where = flag_name(field) if field in overrides else f"{field} (from {source})"
     if err["type"] == "extra_forbidden":
         msg = f"unknown option {where}"
+    elif err["type"] == "missing":
+        msg = f"missing required option {flag_name(field)} (or `{field}:` in a --config recipe)"
     else:
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"

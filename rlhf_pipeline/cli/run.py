@@ -72,6 +72,9 @@ def run_command(
         sets,
     )
     if print_config:
+        from rlhf_pipeline.orchestration.run_config import validate_stage_options
+
+        validate_stage_options(cfg)  # what is printed is what a run would accept
         click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
         return 0
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)

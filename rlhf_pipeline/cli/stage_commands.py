@@ -41,14 +41,53 @@ def _parse_cli_value(annotation: Any, raw: str) -> Any:
     return raw
 
 
+class _ShownAs(click.ParamType):
+    """A type for the help text only ("INTEGER", "FLOAT"): the raw string goes on to pydantic, which validates it
+    with the field's constraints and names the flag in its one-line error (click's own INT would pre-empt that)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value
+
+
+_SHOWN_AS = {int: _ShownAs("integer"), float: _ShownAs("float")}
+
+
+def _option_type(ann: Any) -> click.ParamType | None:
+    """Choices for Literal fields (click validates and lists them), number names for int/float, else TEXT."""
+    if typing.get_origin(ann) is typing.Literal:
+        return click.Choice([str(v) for v in typing.get_args(ann)])
+    if typing.get_origin(ann) is list:
+        (item,) = typing.get_args(ann) or (str,)
+        return _SHOWN_AS.get(item)
+    return _SHOWN_AS.get(ann)
+
+
+def _help_text(field: Any) -> str:
+    """The field's description and either [required] or its default (a factory's value, not the factory)."""
+    if field.is_required():
+        return (field.description or "") + " [required]"
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == [] or default == {}:
+        return field.description or ""
+    if isinstance(default, list):
+        default = ",".join(str(v) for v in default)
+    elif isinstance(default, str) and "\n" in default:
+        default = repr(default)  # a multi-line template, shown on one line with its \n
+    return f"{field.description or ''} [default: {default}]"
+
+
 def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
-    """One click option per config field; defaults stay None so only flags actually given override."""
+    """One click option per config field; defaults stay None so only flags actually given override.
+
+    Required fields are shown as [required] but not enforced by click: a recipe (`--config`) may supply them, and
+    StageConfig.load reports a missing one in one line naming the flag."""
     options = []
     for name, field in config_cls.model_fields.items():
         ann = _unwrap_optional(field.annotation)
-        default = field.default if field.default is not None else None
-        shown = "" if default is None or callable(default) else f" [default: {default}]"
-        help_ = (field.description or "") + shown
+        help_ = _help_text(field)
         if ann is bool:
             flag = flag_name(name)
             decl = f"{flag}/--no-{flag[2:]}"
@@ -60,6 +99,7 @@ def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
                     [flag_name(name), name],
                     default=None,
                     help=help_,
+                    type=_option_type(ann),
                     multiple=repeatable,
                     metavar="A,B,..." if repeatable else None,
                 )

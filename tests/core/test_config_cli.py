@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 from pydantic import Field
 
@@ -114,3 +116,70 @@ def test_model_level_error_is_one_line():
 
     with pytest.raises(UserError, match=r"^invalid options: a \+ b must be at most 1$"):
         Fractions.load(None, {"a": "0.9"})
+
+
+class ChoicesConfig(StageConfig):
+    data: str = Field(..., description="Input dir.")
+    steps: int = Field(3, gt=0, description="Steps.")
+    lr: float = Field(1e-4, description="Rate.")
+    mode: Literal["fast", "exact"] = Field("fast", description="Mode.")
+    widths: list[int] = Field(default_factory=lambda: [2, 4], description="Widths.")
+    template: str = Field("Q: {q}\n\nA:", description="Template.")
+
+
+def _help_line(help_text: str, flag: str) -> str:
+    """The help entry of one flag, its wrapped lines joined."""
+    entry, started = [], False
+    for line in help_text.splitlines():
+        if line.lstrip().startswith("--"):
+            if started:
+                break
+            started = line.lstrip().startswith(flag + " ")
+        if started:
+            entry.append(" ".join(line.split()))
+    return " ".join(entry)
+
+
+def test_help_shows_required_numbers_and_choices():
+    from click.testing import CliRunner
+
+    cmd = stage_command("demo", ChoicesConfig, lambda cfg: None, help="demo")
+    text = CliRunner().invoke(cmd, ["--help"], terminal_width=200).output
+    assert "PydanticUndefined" not in text and "<function" not in text
+    assert _help_line(text, "--data") == "--data TEXT Input dir. [required]"
+    assert _help_line(text, "--steps") == "--steps INTEGER Steps. [default: 3]"
+    assert _help_line(text, "--lr") == "--lr FLOAT Rate. [default: 0.0001]"
+    assert _help_line(text, "--mode") == "--mode [fast|exact] Mode. [default: fast]"
+    assert _help_line(text, "--widths") == "--widths A,B,... Widths. [default: 2,4]"
+    assert _help_line(text, "--template") == r"--template TEXT Template. [default: 'Q: {q}\n\nA:']"
+
+
+def test_typed_options_still_validated_by_the_config(capsys, monkeypatch):
+    import rlhf_pipeline.cli as cli_mod
+
+    seen = {}
+    cmd = stage_command("demo", ChoicesConfig, lambda cfg: seen.setdefault("cfg", cfg), help="demo")
+    monkeypatch.setattr(cli_mod.LazyGroup, "get_command", lambda self, ctx, name: cmd)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--data", "d", "--steps", "7", "--lr", "2e-5", "--mode", "exact", "--widths", "8,16"])
+    assert exc.value.code == 0
+    assert (seen["cfg"].steps, seen["cfg"].lr, seen["cfg"].mode, seen["cfg"].widths) == (7, 2e-5, "exact", [8, 16])
+    for argv, flag in ((["--mode", "slow"], "--mode"), (["--steps", "0"], "--steps"), (["--lr", "x"], "--lr")):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--data", "d", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.count("\n") == 0 and flag in err, err
+    with pytest.raises(SystemExit) as exc:  # a required field missing: one line naming it
+        main(["demo"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and "--data" in err, err
+
+
+def test_run_print_config_refuses_an_unknown_stage_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--print-config", "--set", "sft.max_seq_length=512"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and "sft.max_seq_length" in err, err
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--print-config", "--set", "sft.max_steps=3"])
+    assert exc.value.code == 0 and "max_steps: 3" in capsys.readouterr().out
