@@ -1,6 +1,7 @@
 """`rlhf run`'s console: kfp.local prints task start/finish lines and the steps' output to stdout; the tee copies
-it into the log, StepTimer turns the start/finish lines into progress lines and per-step wall and CPU times,
-and the terminal sees everything only with --verbose.
+it into the log, StepTimer turns the start/finish lines into progress lines and per-step wall and CPU times and
+the steps' tqdm refreshes into the spinner's "step n/N · loss · ETA", and the terminal sees everything only with
+--verbose.
 """
 
 from __future__ import annotations
@@ -29,6 +30,24 @@ TASK_LABELS = {
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _FINISH = re.compile(r"Task '([^']+)' finished with status (\w+)")
+# A tqdm update ("sft:  30%|███   | 12/40 [00:05<00:12,  2.31step/s, loss=1.2345, lr=1e-04]"): kfp.local reads the
+# step's output in text mode, so every \r-terminated refresh arrives here as a line of its own.
+_TQDM = re.compile(
+    r"(?P<desc>[^:|\]]+):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s+\[[^<\]]*<(?P<eta>[^,\]]+)(?P<rest>[^\]]*)\]"
+)
+_LOSS = re.compile(r"\bloss=([^,\]\s]+)")
+
+
+def progress_text(line: str) -> str | None:
+    """'ppo 12/40 · loss 1.2345 · ETA 00:12' from a tqdm refresh line, None for any other line."""
+    m = _TQDM.search(line)
+    if m is None:
+        return None
+    text = f"{m.group('desc').strip()} {m.group('n')}/{m.group('total')}"
+    if loss := _LOSS.search(m.group("rest")):
+        text += f" · loss {loss.group(1)}"
+    eta = m.group("eta").strip()
+    return text + (f" · ETA {eta}" if eta and eta != "?" else "")
 
 
 def strip_ansi(text: str) -> str:
@@ -79,6 +98,8 @@ class StepTimer:
                 self.live.update("waiting for the next step…")
             return
         if self.current is not None:
+            if self.live is not None and (progress := progress_text(clean)) is not None:
+                self.live.update(f"{self.label(self.current)}: {progress}")
             buf = self.output.setdefault(self.current, [])
             buf.append(clean)
             del buf[:-200]
