@@ -9,6 +9,7 @@ from typing import Any
 
 from rlhf_pipeline.orchestration.run_config import LocalRunConfig
 from rlhf_pipeline.orchestration.run_console import StepTimer
+from rlhf_pipeline.secrets import redact
 
 
 def _latest(pattern: str, root: Path) -> Path | None:
@@ -52,7 +53,7 @@ def collect_summary(
         "step_cpu_seconds": cpu,
         "metrics": metrics,
         "registered": versions,
-        "tracking_uri": cfg.tracking(),
+        "tracking_uri": redact(cfg.tracking()),  # printed and written to summary.json: no password
         "work_dir": str(run_dir) if run_dir else None,
         "log": str(log_path),
         **paths,
