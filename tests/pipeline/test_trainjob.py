@@ -59,16 +59,26 @@ def test_manifest_is_a_valid_trainjob():
     assert pod["volumes"] == [
         {"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},  # NCCL's shared memory
+        {"name": "tmp", "emptyDir": {}},  # the only writable path besides the PVC (read-only root)
     ]
     assert pod["containers"] == [
         {
             "name": "node",
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "volumeMounts": [
                 {"name": "rlhf-model-cache", "mountPath": "/mnt/rlhf-cache"},
                 {"name": "dshm", "mountPath": "/dev/shm"},
+                {"name": "tmp", "mountPath": "/tmp"},
             ],
         }
     ]
+    assert env["HOME"]["value"] == "/tmp"
     # the images' non-root user may write to the PVC
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
@@ -76,6 +86,7 @@ def test_manifest_is_a_valid_trainjob():
         "runAsGroup": 10001,
         "fsGroup": 10001,
         "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -226,6 +237,14 @@ class FakeApi:
     def create_namespaced_custom_object(self, group, version, ns, plural, body):
         self.created.append((ns, body))
 
+    runtimes = ("torch-distributed",)  # the ClusterTrainingRuntimes this fake cluster has
+
+    def get_cluster_custom_object(self, group, version, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
+        if name not in self.runtimes:
+            raise self._not_found()
+        return {"metadata": {"name": name}}
+
     def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
         self.deleted.append(name)
         self.objects["existing"] = None
@@ -237,6 +256,14 @@ def test_run_trainjob_creates_and_waits_for_completion():
     m["metadata"]["namespace"] = "team"
     tj.run_trainjob(m, poll_seconds=0, api=api, log=lambda *_: None)
     assert [ns for ns, _ in api.created] == ["team"] and api.created[0][1] is m
+
+
+def test_missing_runtime_is_one_line_and_creates_nothing():
+    api = FakeApi(["Complete"])
+    api.runtimes = ()
+    with pytest.raises(RuntimeError, match="^ClusterTrainingRuntime 'torch-distributed' not found"):
+        tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
+    assert api.created == []
 
 
 def test_run_trainjob_raises_on_failure():
