@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline.orchestration.mlflow_filter import equals
 from rlhf_pipeline.orchestration.run_config import LocalRunConfig
 from rlhf_pipeline.orchestration.run_console import StepTimer
 from rlhf_pipeline.secrets import redact
@@ -70,7 +71,7 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
     for stage in ("sft", "reward", "policy"):
         name = f"{cfg.registered_model_prefix}-{stage}"
         try:
-            found = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{run_key}'")
+            found = client.search_model_versions(equals({"name": name, "tags.kfp_run_id": run_key}))
         except Exception:  # noqa: BLE001 (a missing model is just not listed)
             found = []
         for mv in sorted(found, key=lambda v: int(v.version)):
