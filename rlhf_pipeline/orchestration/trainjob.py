@@ -23,6 +23,7 @@ from typing import Any
 
 from rlhf_pipeline import stages
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.secrets import find_credentials
 
 TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
@@ -167,6 +168,9 @@ def build_manifest(
             }.items()
         )
     ]
+    # a TrainJob is readable by anyone who may `get` it: no credential in its plain env
+    for place, kind in find_credentials({e["name"]: e["value"] for e in env}):
+        raise UserError(f"refusing to create the TrainJob: its env would hold {kind} ({place}); use a Secret")
     for secret in settings.get("secrets", {}).values():
         if stage not in secret["steps"]:
             continue

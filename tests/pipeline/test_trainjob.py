@@ -172,6 +172,18 @@ def test_the_launchers_mlflow_run_reaches_the_training_pods():
     assert env["MLFLOW_RUN_ID"] == env["RLHF_MLFLOW_RUN_ID"] == "abc" and env["MLFLOW_EXPERIMENT_ID"] == "7"
 
 
+def test_a_credential_in_the_forwarded_env_is_refused():
+    """The launcher forwards its MLFLOW_TRACKING_URI; one with a password must not land in the TrainJob object."""
+    from rlhf_pipeline.errors import UserError
+
+    run_env = tj.forwarded_env({"MLFLOW_TRACKING_URI": "http://ci:Fake-Pw-77@mlflow:5000", "MLFLOW_RUN_ID": "r"})
+    with pytest.raises(UserError, match=r"would hold a URI with a password \(MLFLOW_TRACKING_URI\)") as exc:
+        tj.build_manifest(
+            name="rlhf-sft-x", stage="sft", image="i", config_path="/c", settings=settings_data(), run_env=run_env
+        )
+    assert "Fake-Pw-77" not in str(exc.value)
+
+
 def test_names_are_deterministic_dns_labels():
     a = tj.trainjob_name("run-1", "reward")
     assert a == tj.trainjob_name("run-1", "reward") != tj.trainjob_name("run-2", "reward")
