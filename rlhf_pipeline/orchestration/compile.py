@@ -52,7 +52,7 @@ def refuse_credentials(docs: list[Any]) -> None:
     The settings are checked first; this catches what reaches the YAML any other way (recipes, defaults)."""
     for place, kind in find_credentials(docs):
         raise UserError(
-            f"refusing to compile: the pipeline would hold {kind} at {place}; pass credentials through a "
+            f"refusing: the pipeline would hold {kind} at {place}; pass credentials through a "
             "Kubernetes Secret (settings `secrets:`), never as a value"
         )
 

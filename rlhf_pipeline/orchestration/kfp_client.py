@@ -114,7 +114,11 @@ def upload(
     client, package: Path, pipeline_name: str, version_name: str, namespace: str | None
 ) -> tuple[str, str, bool]:
     """Upload a compiled pipeline: the pipeline itself the first time, else a new version named `version_name`.
-    Returns (pipeline id, version id, whether the pipeline was created)."""
+    Returns (pipeline id, version id, whether the pipeline was created). A package that holds a credential (one
+    compiled elsewhere, or edited by hand) is refused before anything is sent."""
+    from rlhf_pipeline.orchestration.compile import read_spec, refuse_credentials
+
+    refuse_credentials(read_spec(package))
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         pipeline = client.upload_pipeline(

@@ -205,6 +205,23 @@ def test_schedule_refuses_credential_parameters(capsys):
     assert_one_line_refusal(code, out, err, "schedule", "--param token holds a JSON web token")
 
 
+def test_a_package_holding_a_credential_is_not_uploaded(tmp_path):
+    """`--package` (compiled elsewhere or edited by hand) is checked like a fresh compile, before any request."""
+    from pipelines.rlhf_pipeline import COMPILED
+    from rlhf_pipeline.orchestration.kfp_client import upload
+
+    package = tmp_path / "pipeline.yaml"
+    package.write_text(COMPILED.read_text().replace("http://rlhf-mlflow:5000", CRED_URI))
+
+    class NoCalls:
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} called")
+
+    with pytest.raises(UserError, match="refusing: the pipeline would hold a URI with a password at ") as exc:
+        upload(NoCalls(), package, "rlhf-pipeline", "v1", None)
+    assert PASSWORD not in str(exc.value)
+
+
 @pytest.mark.parametrize(
     "host, allowed",
     [
