@@ -30,7 +30,7 @@ from components.sft import sft
 from components.trainjob import trainjob
 from components.unknown_alignment import unknown_alignment
 from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
-from rlhf_pipeline.orchestration.k8s import configure_task
+from rlhf_pipeline.orchestration.k8s import configure_task, restrict_pod
 from rlhf_pipeline.orchestration.settings import DEFAULT_CACHE_MOUNT, PipelineSettings
 from rlhf_pipeline.stages import STAGES
 
@@ -205,6 +205,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             if k8s:
                 bad.set_caching_options(False)
                 bad.set_cpu_request(s.light_resources.cpu).set_memory_request(s.light_resources.memory)
+                restrict_pod(bad)
 
     return rlhf_pipeline
 

@@ -28,6 +28,7 @@ from pydantic import Field
 from rlhf_pipeline.config import StageConfig
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.http_probe import is_http_url, probe
+from rlhf_pipeline.secrets import redact
 from rlhf_pipeline.stages import registered_name
 
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
@@ -193,7 +194,7 @@ def _flat_params(stage: str, params: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in params.items():
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        out[f"{stage}.{key}"] = text[:6000]  # MLflow's param value limit
+        out[f"{stage}.{key}"] = redact(text)[:6000]  # never a password (tracking URI) in a param; MLflow's limit
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_pipeline.evaluation.markdown_safe import inline
+
 
 def report_markdown(
     models: dict[str, dict[str, float]],
@@ -33,9 +35,9 @@ def report_markdown(
     lines += ["", "## Sample generations", ""]
     for i in range(min(cfg.samples_in_report, len(questions))):
         question = questions[i].strip().replace("\n", " ")
-        lines += [f"### Q{i + 1}: {question[:300]}{'...' if len(question) > 300 else ''}", ""]
+        lines += [f"### Q{i + 1}: {inline(question[:300])}{'...' if len(question) > 300 else ''}", ""]
         for name, r in results.items():
             answer = r["responses"][i].strip().replace("\n", " ") or "(empty)"
-            lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {answer[:500]}"]
+            lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {inline(answer[:500])}"]
         lines.append("")
     return "\n".join(lines) + "\n"

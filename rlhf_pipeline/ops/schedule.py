@@ -29,6 +29,7 @@ from rlhf_pipeline.orchestration.kfp_client import (
     is_api_error,
     latest_version_id,
     quiet_stdout,
+    refuse_credential_params,
     upload,
 )
 from rlhf_pipeline.orchestration.pipeline_params import parse_params
@@ -164,6 +165,7 @@ def create(
         raise UserError("--package and --version-id are exclusive: the uploaded version is the one scheduled")
     normalize_cron(cron)
     args = parse_params(params)
+    refuse_credential_params(args)
     client = connect(host, namespace)
     return _call(
         host,

@@ -3,6 +3,7 @@ compiler. Without options it rewrites the committed `pipelines/rlhf_pipeline.yam
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.secrets import find_credentials
 
 
 def default_output() -> Path:
@@ -31,13 +33,28 @@ def uses_trainjob(settings_path: str | None, trainjob: bool = False) -> bool:
 
 
 def compile_to(output: str | Path, settings_path: str | None = None, trainjob: bool = False) -> Path:
+    """Compile to `output`; nothing is written when the result would carry a credential (see `refuse_credentials`)."""
     from pipelines.rlhf_pipeline import compile_pipeline
 
     settings = load_settings(settings_path, trainjob)
     out = Path(output)
     if out.is_dir():
         raise UserError(f"--output {out} is a directory; give a file name (e.g. {out}/rlhf_pipeline.yaml)")
-    return compile_pipeline(out, settings)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        draft = compile_pipeline(Path(tmp) / out.name, settings)
+        refuse_credentials(read_spec(draft))
+        return Path(shutil.move(draft, out))
+
+
+def refuse_credentials(docs: list[Any]) -> None:
+    """One line naming the place when a compiled pipeline holds a credential by value (a URI with a password,
+    a token, a value under a secret-named env variable): the YAML is uploaded to Kubeflow and often committed.
+    The settings are checked first; this catches what reaches the YAML any other way (recipes, defaults)."""
+    for place, kind in find_credentials(docs):
+        raise UserError(
+            f"refusing: the pipeline would hold {kind} at {place}; pass credentials through a "
+            "Kubernetes Secret (settings `secrets:`), never as a value"
+        )
 
 
 def read_spec(path: str | Path) -> list[Any]:

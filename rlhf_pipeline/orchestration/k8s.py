@@ -1,5 +1,13 @@
 """Apply `PipelineSettings` to pipeline tasks with kfp-kubernetes: GPU node pool, resources, retries, caching,
-the model-cache PVC, plain env and secret env. Used by pipelines/rlhf_pipeline.py at compile time."""
+the model-cache PVC, plain env and secret env, and the pod security settings. Used by pipelines/rlhf_pipeline.py
+at compile time.
+
+Pod security ("restricted" profile, docs/deployment.md "Security"): kfp-kubernetes sets the identity
+(`runAsNonRoot`, the images' UID/GID); the KFP backend's compiler adds `allowPrivilegeEscalation: false`,
+`capabilities: drop [ALL]` and `seccompProfile: RuntimeDefault` to every container it creates (KFP >= 2.16). The
+SDK cannot ask for a read-only root filesystem; the paths a step writes get emptyDirs all the same, so a
+cluster-side policy that enforces one does not break the steps.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,21 @@ from typing import Any
 from kfp import kubernetes
 
 from rlhf_pipeline.orchestration.settings import PipelineSettings, training_steps
+
+# The images' non-root user (images/bases.env RLHF_UID, the chart's pod security context).
+IMAGE_UID = 10001
+# What a step writes outside the model-cache PVC: temp files, and the local copies the KFP launcher keeps of
+# artifacts under /<scheme>/<bucket>/... of the pipeline root (minio://, s3://, gs://).
+WRITABLE_DIRS = {"tmp": "/tmp", "kfp-local-minio": "/minio", "kfp-local-s3": "/s3", "kfp-local-gcs": "/gcs"}
+
+
+def restrict_pod(task: Any) -> Any:
+    """What the SDK can set of the "restricted" profile: the non-root identity, and emptyDirs where it writes.
+    Every task of the pipeline gets it (configure_task, and the tasks that need no other settings)."""
+    kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+    for volume, path in WRITABLE_DIRS.items():
+        kubernetes.empty_dir_mount(task, volume_name=volume, mount_path=path)
+    return task
 
 
 def configure_task(
@@ -55,6 +78,7 @@ def configure_task(
             backoff_max_duration=r.backoff_max_duration,
         )
 
+    restrict_pod(task)
     kubernetes.mount_pvc(task, pvc_name=settings.model_cache.pvc_name, mount_path=settings.model_cache.mount_path)
     for name, value in {**settings.env, **settings.cache_env()}.items():
         task.set_env_variable(name, value)

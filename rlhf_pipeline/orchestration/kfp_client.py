@@ -4,6 +4,10 @@ Authentication comes from the environment only, never a flag (flags end up in sh
 `ps`): `$KF_PIPELINES_TOKEN` (or `$KFP_TOKEN`, which `rlhf submit` reads) as a bearer token; else, inside a
 pod, the projected service-account token at `$KF_PIPELINES_SA_TOKEN_PATH`
 (default /var/run/secrets/kubeflow/pipelines/token, which the helm Job mounts); else no credentials.
+
+Credentials never travel where others can read them: a `--host` with `user:password@` and run parameters that
+hold a credential (a URI with a password, a token) are refused, since parameters are shown to everyone in the
+Kubeflow UI; and a token is sent over plain HTTP only to loopback or an in-cluster Service name.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.http_probe import TIMEOUT_S, is_http_url, probe
+from rlhf_pipeline.secrets import find_credentials
 
 TOKEN_ENVS = ("KF_PIPELINES_TOKEN", "KFP_TOKEN")
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -43,6 +49,8 @@ def check_reachable(host: str, timeout: float = TIMEOUT_S) -> None:
     for half a minute and then print a traceback)."""
     if not is_http_url(host):
         raise UserError(f"--host must be an http(s) URL, got {host!r}")
+    if "@" in urlsplit(host).netloc:
+        raise UserError("--host must not carry credentials (user:password@): the token comes from $KF_PIPELINES_TOKEN")
     answer = probe(host.rstrip("/") + HEALTHZ, timeout)
     if not answer.reachable:
         raise UserError(f"Kubeflow Pipelines at {host} is unreachable ({answer.reason})")
@@ -57,8 +65,14 @@ def connect(host: str, namespace: str | None = None):
     """The kfp.Client for `host` (checked reachable first), authenticated from the environment."""
     import kfp
 
+    token = bearer_token()
+    if token and not may_send_token(host):
+        raise UserError(
+            f"refusing to send the Kubeflow token over plain HTTP to {urlsplit(host).hostname}: use https://, "
+            "or the in-cluster Service (http://ml-pipeline.kubeflow.svc.cluster.local:8888)"
+        )
     check_reachable(host)
-    kwargs: dict[str, Any] = {"host": host.rstrip("/"), "existing_token": bearer_token()}
+    kwargs: dict[str, Any] = {"host": host.rstrip("/"), "existing_token": token}
     if namespace:
         kwargs["namespace"] = namespace
     with warnings.catch_warnings(), quiet_stdout():
@@ -67,6 +81,26 @@ def connect(host: str, namespace: str | None = None):
             return kfp.Client(**kwargs)
         except Exception as exc:  # noqa: BLE001 (healthz failures: ApiException, urllib3 errors)
             raise api_error(exc, f"connecting to {host}") from None
+
+
+def may_send_token(host: str) -> bool:
+    """Whether a bearer token may go to `host`: HTTPS, or plain HTTP that stays on this machine or inside the
+    cluster (loopback, a one-label Service name, `*.svc`, `*.svc.cluster.local`)."""
+    url = urlsplit(host)
+    name = (url.hostname or "").lower()
+    if url.scheme == "https":
+        return True
+    return name in ("localhost", "127.0.0.1", "::1") or "." not in name or name.endswith((".svc", ".svc.cluster.local"))
+
+
+def refuse_credential_params(params: dict[str, Any]) -> None:
+    """One line naming the parameter when a run parameter holds a credential (run parameters are stored with
+    the run and shown in the Kubeflow UI)."""
+    for place, kind in find_credentials(params):
+        raise UserError(
+            f"--param {place} holds {kind}: run parameters are visible to everyone in the Kubeflow UI; give the "
+            "steps credentials from a Kubernetes Secret (compile settings `secrets:`)"
+        )
 
 
 def latest_version_id(client, pipeline_id: str, pipeline_name: str) -> str:
@@ -80,7 +114,11 @@ def upload(
     client, package: Path, pipeline_name: str, version_name: str, namespace: str | None
 ) -> tuple[str, str, bool]:
     """Upload a compiled pipeline: the pipeline itself the first time, else a new version named `version_name`.
-    Returns (pipeline id, version id, whether the pipeline was created)."""
+    Returns (pipeline id, version id, whether the pipeline was created). A package that holds a credential (one
+    compiled elsewhere, or edited by hand) is refused before anything is sent."""
+    from rlhf_pipeline.orchestration.compile import read_spec, refuse_credentials
+
+    refuse_credentials(read_spec(package))
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         pipeline = client.upload_pipeline(

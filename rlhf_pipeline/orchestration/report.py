@@ -10,6 +10,8 @@ from typing import Any
 
 from rlhf_pipeline import tracking
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.evaluation.markdown_safe import inline
+from rlhf_pipeline.orchestration.mlflow_filter import equals
 
 CHALLENGER = "challenger"
 FENCE = "`" * 3
@@ -24,7 +26,7 @@ def find_version(client, name: str, *, version: str | None = None, kfp_run_id: s
         if version:
             return client.get_model_version(name, str(version))
         if kfp_run_id:
-            found = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{kfp_run_id}'")
+            found = client.search_model_versions(equals({"name": name, "tags.kfp_run_id": kfp_run_id}))
             if found:
                 return max(found, key=lambda v: int(v.version))
     except MlflowException as exc:
@@ -129,11 +131,12 @@ def render_markdown(
         lines += ["", "## Sample generations", ""]
         for i, g in enumerate(generations, 1):
             q = g["question"].strip()
-            lines += [f"### Question {i}", "", "> " + q[:600].replace("\n", "\n> "), ""]
+            lines += [f"### Question {i}", "", "> " + inline(q[:600]).replace("\n", "\n> "), ""]
             for a in g["answers"]:
                 score = ", ".join(f"{k} {_fmt(a[k])}" for k in ("reward", "kl") if isinstance(a.get(k), (int, float)))
                 text = a["response"].strip()[:800].replace(FENCE, "'" * 3)
-                lines += [f"**{a['model']}**" + (f" ({score})" if score else ""), "", FENCE + "text", text, FENCE, ""]
+                head = f"**{inline(a['model'])}**" + (f" ({score})" if score else "")
+                lines += [head, "", FENCE + "text", text, FENCE, ""]
     if extra.strip():
         lines += ["", "## Evaluation report", "", extra.strip()]
     return "\n".join(lines) + "\n"

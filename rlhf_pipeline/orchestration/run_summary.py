@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline.orchestration.mlflow_filter import equals
 from rlhf_pipeline.orchestration.run_config import LocalRunConfig
 from rlhf_pipeline.orchestration.run_console import StepTimer
+from rlhf_pipeline.secrets import redact
 
 
 def _latest(pattern: str, root: Path) -> Path | None:
@@ -52,7 +54,7 @@ def collect_summary(
         "step_cpu_seconds": cpu,
         "metrics": metrics,
         "registered": versions,
-        "tracking_uri": cfg.tracking(),
+        "tracking_uri": redact(cfg.tracking()),  # printed and written to summary.json: no password
         "work_dir": str(run_dir) if run_dir else None,
         "log": str(log_path),
         **paths,
@@ -69,7 +71,7 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
     for stage in ("sft", "reward", "policy"):
         name = f"{cfg.registered_model_prefix}-{stage}"
         try:
-            found = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{run_key}'")
+            found = client.search_model_versions(equals({"name": name, "tags.kfp_run_id": run_key}))
         except Exception:  # noqa: BLE001 (a missing model is just not listed)
             found = []
         for mv in sorted(found, key=lambda v: int(v.version)):

@@ -8,7 +8,8 @@ can retarget another node pool without recompiling. Kubeflow resolves those two 
 `add_node_selector_json` / `add_toleration_json`); accelerator type/count, CPU and memory are compile-time values
 (a pipeline parameter there is not supported by `kfp.local`, which `rlhf run` needs).
 
-Secrets are referenced by Kubernetes Secret name and key only: the compiled YAML never holds a value.
+Secrets are referenced by Kubernetes Secret name and key only: the compiled YAML never holds a value; plain `env`
+is refused when a name says secret or a value is one (`rlhf_pipeline.secrets`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlhf_pipeline import stages
 from rlhf_pipeline.config import read_recipe
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.secrets import credential_kind, is_secret_name
 
 # Pipeline steps that are not registry stages (no CLI command, no config class): the run report.
 PIPELINE_ONLY_STEPS: tuple[str, ...] = ("report",)
@@ -226,9 +228,17 @@ class PipelineSettings(_Section):
         bad = [k for k in value if not _ENV.match(k)]
         if bad:
             raise ValueError(f"invalid environment variable names {bad}")
-        secretish = [k for k in value if re.search(r"(PASSWORD|SECRET|TOKEN|_KEY)$", k, re.I)]
+        secretish = [k for k in value if is_secret_name(k)]
         if secretish:
             raise ValueError(f"{secretish} look like secrets: reference a Kubernetes Secret under `secrets:`")
+        # by value too: a password in a URI would be written into every task of the compiled YAML
+        for name, text in value.items():
+            kind = credential_kind(text)
+            if kind:
+                raise ValueError(
+                    f"{name} holds {kind}: plain env is written into the compiled pipeline; give the steps the "
+                    "credential from a Kubernetes Secret under `secrets:` (e.g. MLFLOW_TRACKING_USERNAME/PASSWORD)"
+                )
         return value
 
     @model_validator(mode="after")

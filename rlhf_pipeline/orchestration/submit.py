@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.orchestration.kfp_client import api_error, check_reachable, connect, is_api_error, upload
+from rlhf_pipeline.orchestration.kfp_client import (
+    api_error,
+    check_reachable,
+    connect,
+    is_api_error,
+    refuse_credential_params,
+    upload,
+)
 from rlhf_pipeline.orchestration.pipeline_params import parse_params
 
 
@@ -88,12 +95,14 @@ def submit_pipeline(
     pipeline's parameters, upload and start the run."""
     from rlhf_pipeline.orchestration.compile import compile_to, read_spec
 
+    refuse_credential_params(dict(p.partition("=")[::2] for p in params))  # before any request or compile
     check_reachable(host)  # before compiling: an unreachable host should cost seconds, not a compile
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(package) if package else compile_to(Path(tmp) / "rlhf_pipeline.yaml", settings_path, trainjob)
         spec = read_spec(path)[0]
         known = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
         args = parse_params(params, known)
+        refuse_credential_params(args)
         alignment = args.get("alignment", known.get("alignment", {}).get("defaultValue", "ppo"))
         return submit(
             host=host,

@@ -23,6 +23,7 @@ from typing import Any
 
 from rlhf_pipeline import stages
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.secrets import find_credentials
 
 TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
@@ -100,13 +101,29 @@ SHM_VOLUME = "dshm"
 IMAGE_UID = 10001
 
 
+TMP_VOLUME = "tmp"  # the root filesystem is read-only: temp files (torchrun, compile caches) go here
+
+
 def pod_security_context() -> dict[str, Any]:
+    """The "restricted" Pod Security profile, pod level (the chart's `rlhf.podSecurityContext`)."""
     return {
         "runAsNonRoot": True,
         "runAsUser": IMAGE_UID,
         "runAsGroup": IMAGE_UID,
         "fsGroup": IMAGE_UID,
         "fsGroupChangePolicy": "OnRootMismatch",  # chown the PVC once, not on every pod start
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """... and container level: no privilege escalation, no capabilities, nothing writable but the volumes."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
@@ -147,9 +164,13 @@ def build_manifest(
                 **(run_env or {}),
                 "RLHF_CACHE_DIR": root,
                 "HF_HOME": f"{root}/huggingface",
+                "HOME": "/tmp",  # caches under ~ (triton, torch) need a writable home on a read-only root
             }.items()
         )
     ]
+    # a TrainJob is readable by anyone who may `get` it: no credential in its plain env
+    for place, kind in find_credentials({e["name"]: e["value"] for e in env}):
+        raise UserError(f"refusing to create the TrainJob: its env would hold {kind} ({place}); use a Secret")
     for secret in settings.get("secrets", {}).values():
         if stage not in secret["steps"]:
             continue
@@ -177,13 +198,16 @@ def build_manifest(
         "volumes": [
             {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["pvc_name"]}},
             {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": limits.get("memory", res["memory"])}},
+            {"name": TMP_VOLUME, "emptyDir": {}},
         ],
         "containers": [
             {
                 "name": TRAINER_JOB_NAME,
+                "securityContext": container_security_context(),
                 "volumeMounts": [
                     {"name": CACHE_VOLUME, "mountPath": cache["mount_path"]},
                     {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+                    {"name": TMP_VOLUME, "mountPath": "/tmp"},
                 ],
             }
         ],
@@ -368,6 +392,26 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def check_runtime(api: Any, manifest: dict[str, Any], ns: str) -> None:
+    """Fail with one line when the runtime the TrainJob references does not exist: Kubernetes would accept the
+    TrainJob and it would never start. (The runner's ClusterRole grants exactly this `get`.)"""
+    from kubernetes.client.exceptions import ApiException
+
+    ref = manifest["spec"]["runtimeRef"]
+    kind = ref.get("kind", "ClusterTrainingRuntime")
+    try:
+        if kind == "ClusterTrainingRuntime":
+            api.get_cluster_custom_object(TRAINER_GROUP, TRAINER_VERSION, "clustertrainingruntimes", ref["name"])
+        else:
+            api.get_namespaced_custom_object(TRAINER_GROUP, TRAINER_VERSION, ns, "trainingruntimes", ref["name"])
+    except ApiException as exc:
+        if exc.status == 404:
+            raise RuntimeError(
+                f"{kind} {ref['name']!r} not found: install it (Kubeflow Trainer's runtimes) or set trainjob.runtime"
+            ) from None
+        raise
+
+
 def run_trainjob(
     manifest: dict[str, Any], *, poll_seconds: int = 15, timeout_s: float = 48 * 3600, api: Any = None, log=print
 ) -> dict[str, Any]:
@@ -410,6 +454,7 @@ def run_trainjob(
             time.sleep(poll_seconds)
         existing = None
     if existing is None:
+        check_runtime(api, manifest, ns)
         api.create_namespaced_custom_object(*args, manifest)
         log(
             f"created TrainJob {ns}/{name} ({manifest['spec']['trainer'].get('numNodes', 1)} nodes, "

@@ -36,7 +36,9 @@ VARIANTS = {
             "image": {"digest": "sha256:" + "b" * 64},
             "allowedHosts": ["mlflow.example.com"],
             "artifactStore": {"endpointUrl": "http://minio.minio:9000", "prefix": "rlhf"},
-            "backendStore": {"existingSecret": "prod-pg", "sslmode": "require"},
+            "backendStore": {"existingSecret": "prod-pg", "sslmode": "verify-full"},
+            "tls": {"enabled": True, "existingSecret": "mlflow-cert"},
+            "networkPolicy": {"extraFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
         },
         "runner": {"name": "rlhf-runner", "annotations": {"iam.gke.io/gcp-service-account": "x@y.iam"}},
         "gpu": {
@@ -53,7 +55,7 @@ VARIANTS = {
         "schedule": {"enabled": False, "cron": "0 0 4 * * *"},
     },
     "auth-off": {"mlflow": {"auth": {"enabled": False}}},
-    "mlflow-off": {"mlflow": {"enabled": False}, "runner": {"trainJobs": False}},
+    "mlflow-off": {"mlflow": {"enabled": False}, "runner": {"trainJobs": False, "artifactStoreSecrets": []}},
     "job-off": {"pipelineJob": {"enabled": False}, "runner": {"create": False}},
 }
 
@@ -125,9 +127,12 @@ def test_expected_objects():
             "ConfigMap/rlhf-rlhf-pipeline-mlflow-auth",
             "Service/rlhf-rlhf-pipeline-mlflow",
             "Deployment/rlhf-rlhf-pipeline-mlflow",
+            "NetworkPolicy/rlhf-rlhf-pipeline-mlflow",
             "ServiceAccount/rlhf-rlhf-pipeline-runner",
             "Role/rlhf-rlhf-pipeline-runner",
             "RoleBinding/rlhf-rlhf-pipeline-runner",
+            "ClusterRole/ml-rlhf-rlhf-pipeline-runner",
+            "ClusterRoleBinding/ml-rlhf-rlhf-pipeline-runner",
             "ServiceAccount/rlhf-rlhf-pipeline-pipeline-upload",
             "ConfigMap/rlhf-rlhf-pipeline-pipeline-upload",
             "Job/rlhf-rlhf-pipeline-pipeline-upload",
@@ -161,7 +166,11 @@ def test_mlflow_server_uses_auth_postgres_s3_from_existing_secrets():
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     args = c["args"]
     assert "--app-name=basic-auth" in args
-    assert "--backend-store-uri=postgresql://mlflow@postgresql:5432/mlflow?sslmode=require" in args
+    assert "--backend-store-uri=postgresql://mlflow@postgresql:5432/mlflow?sslmode=verify-full" in args
+    assert "--uvicorn-opts=--ssl-certfile=/etc/mlflow-tls/tls.crt --ssl-keyfile=/etc/mlflow-tls/tls.key" in args
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    tls = next(v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls == {"name": "tls", "secret": {"secretName": "mlflow-cert"}}
     assert "--artifacts-destination=s3://mlflow-artifacts/rlhf" in args
     env = {e["name"]: e for e in c["env"]}
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "prod-pg", "key": "password"}
@@ -173,6 +182,28 @@ def test_mlflow_server_uses_auth_postgres_s3_from_existing_secrets():
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     assert "--app-name=basic-auth" not in c["args"]
     assert not any(e["name"].startswith("MLFLOW_AUTH") for e in c["env"])
+    # ... and the image's guard is told so explicitly (it refuses a server without auth otherwise)
+    assert {"name": "MLFLOW_SERVER_ALLOW_NO_AUTH", "value": "true"} in c["env"]
+
+
+def test_mlflow_secure_defaults():
+    """Defaults: PostgreSQL over TLS, no access without an explicit grant, only this namespace may connect."""
+    docs = objects(render())
+    [deploy] = by_kind(docs, "Deployment")
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert "--backend-store-uri=postgresql://mlflow@postgresql:5432/mlflow?sslmode=require" in c["args"]
+    assert not any(e["name"] == "MLFLOW_SERVER_ALLOW_NO_AUTH" for e in c["env"])
+    [auth] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("mlflow-auth")]
+    ini = auth["data"]["basic_auth.ini"]
+    assert "default_permission = NO_PERMISSIONS" in ini and "sslmode=require" in ini
+    [policy] = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}]}
+    ]
+    [policy] = by_kind(objects(render(VARIANTS["everything-set"])), "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"][1] == {"namespaceSelector": {"matchLabels": {"team": "ml"}}}
+    assert by_kind(objects(render({"mlflow": {"networkPolicy": {"enabled": False}}})), "NetworkPolicy") == []
 
 
 def test_pipeline_job_passes_gpu_settings_schedule_and_parameters():
@@ -189,7 +220,7 @@ def test_pipeline_job_passes_gpu_settings_schedule_and_parameters():
         {"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
     ]
     assert params["alignment"] == "dpo" and params["sft_config"] == {"max_steps": 500}
-    assert params["mlflow_tracking_uri"] == "http://rlhf-rlhf-pipeline-mlflow.ml.svc:5000"
+    assert params["mlflow_tracking_uri"] == "https://rlhf-rlhf-pipeline-mlflow.ml.svc:5000"  # mlflow.tls.enabled
     assert "--cron=0 0 4 * * *" in args and "--disabled" in args and "--namespace=team-ml" in args
     assert "--service-account=rlhf-runner" in args
     [settings_cm] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("pipeline-upload")]
@@ -199,14 +230,78 @@ def test_pipeline_job_passes_gpu_settings_schedule_and_parameters():
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
 
 
-def test_runner_rbac_allows_trainjobs():
+# The runner's permissions, verb by verb (why each: docs/deployment.md "Runner RBAC"). Exact: anything added
+# makes this fail, so a broader grant is always a deliberate change to this table and the docs.
+RUNNER_ROLE = [
+    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"], "verbs": ["get"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["get", "create", "delete"]},
+]
+RUNNER_CLUSTER_ROLE = [
+    {
+        "apiGroups": ["trainer.kubeflow.org"],
+        "resources": ["clustertrainingruntimes"],
+        "resourceNames": ["torch-distributed"],
+        "verbs": ["get"],
+    }
+]
+
+
+def test_runner_rbac_is_exactly_the_documented_table():
     docs = objects(render())
     [role] = by_kind(docs, "Role")
-    trainer = [r for r in role["rules"] if r["apiGroups"] == ["trainer.kubeflow.org"]]
-    assert {"create", "get", "watch", "delete"} <= set(trainer[0]["verbs"]) and trainer[0]["resources"] == ["trainjobs"]
-    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in role["rules"])  # least privilege
-    [role] = by_kind(objects(render(VARIANTS["mlflow-off"])), "Role")
-    assert not any("trainer.kubeflow.org" in r["apiGroups"] for r in role["rules"])
+    assert role["rules"] == RUNNER_ROLE
+    [cluster_role] = by_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == RUNNER_CLUSTER_ROLE
+    [binding] = by_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rlhf-rlhf-pipeline-runner", "namespace": "ml"}]
+    # without TrainJobs and artifact Secrets: no Trainer rule, no ClusterRole, no Secret read
+    docs = objects(render(VARIANTS["mlflow-off"]))
+    [role] = by_kind(docs, "Role")
+    assert role["rules"] == RUNNER_ROLE[:3]
+    assert by_kind(docs, "ClusterRole") == [] and by_kind(docs, "ClusterRoleBinding") == []
+
+
+def dangerous_grants(rules: list[dict]) -> list[str]:
+    """What must never come back into the runner's roles, whatever else changes."""
+    found = []
+    for r in rules:
+        verbs, resources, groups = set(r["verbs"]), set(r["resources"]), set(r["apiGroups"])
+        if "*" in verbs | resources | groups:
+            found.append(f"wildcard in {r}")
+        if "" in groups and resources & {"pods", "pods/exec", "pods/attach", "pods/ephemeralcontainers"}:
+            if verbs & {"create", "update", "patch", "delete", "deletecollection"}:
+                found.append(f"pod write {r}")
+        if "" in groups and "persistentvolumeclaims" in resources and verbs - {"get"}:
+            found.append(f"PVC write {r}")
+        if (
+            "" in groups
+            and resources & {"secrets", "configmaps"}
+            and (verbs & {"list", "watch"} or "resourceNames" not in r)
+        ):
+            found.append(f"unnamed Secret/ConfigMap read {r}")
+        if groups & {"rbac.authorization.k8s.io"} or verbs & {"escalate", "bind", "impersonate"}:
+            found.append(f"RBAC power {r}")
+    return found
+
+
+def test_dangerous_grants_are_caught():
+    """The guard itself fails on what the old Role had (pods create/delete/patch, PVC delete) and on wildcards."""
+    assert dangerous_grants([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "create", "delete", "patch"]}])
+    assert dangerous_grants([{"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["delete"]}])
+    assert dangerous_grants([{"apiGroups": ["*"], "resources": ["trainjobs"], "verbs": ["get"]}])
+    assert dangerous_grants([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}])
+    assert dangerous_grants(RUNNER_ROLE + RUNNER_CLUSTER_ROLE) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_dangerous_grant_in_any_variant(variant):
+    docs = objects(render(VARIANTS[variant]))
+    for role in by_kind(docs, "Role") + by_kind(docs, "ClusterRole"):
+        assert dangerous_grants(role["rules"]) == [], role["metadata"]["name"]
 
 
 def test_no_secret_value_in_any_manifest():
@@ -245,8 +340,10 @@ def test_no_secret_value_in_any_manifest():
     ],
 )
 def test_secret_values_cannot_be_rendered(values):
-    with pytest.raises(helm.HelmError):
+    with pytest.raises(helm.HelmError) as exc:
         render(values)
+    for value in FAKE_SECRETS.values():  # the refusal itself must not quote the secret
+        assert value not in str(exc.value)
 
 
 def test_schema_rejects_bad_values():

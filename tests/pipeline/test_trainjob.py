@@ -59,16 +59,26 @@ def test_manifest_is_a_valid_trainjob():
     assert pod["volumes"] == [
         {"name": "rlhf-model-cache", "persistentVolumeClaim": {"claimName": "rlhf-model-cache"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},  # NCCL's shared memory
+        {"name": "tmp", "emptyDir": {}},  # the only writable path besides the PVC (read-only root)
     ]
     assert pod["containers"] == [
         {
             "name": "node",
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "volumeMounts": [
                 {"name": "rlhf-model-cache", "mountPath": "/mnt/rlhf-cache"},
                 {"name": "dshm", "mountPath": "/dev/shm"},
+                {"name": "tmp", "mountPath": "/tmp"},
             ],
         }
     ]
+    assert env["HOME"]["value"] == "/tmp"
     # the images' non-root user may write to the PVC
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
@@ -76,6 +86,7 @@ def test_manifest_is_a_valid_trainjob():
         "runAsGroup": 10001,
         "fsGroup": 10001,
         "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -161,6 +172,18 @@ def test_the_launchers_mlflow_run_reaches_the_training_pods():
     assert env["MLFLOW_RUN_ID"] == env["RLHF_MLFLOW_RUN_ID"] == "abc" and env["MLFLOW_EXPERIMENT_ID"] == "7"
 
 
+def test_a_credential_in_the_forwarded_env_is_refused():
+    """The launcher forwards its MLFLOW_TRACKING_URI; one with a password must not land in the TrainJob object."""
+    from rlhf_pipeline.errors import UserError
+
+    run_env = tj.forwarded_env({"MLFLOW_TRACKING_URI": "http://ci:Fake-Pw-77@mlflow:5000", "MLFLOW_RUN_ID": "r"})
+    with pytest.raises(UserError, match=r"would hold a URI with a password \(MLFLOW_TRACKING_URI\)") as exc:
+        tj.build_manifest(
+            name="rlhf-sft-x", stage="sft", image="i", config_path="/c", settings=settings_data(), run_env=run_env
+        )
+    assert "Fake-Pw-77" not in str(exc.value)
+
+
 def test_names_are_deterministic_dns_labels():
     a = tj.trainjob_name("run-1", "reward")
     assert a == tj.trainjob_name("run-1", "reward") != tj.trainjob_name("run-2", "reward")
@@ -226,6 +249,14 @@ class FakeApi:
     def create_namespaced_custom_object(self, group, version, ns, plural, body):
         self.created.append((ns, body))
 
+    runtimes = ("torch-distributed",)  # the ClusterTrainingRuntimes this fake cluster has
+
+    def get_cluster_custom_object(self, group, version, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
+        if name not in self.runtimes:
+            raise self._not_found()
+        return {"metadata": {"name": name}}
+
     def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
         self.deleted.append(name)
         self.objects["existing"] = None
@@ -237,6 +268,14 @@ def test_run_trainjob_creates_and_waits_for_completion():
     m["metadata"]["namespace"] = "team"
     tj.run_trainjob(m, poll_seconds=0, api=api, log=lambda *_: None)
     assert [ns for ns, _ in api.created] == ["team"] and api.created[0][1] is m
+
+
+def test_missing_runtime_is_one_line_and_creates_nothing():
+    api = FakeApi(["Complete"])
+    api.runtimes = ()
+    with pytest.raises(RuntimeError, match="^ClusterTrainingRuntime 'torch-distributed' not found"):
+        tj.run_trainjob(manifest(), poll_seconds=0, api=api, log=lambda *_: None)
+    assert api.created == []
 
 
 def test_run_trainjob_raises_on_failure():

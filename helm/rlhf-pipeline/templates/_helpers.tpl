@@ -34,7 +34,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "rlhf.mlflowUrl" -}}
-{{- printf "http://%s-mlflow.%s.svc:%d" (include "rlhf.fullname" .) .Release.Namespace (int .Values.mlflow.port) -}}
+{{- printf "%s://%s-mlflow.%s.svc:%d" (ternary "https" "http" .Values.mlflow.tls.enabled) (include "rlhf.fullname" .) .Release.Namespace (int .Values.mlflow.port) -}}
 {{- end -}}
 
 {{/* The "restricted" Pod Security profile, pod level. */}}
@@ -76,4 +76,27 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 - {name: work, mountPath: /work}
 - {name: settings, mountPath: /etc/rlhf-settings, readOnly: true}
 - {name: kfp-token, mountPath: /var/run/secrets/kubeflow/pipelines, readOnly: true}
+{{- end -}}
+
+
+{{/* Refuse (fail the render, naming the place) a value that carries a credential: a URI with a password, or a
+token in a published shape. The same rules as rlhf_pipeline/secrets.py (tests/security checks they agree).
+Call with (dict "where" "pipelineJob.parameters.x" "value" $v). */}}
+{{- define "rlhf.refuseCredentials" -}}
+{{- $text := toJson .value -}}
+{{- if regexMatch `[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:?#"]*:[^\s/@?#"]*@` $text -}}
+{{- fail (printf "%s holds a URI with a password: values and run parameters are readable by anyone who can read the release or the KFP UI; give the steps MLFLOW_TRACKING_USERNAME/PASSWORD from a Secret (pipelineJob.compileSettings.secrets)" .where) -}}
+{{- end -}}
+{{- if regexMatch `hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}|\bsk-(proj-)?[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|xox[abprs]-[A-Za-z0-9-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----|Bearer\s+[A-Za-z0-9._~+/-]{16,}` $text -}}
+{{- fail (printf "%s holds a token: reference it from a Kubernetes Secret instead (pipelineJob.compileSettings.secrets)" .where) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Plain env of the compile settings: a name that says "secret" is refused like in `rlhf compile`. */}}
+{{- define "rlhf.refuseSecretEnv" -}}
+{{- range $key, $value := . -}}
+{{- if regexMatch `(?i)(^|_)(PASSWORD|PASSWD|PASS|PWD|SECRET|TOKEN|APIKEY|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)|(^|_)KEY$` $key -}}
+{{- fail (printf "pipelineJob.compileSettings.env.%s looks like a secret: reference a Kubernetes Secret under compileSettings.secrets" $key) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
