@@ -139,6 +139,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
             precision=cfg.precision,
             quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
             device=str(accelerator.device),
         )
         peft_model = trainable_model(base, cfg, "CAUSAL_LM")
