@@ -88,7 +88,9 @@ def _merge_from_disk(adapter_dir: Path, base_model) -> torch.nn.Module:
     from peft import PeftModel
 
     config = base_model.config
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    from rlhf_pipeline.modeling.loading import pick_device, torch_dtype
+
+    dtype = torch_dtype("auto", pick_device())  # bf16 only on a GPU that computes it natively
     kwargs = (
         {"num_labels": config.num_labels}
         if config.architectures and "ForSequenceClassification" in (config.architectures[0])
