@@ -161,3 +161,27 @@ def test_head_logprobs_in_row_chunks_over_a_262k_vocabulary():
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(chunked_entropy, whole_entropy)
     torch.testing.assert_close(grad_chunked, grad_whole)
+
+
+def test_sft_loss_in_logit_chunks_equals_cross_entropy(monkeypatch):
+    """The SFT loss over a 200k vocabulary with a budget of 3 rows' logits: each row's summed token loss equals
+    F.cross_entropy on the full logits, and so do the gradients."""
+    from rlhf_pipeline.modeling import forward
+    from rlhf_pipeline.training.sft import CausalLMLoss
+
+    vocab = 200_000
+    model = tiny_llama(vocab)
+    ids = torch.randint(10, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt part without loss
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="none", ignore_index=-100
+    ).view(2, -1)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), model.lm_head.weight)
+    monkeypatch.setattr(forward, "LOGITS_BUDGET", 3 * vocab)
+    row_loss, row_tokens = CausalLMLoss(model)(ids, labels)
+    torch.testing.assert_close(row_loss, expected.sum(-1), rtol=1e-5, atol=1e-4)
+    assert row_tokens.tolist() == [6, 8]  # 8 targets per row, 2 of row 0 masked
+    (grad_chunked,) = torch.autograd.grad(row_loss.sum(), model.lm_head.weight)
+    torch.testing.assert_close(grad_chunked, grad_expected, rtol=1e-4, atol=1e-6)
