@@ -3,6 +3,7 @@ check on stdout, about 10 minutes on one H100/H200.
 
     .venv/bin/python bench/gpu/device_check.py --out /tmp/device-check        # on the GPU (needs the gpu extra)
     .venv/bin/python bench/gpu/device_check.py --tiny --out /tmp/dc           # CPU smoke run of the same code
+    .venv/bin/python bench/gpu/device_check.py --out /tmp/dc --only ppo_peak   # one check (or several)
 
 Checks (the `check` field of each line):
     dtype_audit      a 7B-class Llama loaded in 4-bit + LoRA: dtypes of each parameter group, the KV cache's dtype
@@ -407,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_checks(args)
 
 
+def _bitsandbytes_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
 def run_checks(args) -> int:
     from rlhf_pipeline.modeling.loading import load_tokenizer
 
@@ -415,7 +425,14 @@ def run_checks(args) -> int:
     big, small = ("tiny", "tiny") if args.tiny else ("7b", "1b")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    emit("device", name=torch.cuda.get_device_name() if cuda() else "cpu", torch=torch.__version__, tiny=args.tiny)
+    emit(
+        "device",
+        name=torch.cuda.get_device_name() if cuda() else "cpu",
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,  # bitsandbytes must ship a library for this CUDA version
+        bitsandbytes=_bitsandbytes_version(),
+        tiny=args.tiny,
+    )
     quantization = "4bit" if cuda() else "none"
     if wanted & {"dtype_audit", "ppo_peak", "decode"}:
         big_dir = build_model_dir(args.out / f"llama-{big}", big, device)
