@@ -75,7 +75,7 @@ def build_model_dir(out: Path, size: str, device: str) -> Path:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
+            model = transformers.LlamaForCausalLM(config).to(dtype)  # .to: whatever dtype init chose
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(out, safe_serialization=True)
