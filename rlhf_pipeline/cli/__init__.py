@@ -23,6 +23,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("rlhf_pipeline.cli.pipeline:submit_command", "Upload the pipeline to Kubeflow and start a run."),
     "schedule": ("rlhf_pipeline.cli.ops:schedule_command", "Create, list and delete recurring runs."),
     "promote": ("rlhf_pipeline.cli.ops:promote_command", "Gate a registered model and move its champion alias."),
+    "estimate-memory": ("rlhf_pipeline.cli.estimate:estimate_memory_command", "Peak GPU memory per phase of a recipe."),
 }
 
 

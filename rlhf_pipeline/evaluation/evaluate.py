@@ -145,6 +145,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             precision=cfg.precision,
             quantization=cfg.quantization,  # noqa: E731
             trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
         ).eval()
         sft_path = cfg.sft_model or cfg.model
         reference = load(sft_path)

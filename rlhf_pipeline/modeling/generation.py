@@ -92,12 +92,18 @@ def filter_logits(
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor, generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row [B] drawn from softmax(logits) [B, V] by inverse CDF: u ~ U[0, total), pick the first
-    token whose cumulative probability exceeds u. A token with probability 0 (-inf logit) is never picked."""
+    token whose cumulative probability exceeds u. A token with probability 0 (-inf logit) is never picked.
+    `uniforms` [B] float64 in [0, 1): the draws to use (drawn here from `generator` when None)."""
     probs = torch.softmax(logits.float(), dim=-1).double()
     cdf = probs.cumsum(dim=-1)  # [B, V]; float64 so the last entries still separate tiny probabilities
-    u = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)
+    if uniforms is None:
+        u = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)
+    else:
+        u = uniforms.to(device=logits.device, dtype=torch.float64).reshape(-1, 1)
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     return picked.clamp(max=logits.shape[-1] - 1)  # u * total < total, so only float ties could reach V
 
@@ -116,12 +122,16 @@ def sample_with_cache(
     top_k: int = 0,
     top_p: float = 1.0,
     min_new_tokens: int = 0,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Left-padded prompts [B, P] -> sequences [B, P + R] (see the module docstring).
 
     A row that emitted any EOS id continues with pad tokens; the loop stops when every row has (R < max_new_tokens
     then), as `generate` does. Every EOS id is suppressed for the first `min_new_tokens` tokens. The head is the
     model's own (transformer_parts: its final-logit processing included), on the last position only.
+    `uniforms` [B, max_new_tokens]: row b's sampling draw at step t (drawn here, all at once, when None); a row's
+    tokens depend only on its own prompt and draws, so a batch sampled in row chunks with the rows of one draw
+    tensor gives the same tokens as the whole batch at once.
     """
     decoder, lm_head = transformer_parts(causal_lm)
     eos_ids = eos_id_list(eos_token_id)
@@ -133,13 +143,16 @@ def sample_with_cache(
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # [B, H]
     next_position = position[:, -1:] + 1  # [B, 1]
     finished = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=query_ids.device)
+    if do_sample and uniforms is None:
+        uniforms = draw_uniforms(query_ids.shape[0], max_new_tokens, query_ids.device)
     tokens = []
     for t in range(max_new_tokens):
         logits = lm_head(hidden).float()  # [B, V]
         if t < min_new_tokens:
             logits[:, eos] = float("-inf")
         if do_sample:
-            token = sample_from_logits(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
+            filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+            token = sample_from_logits(filtered, uniforms=uniforms[:, t])
         else:
             token = logits.argmax(dim=-1)
         token = token.masked_fill(finished, pad_token_id)  # [B]
@@ -160,6 +173,11 @@ def sample_with_cache(
     return torch.cat([query_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
+def draw_uniforms(rows: int, steps: int, device) -> torch.Tensor:
+    """[rows, steps] float64 U[0, 1) draws from the global generator: every sampling draw of a rollout."""
+    return torch.rand((rows, steps), dtype=torch.float64, device=device)
+
+
 @dataclass
 class Rollout:
     input_ids: torch.Tensor  # [B, P + R]
@@ -174,6 +192,38 @@ class Rollout:
 
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
+
+    def rows(self, index: slice | torch.Tensor) -> Rollout:
+        """The rollout of some rows (a slice or an index tensor), same columns."""
+        return Rollout(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            response_start=self.response_start,
+            response_mask=self.response_mask[index],
+            has_eos=self.has_eos[index],
+        )
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """Rollouts of consecutive row chunks -> the rollout of all rows, laid out as if sampled at once: prompts
+    left-padded to the longest prompt, responses right-padded (pad id, mask 0) to the longest response."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt = max(p.response_start for p in parts)
+    response = max(p.response_mask.shape[1] for p in parts)
+    ids, masks = [], []
+    for p in parts:
+        left, right = prompt - p.response_start, response - p.response_mask.shape[1]
+        ids.append(torch.nn.functional.pad(p.input_ids, (left, right), value=pad_token_id))
+        masks.append(torch.nn.functional.pad(p.attention_mask, (left, right), value=0))
+    attention_mask = torch.cat(masks)
+    return Rollout(
+        input_ids=torch.cat(ids),
+        attention_mask=attention_mask,
+        response_start=prompt,
+        response_mask=attention_mask[:, prompt:],
+        has_eos=torch.cat([p.has_eos for p in parts]),
+    )
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: EosIds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,18 +250,62 @@ def sample_responses(
     top_k: int = 0,
     force_length: bool = False,
     backend: str = "cache-loop",
+    chunk_size: int | None = None,
 ) -> Rollout:
     """Step (1) of PPO: sample one response per prompt with the KV cache, left-padded prompts.
 
     backend "cache-loop" = sampling.sample_with_cache (ours, faster), "hf" = `policy.generate`.
     force_length suppresses EOS until max_new_tokens (StackLLaMA's fixed-length trick; the TRL benchmarks too).
     eos_token_id: one id or a list (`eos_token_ids(model, tokenizer)`); pad_token_id None -> the first EOS id.
+    chunk_size: generate at most this many rows at once (the KV cache and the prefill scale with the chunk, not
+    the batch), then lay the chunks out as one rollout. With cache-loop the draws of the whole batch are drawn
+    first, so the result equals the unchunked one; `generate` draws per call (same distribution, other samples).
     """
     eos_ids = eos_id_list(eos_token_id)
     pad_token_id = default_pad_id(pad_token_id, eos_ids)
     device = next(policy.parameters()).device
+    rows = len(prompt_ids)
+    chunk = min(chunk_size or rows, rows)
+    uniforms = draw_uniforms(rows, max_new_tokens, device) if do_sample and backend == "cache-loop" else None
+    parts = []
+    for first in range(0, rows, chunk):
+        parts.append(
+            _sample_chunk(
+                policy,
+                prompt_ids[first : first + chunk],
+                device=device,
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos_ids,
+                pad_token_id=pad_token_id,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_new_tokens=max_new_tokens if force_length else 0,
+                backend=backend,
+                uniforms=uniforms[first : first + chunk] if uniforms is not None else None,
+            )
+        )
+    return concat_rollouts(parts, pad_token_id)
+
+
+def _sample_chunk(
+    policy,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    device,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_token_id: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_new_tokens: int,
+    backend: str,
+    uniforms: torch.Tensor | None,
+) -> Rollout:
     query_ids, query_mask = pad(prompt_ids, pad_token_id, "left", device)
-    min_new_tokens = max_new_tokens if force_length else 0
     if backend == "cache-loop":
         sequences = sample_with_cache(
             policy,
@@ -225,6 +319,7 @@ def sample_responses(
             top_k=top_k,
             top_p=top_p,
             min_new_tokens=min_new_tokens,
+            uniforms=uniforms,
         )
     elif backend == "hf":
         gen_kwargs = dict(

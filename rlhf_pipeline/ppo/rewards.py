@@ -1,8 +1,9 @@
 """PPO's reward sources: the reward model (read at the last real token of prompt + response, normalized by the
 reward stage's held-out mean/std) for real runs, any function of the decoded texts for tests and toy problems.
 
-When the reward adapter was trained on the policy's own SFT weights, it runs as a frozen second adapter on the
-policy's base (`SharedBaseRewardModel`): one copy of the backbone serves policy, reference and reward model.
+When the reward adapter was trained on the policy's own SFT weights (decided from the recorded lineage,
+modeling/lineage.py, so a 4-bit base qualifies too), it runs as a frozen second adapter on the policy's base
+(`SharedBaseRewardModel`): one copy of the backbone serves policy, reference and reward model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rlhf_pipeline.data.prompts import format_example
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import sequence_rewards
 from rlhf_pipeline.modeling.generation import Rollout
+from rlhf_pipeline.modeling.loading import resolve_model_path
 from rlhf_pipeline.results import METRICS_FILE, StageResult
 
 
@@ -165,7 +167,7 @@ class SharedBaseRewardModel(RewardModelScorer):
 
         from rlhf_pipeline.modeling.loading import load_tokenizer
 
-        if info.adapter_dir is None or not same_backbone(policy.get_base_model(), info):
+        if info.adapter_dir is None or not shares_base(policy.get_base_model(), info, cfg.model):
             return None
         weights = load_file(str(info.adapter_dir / "adapter_model.safetensors"))
         score = [v for k, v in weights.items() if k.endswith(("score.weight", "score.modules_to_save.weight"))]
@@ -194,6 +196,19 @@ class SharedBaseRewardModel(RewardModelScorer):
     def detach(self) -> None:
         self.policy.delete_adapter(self.ADAPTER)
         self.policy.set_adapter("default")
+
+
+def shares_base(base_model, info: RewardModelInfo, policy_model: str) -> bool:
+    """Whether the reward adapter was trained on the policy's base weights: from the recorded lineage (the content
+    hash the reward stage wrote of the base it trained on, against the policy base's), which works for a 4/8-bit
+    base too; only without a record (an output of an older version) from comparing tensors (`same_backbone`)."""
+    from rlhf_pipeline.modeling.lineage import local_model_dir, trained_on
+
+    base_dir = local_model_dir(resolve_model_path(policy_model))
+    decided = trained_on(info.adapter_dir, base_dir) if base_dir is not None else None
+    if decided is not None:
+        return decided
+    return same_backbone(base_model, info)
 
 
 def same_backbone(base_model, info: RewardModelInfo) -> bool:
@@ -284,7 +299,8 @@ def score_responses(
     as already normalized. Then `shape_scores`: the optional clip and the no-EOS penalty.
     """
     if isinstance(reward, RewardModelScorer):  # keep the raw score too
-        raw = reward.raw_scores(questions, responses).float()
+        chunk = cfg.rollout_chunk() if hasattr(cfg, "rollout_chunk") else 16
+        raw = reward.raw_scores(questions, responses, batch_size=chunk).float()
         normalized = reward.normalize(raw)
     else:
         raw = normalized = reward(questions, responses, rollout).float().cpu()

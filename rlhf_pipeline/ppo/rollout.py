@@ -69,6 +69,7 @@ def sample_rollout(model, tokenizer, prompt_ids: list[list[int]], step: int, cfg
         top_k=cfg.top_k,
         force_length=cfg.force_length,
         backend=cfg.generation_backend,
+        chunk_size=cfg.rollout_chunk(),  # the KV cache holds one chunk's rows, not the batch's
     )
     return rollout, decode_responses(tokenizer, rollout)
 

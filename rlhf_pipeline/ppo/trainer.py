@@ -20,6 +20,7 @@ result is a `results.StageResult`, also written as <output>/metrics.json.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -106,6 +107,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
             precision=cfg.precision,
             quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
             device=str(accelerator.device),
         )
         model = PolicyWithValue.build(base, cfg)  # LoRA policy + value head; reference = adapter disabled
@@ -140,12 +142,14 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
             with clock("score"), accelerator.autocast():
                 raw_scores, scores = score_responses(reward, batch_questions, responses, rollout, cfg)
 
-            # (3) Reference log-probs (adapter disabled, no grad), old log-probs + values (adapter on). With one
-            # minibatch per epoch the old pass IS the first update's forward: it keeps its graph for ppo_update.
-            reuse_old_pass = cfg.mini_batch_size >= cfg.batch_size
+            # (3) Reference log-probs (adapter disabled, no grad), old log-probs + values (adapter on), in chunks of
+            # rollout_batch_size rows. With one minibatch per epoch and no chunking the old pass IS the first
+            # update's forward: it keeps its graph for ppo_update.
+            chunk = local_cfg.rollout_chunk()
+            reuse_old_pass = cfg.mini_batch_size >= cfg.batch_size and chunk >= local_cfg.batch_size
             with clock("forward"), accelerator.autocast():
-                ref_logprobs = model.reference_logprobs(rollout)
-                old = model.old_outputs(rollout, keep_graph=reuse_old_pass, forward=prepared)
+                ref_logprobs = model.reference_logprobs(rollout, chunk)
+                old = model.old_outputs(rollout, keep_graph=reuse_old_pass, forward=prepared, chunk=chunk)
             old_logprobs, old_values = old.logprobs.detach(), old.values.detach().float()
 
             # (4) Per-token KL penalty; the score is added at the last real token.
@@ -255,32 +259,54 @@ def ppo_update(
     stats: dict[str, list[float]] = {k: [] for k in stat_names}
     skipped, epochs_done = 0, 0
     model.train()  # dropout is off (disable_dropout); train() only enables gradient checkpointing when configured
+    chunk = cfg.rollout_chunk() if hasattr(cfg, "rollout_chunk") else cfg.mini_batch_size
     for _ in range(cfg.ppo_epochs):
         epoch_kl = []
         for mb in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
-            if first_forward is not None:
-                new = ResponseOutputs(
-                    logprobs=first_forward.logprobs[mb], values=first_forward.values[mb], entropy=None
-                )
-                first_forward = None
-            else:
-                with accelerator.autocast():
-                    new = model(
-                        rollout.input_ids[mb], rollout.attention_mask[mb], rollout.response_start, with_values=True
+            # The minibatch in row chunks of `chunk` (rollout_batch_size), each backpropagated at once: a chunk's
+            # masked means weighted by its share of the minibatch's tokens sum to the minibatch's means, so the
+            # accumulated gradient is the one-pass gradient while only one chunk's activations are alive.
+            tokens = mask[mb].sum().clamp(min=1.0)
+            parts = mb.split(chunk)
+            totals = torch.zeros(len(stat_names), device=mask.device)
+            finite = True
+            for index, rows in enumerate(parts):
+                if first_forward is not None:
+                    new = ResponseOutputs(
+                        logprobs=first_forward.logprobs[rows], values=first_forward.values[rows], entropy=None
                     )
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(
-                new.logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.cliprange
-            )
-            v_loss, vf_clipfrac = ppo_value_loss(
-                new.values.float(), old_values[mb], returns[mb], mask[mb], cfg.cliprange_value
-            )
-            loss = pg_loss + cfg.vf_coef * v_loss
-            # checked BEFORE backward: nothing non-finite is ever accumulated (on every process if on one: with
-            # DDP all of them must run the backward, or none)
-            if not (torch.isfinite(loss) if world == 1 else all_finite(accelerator, loss)):
+                    first_forward = None
+                else:
+                    with accelerator.autocast():
+                        new = model(
+                            rollout.input_ids[rows],
+                            rollout.attention_mask[rows],
+                            rollout.response_start,
+                            with_values=True,
+                        )
+                pg_loss, clipfrac, approx_kl = ppo_policy_loss(
+                    new.logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.cliprange
+                )
+                v_loss, vf_clipfrac = ppo_value_loss(
+                    new.values.float(), old_values[rows], returns[rows], mask[rows], cfg.cliprange_value
+                )
+                share = mask[rows].sum() / tokens if len(parts) > 1 else 1.0
+                loss = (pg_loss + cfg.vf_coef * v_loss) * share
+                # checked BEFORE backward: nothing non-finite is ever accumulated (on every process if on one: with
+                # DDP all of them must run the backward, or none)
+                if not (torch.isfinite(loss) if world == 1 else all_finite(accelerator, loss)):
+                    finite = False
+                    break
+                last = index + 1 == len(parts)
+                # with DDP the gradients are all-reduced in the last chunk's backward only
+                with nullcontext() if world == 1 or last else accelerator.no_sync(model):
+                    loss.backward()
+                values = torch.stack([pg_loss, v_loss, approx_kl, clipfrac, vf_clipfrac]).detach().float()
+                totals += values * share
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            loss.backward()  # with DDP (several processes): the gradients are all-reduced here
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # the same on every process
             if not torch.isfinite(grad_norm):  # and the gradients before the step
                 optimizer.zero_grad(set_to_none=True)
@@ -289,7 +315,7 @@ def ppo_update(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            values = (pg_loss, v_loss, approx_kl, clipfrac, vf_clipfrac)
+            values = tuple(totals)
             if world > 1:  # the minibatch's statistics over all processes (the early stop decides the same)
                 values = mean_scalars_over_processes(accelerator, values)
             for key, value in zip(stat_names, values):

@@ -194,6 +194,7 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
             precision=cfg.precision,
             quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
             device=str(accelerator.device),
         )
         shared = cfg.shared_prefix and enable_shared_prefix(base)

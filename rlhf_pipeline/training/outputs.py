@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_pipeline.modeling.lineage import record_lineage
 from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.training.loop import on_main_then_wait, write_metrics
 
@@ -30,6 +31,7 @@ def finish_stage(
 
     def on_main() -> StageResult:
         adapter_dir, merged_dir = save()
+        record_lineage(adapter_dir, merged_dir)  # the base's content hash: later stages decide "same base" from it
         entry = run.register(
             merged_dir if register == "merged" else adapter_dir, artifact_path=artifact_path, tags=tags
         )

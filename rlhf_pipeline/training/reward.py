@@ -124,6 +124,7 @@ def load_reward_model(cfg: RewardConfig, device: str):
         precision=cfg.precision,
         quantization=cfg.quantization,
         trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
         device=device,
         model_class="AutoModelForSequenceClassification",
         num_labels=1,

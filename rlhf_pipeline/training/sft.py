@@ -16,7 +16,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -25,7 +24,7 @@ from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
 from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.modeling.forward import transformer_parts
+from rlhf_pipeline.modeling.forward import head_logprobs, transformer_parts
 from rlhf_pipeline.modeling.lora import count_parameters, save_adapter_and_merged
 from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training import loop
@@ -64,8 +63,8 @@ class CausalLMLoss(torch.nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = lm_head(hidden[:, :-1][keep]).float()  # [labelled tokens, vocab]
-        token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+        # log-probs of the labelled tokens, in row chunks above forward.LOGITS_BUDGET (128k-262k vocabularies)
+        token_loss = -head_logprobs(lm_head, hidden[:, :-1][keep], targets[keep])[0]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(keep)[keep]
         row_loss = torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, rows, token_loss)
         return row_loss, keep.sum(dim=1)
@@ -139,6 +138,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
             precision=cfg.precision,
             quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
             device=str(accelerator.device),
         )
         peft_model = trainable_model(base, cfg, "CAUSAL_LM")
