@@ -173,7 +173,7 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
     from rlhf_pipeline.training.outputs import finish_stage
     from rlhf_pipeline.training.trainable import trainable_model
 
-    done = finished_run(cfg.output, "dpo")
+    done = finished_run(cfg.output, "dpo", cfg)
     if done is not None:
         return done
     rows = read_subset(cfg.data, "reward")

@@ -136,7 +136,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run), or --evaluate-only; `on_step(step)` runs after each step."""
     if cfg.evaluate_only:
         return evaluate_reward_model(cfg)
-    done = loop.finished_run(cfg.output, "reward")
+    done = loop.finished_run(cfg.output, "reward", cfg)
     if done is not None:
         return done
 

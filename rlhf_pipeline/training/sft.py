@@ -107,7 +107,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run); `on_step(step)` is called after every optimizer step."""
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
-    done = loop.finished_run(cfg.output, "sft")
+    done = loop.finished_run(cfg.output, "sft", cfg)
     if done is not None:
         return done
 
