@@ -55,9 +55,14 @@ RETRY_EVERY_S = 10.0
 
 
 def bound_http_requests() -> None:
-    """MLflow's HTTP timeout and retries bounded, unless the environment already chose them."""
+    """MLflow's HTTP timeout and retries bounded, unless the environment already chose them; the SQLite store's
+    table-creation chatter silenced (it would precede a one-line error)."""
+    import logging
+
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
+    for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
 
 
 def tracking_failure_types() -> tuple[type[BaseException], ...]:
@@ -423,18 +428,72 @@ def client(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def check_version_owner(client, name: str, version: str | int, run_id: str | None, what: str = "model") -> None:
-    """Refuse `models:/<name>/<version>` unless it exists and was registered by `run_id` (the run that produced the
-    model): a version number read from a metrics.json means nothing in another store, or after a re-registration."""
+# Set by evaluate on a policy version it verified: the run that produced the evaluated model. Promote refuses a
+# version whose own run differs (its gate values were measured on another run's model).
+SOURCE_RUN_TAG = "eval/source_run_id"
+
+
+def check_version_owner(client, name: str, version: str | int, run_id: str | None, what: str = "model"):
+    """The ModelVersion `models:/<name>/<version>`, refused (one line) unless it exists and, when `run_id` is known,
+    was registered by that run (the one that produced the model): a version number read from a metrics.json means
+    nothing in another store, or after a re-registration."""
     uri = f"models:/{name}/{version}"
     try:
         found = client.get_model_version(name, str(version))
     except tracking_failure_types() as exc:
         raise UserError(f"{what} {uri} is not in the registry of {client.tracking_uri} ({first_line(exc)})") from None
-    if run_id is None:
-        raise UserError(f"{what} {uri}: the result names no producing run, so the version cannot be verified")
-    if found.run_id != run_id:
+    if run_id is not None and found.run_id != run_id:
         raise UserError(
             f"{what} {uri} belongs to run {found.run_id}, not to run {run_id} that produced the model "
             "(another tracking store, or a foreign version): refusing it"
+        )
+    return found
+
+
+def _parse_model_uri(uri: str) -> tuple[str, str]:
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    if not uri.startswith("models:/") or not name or not version.isdigit():
+        raise UserError(f"expected models:/<name>/<version>, got {uri}")
+    return name, version
+
+
+def check_policy_versions(policies: dict[str, str], first_policy_uri: str | None = None) -> None:
+    """Before evaluate generates anything: every policy's registered version (from its stage output's metrics.json,
+    or `first_policy_uri` for the first policy) must exist in the current registry and belong to the run that
+    produced the model; verified versions get SOURCE_RUN_TAG, which `rlhf promote` checks."""
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_pipeline.results import METRICS_FILE, StageResult
+
+    client = MlflowClient()
+    for index, (name, spec) in enumerate(policies.items()):
+        registered = None
+        root = Path(spec).expanduser()
+        if not spec.startswith("models:/"):
+            for stage_dir in (root, root.parent):
+                if (stage_dir / METRICS_FILE).is_file():
+                    versions = StageResult.read(stage_dir).registered
+                    registered = versions[-1] if versions else None
+                    break
+        uri = first_policy_uri if index == 0 and first_policy_uri else (registered.uri if registered else None)
+        if uri is None and spec.startswith("models:/"):
+            uri = spec
+        if uri is None:
+            continue
+        model_name, version = _parse_model_uri(uri)
+        run_id = registered.run_id if registered is not None else None
+        found = check_version_owner(client, model_name, version, run_id, what=f"policy {name}:")
+        if run_id is not None:
+            client.set_model_version_tag(model_name, version, SOURCE_RUN_TAG, run_id)
+        elif found.tags.get(SOURCE_RUN_TAG) not in (None, found.run_id):
+            raise UserError(f"policy {name}: {uri} was evaluated for run {found.tags[SOURCE_RUN_TAG]}, not its own")
+
+
+def check_promotable(version) -> None:
+    """Refuse a version whose gate values an evaluation measured on another run's model (SOURCE_RUN_TAG)."""
+    source = (version.tags or {}).get(SOURCE_RUN_TAG)
+    if source is not None and source != version.run_id:
+        raise UserError(
+            f"version {version.version} of {version.name} belongs to run {version.run_id}, but its gate values were "
+            f"measured on the model of run {source}: refusing to promote it"
         )

@@ -68,6 +68,7 @@ from rlhf_pipeline.training.losses import (
     ppo_value_loss,
 )
 from rlhf_pipeline.training.outputs import finish_stage
+from rlhf_pipeline.training.preflight import check_model
 
 
 def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
@@ -79,6 +80,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
     done = finished_run(cfg.output, "ppo", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="CAUSAL_LM")  # before any work: one line, not a traceback inside transformers
     questions = read_questions(cfg.data, "rl", cfg.max_train_samples, cfg.seed)
     if len(questions) < cfg.batch_size:
         raise UserError(

@@ -127,6 +127,8 @@ def check_output(cfg: Any, stage: str) -> dict[str, Any] | None:
                 "use another --output, or --restart to discard it"
             )
         return None
+    if not holds_progress(out):  # an attempt that failed before its first checkpoint: nothing to protect
+        return None
     if claim["stage"] != stage:
         raise UserError(f"{out} holds a {claim['stage']} run, not {stage}: use another --output")
     now = identity(cfg)
@@ -160,6 +162,15 @@ def _check_writable(out: Path) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"--output {out}: {probe} is not writable")
+
+
+def holds_progress(out: Path) -> bool:
+    """Whether a previous attempt left something a mismatched rerun must not take over: a checkpoint or a result."""
+    return (
+        (out / "metrics.json").is_file()
+        or (out / "merged").is_dir()
+        or latest_checkpoint(out, report=False) is not None
+    )
 
 
 def discard_run(out: Path) -> None:

@@ -31,6 +31,7 @@ from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.training.outputs import finish_stage
+from rlhf_pipeline.training.preflight import check_model
 from rlhf_pipeline.training.trainable import trainable_model
 
 
@@ -110,6 +111,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
     done = loop.finished_run(cfg.output, "sft", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="CAUSAL_LM")  # before any work: one line, not a traceback inside transformers
 
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
