@@ -430,7 +430,16 @@ def train_loop(
                 float(grad_norm)
             )
             if finite:
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # AdamW's float32 scalars overflow for an absurd learning rate
+                    if "overflow" not in str(exc):
+                        raise
+                    raise UserError(
+                        f"{prefix}: the optimizer step at step {step + 1} overflowed float32 (learning rate {lr:g}): "
+                        "nothing saved or registered; lower --learning-rate",
+                        exit_code=3,
+                    ) from None
             else:  # a NaN/inf never reaches the weights; the schedule and the data order go on as if stepped
                 nonfinite += 1
                 tqdm.write(

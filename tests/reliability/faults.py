@@ -28,6 +28,8 @@ class Ctx:
     env: dict[str, str] = field(default_factory=dict)
     stage: str = ""
     args: list[str] = field(default_factory=list)  # the command's arguments before the fault's setup
+    partial: Path | None = None
+    finished: Path | None = None
 
     @property
     def out(self) -> Path:
@@ -379,5 +381,161 @@ FAULTS: list[Fault] = [f for stage in TRAINING for f in per_stage(stage)] + [
           nothing_written),
     Fault("sft-missing-data", "sft", "--data does not exist", lambda ctx: ["--data", str(ctx.tmp / "none")], 2,
           r"data directory not found", "an MLflow run marked FAILED; no checkpoint", nothing_written),
+]
+# fmt: on
+
+
+# -- faults of a run that has trained: checkpoints damaged, settings changed, divergence ------------------------------
+# ctx.partial: an SFT output stopped after step 4 of 6 (checkpoints step-2 and step-4, no result); ctx.finished: a
+# finished 6-step SFT output; both with the MLflow store they were tracked in (copied per case with the output).
+
+SFT_STEPS = ["--max-steps", "6"]
+
+
+def from_partial(ctx: Ctx) -> None:
+    shutil.copytree(ctx.partial, ctx.out)
+    shutil.copy(ctx.partial.parent / "mlflow.db", ctx.tmp / "mlflow.db")
+
+
+def from_finished(ctx: Ctx) -> None:
+    shutil.copytree(ctx.finished, ctx.out)
+    shutil.copy(ctx.finished.parent / "mlflow.db", ctx.tmp / "mlflow.db")
+
+
+def damage(name: str, how: str, which: tuple[int, ...] = (4,)) -> Callable[[Ctx], list[str]]:
+    def setup(ctx: Ctx) -> list[str]:
+        from_partial(ctx)
+        for step in which:
+            path = ctx.out / "checkpoints" / f"step-{step}" / name
+            if how == "truncate":
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            elif how == "garble":
+                path.write_text('{"step": 4, "optimizer": ')
+            else:
+                path.unlink()
+        return SFT_STEPS
+
+    return setup
+
+
+def resumed_from(step: int) -> Callable[[Ctx], None]:
+    def check(ctx: Ctx) -> None:
+        result = json.loads((ctx.out / "metrics.json").read_text())
+        assert result["status"] == "trained" and result["steps"] == 6 and result["trained_steps"] == 6 - step
+        assert [p.name for p in sorted((ctx.out / "checkpoints").glob("step-*"))] == ["step-4", "step-6"]
+        assert len(registered_versions(ctx)) == 1
+
+    return check
+
+
+def registered_versions(ctx: Ctx) -> list:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ctx.tmp / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name='rlhf-sft'")
+
+
+def checkpoints_kept(ctx: Ctx) -> None:
+    assert [p.name for p in sorted((ctx.out / "checkpoints").glob("step-*"))] == ["step-2", "step-4"]
+    assert not (ctx.out / "metrics.json").exists()
+
+
+def partial_with(*args: str) -> Callable[[Ctx], list[str]]:
+    def setup(ctx: Ctx) -> list[str]:
+        from_partial(ctx)
+        return [*SFT_STEPS, *args]
+
+    return setup
+
+
+def finished_with(*args: str, drop_result: bool = False) -> Callable[[Ctx], list[str]]:
+    def setup(ctx: Ctx) -> list[str]:
+        from_finished(ctx)
+        if drop_result:  # killed after registering, before metrics.json
+            (ctx.out / "metrics.json").unlink()
+        return [*SFT_STEPS, *args]
+
+    return setup
+
+
+def changed_data(ctx: Ctx) -> list[str]:
+    from_partial(ctx)
+    data = ctx.tmp / "data"
+    shutil.copytree(ctx.data, data)
+    shutil.copy(data / "reward.parquet", data / "finetune.parquet")  # same path layout, other rows
+    table = pq.read_table(data / "finetune.parquet")
+    pq.write_table(table.slice(0, table.num_rows - 2), data / "finetune.parquet")
+    return [*SFT_STEPS, "--data", str(data)]
+
+
+def one_version_and_result(ctx: Ctx) -> None:
+    result = json.loads((ctx.out / "metrics.json").read_text())
+    versions = registered_versions(ctx)
+    assert len(versions) == 1 and result["registered"][0]["version"] == str(versions[0].version)
+
+
+def nan_model(ctx: Ctx) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(ctx, "nan-model")
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return [*SFT_STEPS, "--model", str(model)]
+
+
+def diverged(ctx: Ctx) -> None:
+    assert not (ctx.out / "metrics.json").exists() and not (ctx.out / "merged").exists()
+    assert registered_versions(ctx) == []
+
+
+def retrained_with_r8(ctx: Ctx) -> None:
+    claim_file = json.loads((ctx.out / "run.json").read_text())
+    result = json.loads((ctx.out / "metrics.json").read_text())
+    assert claim_file["identity"]["lora_r"] == 8 and result["trained_steps"] == 6
+
+
+# fmt: off
+FAULTS += [
+    Fault("sft-truncated-newest-weights", "sft", "newest checkpoint's trainable.safetensors truncated",
+          damage("trainable.safetensors", "truncate"), 0,
+          r"skipping damaged checkpoint .*step-4: trainable\.safetensors does not match its hash",
+          "resumed from step-2; finished at step 6; one registered version", resumed_from(2), training_steps=True),
+    Fault("sft-corrupt-newest-state", "sft", "newest checkpoint's state.json corrupt",
+          damage("state.json", "garble"), 0, r"skipping damaged checkpoint .*step-4: state\.json does not match",
+          "resumed from step-2; finished at step 6", resumed_from(2), training_steps=True),
+    Fault("sft-interrupted-save", "sft", "newest checkpoint without manifest (killed mid-save)",
+          damage("manifest.json", "delete"), 0, r"skipping damaged checkpoint .*step-4: no manifest",
+          "resumed from step-2; finished at step 6", resumed_from(2), training_steps=True),
+    Fault("sft-every-checkpoint-damaged", "sft", "all checkpoints truncated",
+          damage("optimizer.safetensors", "truncate", (2, 4)), 0, r"skipping damaged checkpoint .*step-2",
+          "trained from step 0; finished at step 6", resumed_from(0), training_steps=True),
+    Fault("sft-resume-changed-lora-r", "sft", "resume with another --lora-r", partial_with("--lora-r", "8"), 2,
+          r"other settings: lora_r \(16 -> 8\)", "checkpoints step-2/4 kept", checkpoints_kept,
+          training_steps=True),
+    Fault("sft-resume-changed-lr", "sft", "resume with another --learning-rate",
+          partial_with("--learning-rate", "0.001"), 2, r"other settings: learning_rate \(0\.005 -> 0\.001\)",
+          "checkpoints step-2/4 kept", checkpoints_kept, training_steps=True),
+    Fault("sft-resume-changed-data", "sft", "resume on other data at another --data path", changed_data, 2,
+          r"other settings: data \(.* data_fingerprint", "checkpoints step-2/4 kept", checkpoints_kept,
+          training_steps=True),
+    Fault("sft-restart-changed-lora-r", "sft", "--restart with another --lora-r",
+          partial_with("--lora-r", "8", "--restart"), 0, r'"trained_steps": 6',
+          "old checkpoints discarded; retrained 6 steps with r=8", retrained_with_r8, training_steps=True),
+    Fault("sft-finished-other-max-steps", "sft", "rerun of a finished run with another --max-steps",
+          finished_with("--max-steps", "9"), 2, r"other settings: max_steps \(6 -> 9\)",
+          "the finished result untouched (not reported as done)", one_version_and_result, training_steps=True),
+    Fault("sft-finished-rerun", "sft", "rerun of a finished run, same settings", finished_with(), 0,
+          r'"status": "reused"', "nothing redone; still one registered version", one_version_and_result,
+          training_steps=True),
+    Fault("sft-killed-after-registering", "sft", "killed after registering, before metrics.json",
+          finished_with(drop_result=True), 0, r'"status": "trained"',
+          "no step retrained; the same single registered version", one_version_and_result, training_steps=True),
+    Fault("sft-nan-in-model", "sft", "a NaN in the base model's final norm: every loss is NaN", nan_model,
+          3, r"sft: loss or gradient not finite in 4 steps \(last: step 4\)",
+          "no model, no metrics.json, no registered version", diverged, training_steps=True),
+    Fault("sft-learning-rate-overflow", "sft", "--learning-rate 1e38: the optimizer step overflows float32",
+          lambda ctx: [*SFT_STEPS, "--learning-rate", "1e38"], 3, r"sft: the optimizer step at step 2 overflowed",
+          "no model, no metrics.json, no registered version", diverged, training_steps=True),
 ]
 # fmt: on

@@ -54,6 +54,21 @@ def mlflow_state(uri: str, stage: str) -> tuple[list, dict[str, list[int]], list
     return runs, steps, versions
 
 
+def reference_run(stage: str, cfg, log: Path) -> float:
+    """Run `cfg` uninterrupted; return the seconds per step (from when its checkpoints appeared), which scales
+    the random kill delays to this machine."""
+    proc = start(stage, cfg, log)
+    seen: dict[int, float] = {}
+    root = Path(cfg.output) / "checkpoints"
+    while proc.exitcode is None:
+        for path in root.glob("step-*") if root.is_dir() else []:
+            seen.setdefault(int(path.name.split("-")[1]), time.monotonic())
+        time.sleep(0.01)
+    assert proc.exitcode == 0, log.read_text()[-3000:]
+    first, last = min(seen), max(seen)
+    return (seen[last] - seen[first]) / (last - first)
+
+
 def wait_for_checkpoint(output: str, step: int, proc, timeout: float = 300) -> None:
     """Until `output` has a checkpoint of at least `step` (any, even one being written) or the process ended."""
     deadline = time.monotonic() + timeout
@@ -65,19 +80,39 @@ def wait_for_checkpoint(output: str, step: int, proc, timeout: float = 300) -> N
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, tmp_path_factory):
+    """stage -> (data dir, the uninterrupted run's output, seconds per step): one reference per stage, shared by
+    the kill -9 and the SIGTERM case."""
+    cache: dict[str, tuple[Path, Path, float]] = {}
+
+    def get(stage: str) -> tuple[Path, Path, float]:
+        if stage not in cache:
+            tmp = tmp_path_factory.mktemp(f"reference-{stage}")
+            data = data_for(tmp)
+            before = os.environ.get("MLFLOW_TRACKING_URI")
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'reference.db'}"
+            try:
+                reference = stage_config(stage, tiny_model_dir, data, tmp / "reference")
+                assert reference.lora_dropout > 0  # the dropout masks must be replayed exactly
+                cache[stage] = (data, tmp / "reference", reference_run(stage, reference, tmp / "reference.log"))
+            finally:
+                if before is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI")
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = before
+        return cache[stage]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_killed_at_random_moments_resumes_bit_identical(stage, sig, tiny_model_dir, tmp_path, monkeypatch):
-    data = data_for(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'reference.db'}")
+def test_killed_at_random_moments_resumes_bit_identical(stage, sig, references, tiny_model_dir, tmp_path, monkeypatch):
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "RLHF_MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    reference = stage_config(stage, tiny_model_dir, data, tmp_path / "reference")
-    assert reference.lora_dropout > 0  # the dropout masks must be replayed exactly
-    began = time.monotonic()
-    assert run_to_end(stage, reference, tmp_path / "reference.log") == 0, (tmp_path / "reference.log").read_text()
-    duration = time.monotonic() - began
+    data, reference_out, step_seconds = references(stage)
 
     uri = f"sqlite:///{tmp_path / 'killed.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -91,7 +126,7 @@ def test_killed_at_random_moments_resumes_bit_identical(stage, sig, tiny_model_d
         proc = start(stage, cfg, log, kill_in_save=(2, int(sig)) if attempt == 0 else None)
         if attempt > 0:
             wait_for_checkpoint(cfg.output, 2 * (attempt - 1), proc)
-            time.sleep(rng.uniform(0.0, 0.25) * duration)
+            time.sleep(rng.uniform(0.0, 3.0) * step_seconds)
             if proc.exitcode is None:
                 os.kill(proc.pid, sig)
         proc.join(300)
@@ -109,9 +144,9 @@ def test_killed_at_random_moments_resumes_bit_identical(stage, sig, tiny_model_d
 
     assert run_to_end(stage, cfg, log) == 0, log.read_text()[-3000:]
     result = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    expected = json.loads((reference_out / "metrics.json").read_text())
     assert result["steps"] == expected["steps"] == STEPS
-    assert_bit_identical(adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "killed"))
+    assert_bit_identical(adapter_tensors(reference_out), adapter_tensors(tmp_path / "killed"))
 
     runs, steps, versions = mlflow_state(uri, stage)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
