@@ -68,9 +68,10 @@ def bound_http_requests() -> None:
 def tracking_failure_types() -> tuple[type[BaseException], ...]:
     """What a tracking call raises when the store is unreachable or misbehaves."""
     import requests
+    import urllib3
     from mlflow.exceptions import MlflowException
 
-    return (MlflowException, requests.exceptions.RequestException, OSError)
+    return (MlflowException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 def first_line(exc: BaseException) -> str:
@@ -269,9 +270,11 @@ class StageRun:
 
 
 def tqdm_write(text: str) -> None:
+    import sys
+
     from tqdm.auto import tqdm
 
-    tqdm.write(text)
+    tqdm.write(text, file=sys.stderr)
 
 
 def injected_run_id() -> str | None:
@@ -338,8 +341,14 @@ def stage_run(
         with _stage_run(cfg, stage, uri, data_dir, base_model, resume_run_id) as run:
             yield run
     except tracking_failure_types() as exc:
+        # the stage failed and ending its run failed too (the server is gone): the stage's error is the one to say
+        cause = exc.__context__
+        while cause is not None and isinstance(cause, tracking_failure_types()):
+            cause = cause.__context__
+        if cause is not None:
+            raise cause from None
         if isinstance(exc, OSError) and not _from_tracking(exc):
-            raise
+            raise exc from None
         raise UserError(f"MLflow tracking {uri}: {first_line(exc)}") from None
 
 

@@ -128,9 +128,6 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
         "model": cfg.model,
         "reward_model": "/placeholder/reward",
     }
-    from rlhf_pipeline.training.preflight import check_model
-
-    check_model(None, model=cfg.model)  # a missing or broken --model fails here, not inside the SFT step
     needed = ["prepare_data", "sft", "reward", cfg.alignment, "evaluate"]
     for section in needed:
         values = dict(getattr(cfg, section))
@@ -151,3 +148,6 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
             steps.build_config(config_cls, values, **placeholders)
         except UserError as exc:
             raise UserError(f"{section}: {exc}") from None
+    from rlhf_pipeline.training.preflight import check_model
+
+    check_model(None, model=cfg.model)  # a missing or broken --model fails here, not inside the SFT step

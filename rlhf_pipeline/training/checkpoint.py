@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def latest_checkpoint(output_dir: str | Path, *, report: bool = True) -> Path | 
         if problem is None:
             return path
         if report:
-            tqdm.write(f"skipping damaged checkpoint {path}: {problem}")
+            tqdm.write(f"skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
     return None
 
 

@@ -36,10 +36,12 @@ checkpoints (train_loop) and saves / registers / writes metrics.json (`on_main_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -327,7 +329,7 @@ class PreemptionGuard:
 
     def _on_sigterm(self, signum, frame) -> None:
         if not self.requested:
-            tqdm.write("SIGTERM: finishing this step, checkpointing, then exiting")
+            tqdm.write("SIGTERM: finishing this step, checkpointing, then exiting", file=sys.stderr)
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -406,7 +408,8 @@ def train_loop(
     step = start_step
     nonfinite = int(totals.get("nonfinite_steps", 0))
     config_hash = output_claim.identity_hash(cfg)
-    with PreemptionGuard() as guard:
+    # the bar is closed however the loop ends, so an error line starts a line of its own
+    with PreemptionGuard() as guard, contextlib.closing(bar):
         while step < total_steps:
             began = time.perf_counter()
             step_loss = torch.zeros((), device=accelerator.device)
@@ -443,7 +446,8 @@ def train_loop(
             else:  # a NaN/inf never reaches the weights; the schedule and the data order go on as if stepped
                 nonfinite += 1
                 tqdm.write(
-                    f"{prefix}: step {step + 1}: loss or gradient not finite, update skipped ({nonfinite} so far)"
+                    f"{prefix}: step {step + 1}: loss or gradient not finite, update skipped ({nonfinite} so far)",
+                    file=sys.stderr,
                 )
                 if nonfinite > MAX_NONFINITE_STEPS:
                     raise UserError(
@@ -503,9 +507,7 @@ def train_loop(
                 on_step(step)
             stop_if_asked(accelerator, step)
             if preempted:
-                bar.close()
                 guard.stop(prefix, step)
-        bar.close()
 
     if not timed_seconds and first_step_seconds:  # a single step: its own rate is all there is
         timed_items, timed_seconds = first_step_items, first_step_seconds

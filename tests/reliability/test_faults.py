@@ -104,6 +104,9 @@ def test_fault(fault, inputs, request, tmp_path, monkeypatch, capsys):
     assert exc.value.code == fault.exit, err[-2000:]
     if fault.exit != 0:
         lines = err.strip().splitlines()
+        if fault.training_steps:  # after progress bars: the error is the one last line, on a line of its own
+            lines = lines[-1:]
+            assert err.count(": error: ") == 1, err[-2000:]
         assert len(lines) == 1, err[-2000:]
         assert lines[0].startswith(f"rlhf {fault.stage}: error: "), lines[0]
         assert re.search(fault.line, lines[0]), lines[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import row
 from safetensors.torch import load_file
 from stage_runs import STEPS, data_for, run_to_end, stage_config, start
 
@@ -22,6 +23,9 @@ from rlhf_pipeline.training.checkpoint import latest_checkpoint
 from rlhf_pipeline.training.loop import PREEMPTED_EXIT_CODE
 
 KILLS = 5
+STAGES = ["sft", "reward", "dpo", "ppo"]
+SIGNALS = [signal.SIGKILL, signal.SIGTERM]
+KILL_CASES = [(stage, sig.name) for sig in SIGNALS for stage in STAGES]  # the table's rows (fault_table.py)
 LOSS_KEY = {"sft": "sft/loss", "reward": "rm/loss", "dpo": "dpo/loss", "ppo": "ppo/reward_mean"}
 
 
@@ -106,9 +110,17 @@ def references(tiny_model_dir, tmp_path_factory):
     return get
 
 
+@row(
+    "{stage}",
+    "{signal} x5 at random moments (one in the middle of a checkpoint save), then a rerun",
+    "-9 / 143 (SIGTERM in a step: checkpoint, then exit), rerun 0",
+    "",
+    "same final step, weights bit-identical to an uninterrupted run (LoRA dropout on); one MLflow run FINISHED, "
+    "each metric step once, one registered version",
+)
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("sig", SIGNALS, ids=["kill-9", "sigterm"])
 def test_killed_at_random_moments_resumes_bit_identical(stage, sig, references, tiny_model_dir, tmp_path, monkeypatch):
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "RLHF_MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from faults import row
 from sft_reward_helpers import make_data_dir
 
 from rlhf_pipeline.cli import main
@@ -59,6 +60,13 @@ def policy_dir(tmp_path, model_dir, name: str, version: str, run_id: str):
     return out
 
 
+@row(
+    "evaluate",
+    "the policy's metrics.json names a version registered by another run (another store)",
+    "2",
+    r"policy dpo: models:/.*/1 belongs to run .*, not to run",
+    "nothing generated, no tag on the unrelated version",
+)
 def test_evaluate_refuses_a_policy_whose_version_belongs_to_another_run(server, tiny_model_dir, tmp_path, capsys):
     name = f"rel-{uuid.uuid4().hex[:8]}-policy"
     unrelated, unrelated_run = register(server, name, tmp_path)  # version 1 of another run in THIS store
@@ -83,6 +91,7 @@ def test_evaluate_refuses_a_policy_whose_version_belongs_to_another_run(server, 
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+@row("evaluate", "--policy models:/name/99 that does not exist", "2", r"is not in the registry", "nothing generated")
 def test_a_missing_version_is_refused_before_generation(server, tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match=r"policy p: models:/no-such-model/99 is not in the registry"):
         check_policy_versions({"p": "models:/no-such-model/99"})
@@ -95,6 +104,13 @@ def test_the_producing_run_passes_and_is_recorded(server, tiny_model_dir, tmp_pa
     assert server.get_model_version(name, version).tags[SOURCE_RUN_TAG] == run_id
 
 
+@row(
+    "promote",
+    "a version whose gate values evaluate measured on another run's model",
+    "2",
+    r"its gate values were measured on the model of run .*: refusing to promote it",
+    "champion alias not moved",
+)
 def test_promote_refuses_gate_values_measured_on_another_runs_model(server, tmp_path, capsys):
     name = f"rel-{uuid.uuid4().hex[:8]}-policy"
     version, _ = register(server, name, tmp_path, tags={**GOOD, SOURCE_RUN_TAG: "another-run"})
