@@ -130,7 +130,8 @@ def check_output(cfg: Any, stage: str) -> dict[str, Any] | None:
     if not holds_progress(out):  # an attempt that failed before its first checkpoint: nothing to protect
         return None
     if claim["stage"] != stage:
-        raise UserError(f"{out} holds a {claim['stage']} run, not {stage}: use another --output")
+        finished = "finished " if (out / "metrics.json").is_file() else ""
+        raise UserError(f"{out} holds a {finished}{claim['stage']} run, not {stage}: use another --output")
     now = identity(cfg)
     changed = changed_fields(claim["identity"], now)
     if changed:
