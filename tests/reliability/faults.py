@@ -6,6 +6,7 @@ the table in docs/reliability.md; a test checks the doc is that rendering, so it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ class Fault:
 def stage_args(stage: str, ctx: Ctx) -> list[str]:
     if stage == "run":
         return ["--output", str(ctx.out)]
+    if stage == "prepare-data":
+        return [
+            "--input",
+            str(ctx.tmp / "dump" / "Posts.xml"),
+            "--output",
+            str(ctx.out),
+            "--tmp-dir",
+            str(ctx.tmp / "t"),
+        ]
     common = ["--model", str(ctx.model), "--data", str(ctx.data), "--output", str(ctx.out), "--num-threads", "1"]
     small = {
         "sft": ["--seq-length", "32", "--batch-size", "2", "--max-steps", "4", "--save-steps", "2"],
@@ -365,8 +375,40 @@ def per_stage(stage: str) -> list[Fault]:
     ]
 
 
+DEAD_PID = "999999999"  # above any pid_max: no such process
+
+
+def killed_prepare_data(ctx: Ctx) -> list[str]:
+    """What a prepare-data killed mid-run leaves: partial parquet in a staging dir, a scratch dir in --tmp-dir."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from prepare_data_helpers import posts_xml, small_dump_rows
+
+    (ctx.tmp / "dump").mkdir()
+    (ctx.tmp / "dump" / "Posts.xml").write_text(posts_xml(small_dump_rows()))
+    stale = ctx.out / f".staging-{DEAD_PID}-abcd1234"
+    stale.mkdir(parents=True)
+    (stale / "finetune.parquet").write_bytes(b"PAR1 partial")
+    scratch = ctx.tmp / "t" / f"rlhf-prepare-data-{DEAD_PID}-xyz"
+    scratch.mkdir(parents=True)
+    (scratch / "Posts.xml").write_text("<posts>" * 1000)
+    live = ctx.tmp / "t" / f"rlhf-prepare-data-{os.getpid()}-live"  # a concurrent run's: kept
+    live.mkdir()
+    return []
+
+
+def stale_dirs_removed(ctx: Ctx) -> None:
+    assert not list(ctx.out.glob(".staging-*")) and (ctx.out / "stats.json").is_file()
+    assert [p.name for p in (ctx.tmp / "t").iterdir()] == [f"rlhf-prepare-data-{os.getpid()}-live"]
+
+
 # fmt: off
 FAULTS: list[Fault] = [f for stage in TRAINING for f in per_stage(stage)] + [
+    Fault("prepare-data-after-a-kill", "prepare-data", "rerun after a kill left .staging-<pid>-* partial parquet in "
+          "the output and a scratch dump copy in the temp dir", killed_prepare_data, 0, r"prepared|finetune",
+          "the dead run's staging and scratch dirs removed (a live run's kept); a complete output",
+          stale_dirs_removed),
     Fault("sft-adapter-only-model", "sft", "--model is a LoRA adapter dir", adapter_only, 2,
           r"holds only a LoRA adapter", "nothing written", no_output),
     Fault("sft-shape-mismatch", "sft", "weights' shapes differ from config.json", shape_mismatch, 2,
