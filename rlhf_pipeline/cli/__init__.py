@@ -67,6 +67,9 @@ def cli() -> None:
     """rlhf-pipeline: align language models with human preferences, the StackLLaMA way."""
 
 
+ENVIRONMENT_EXIT_CODE = 74  # EX_IOERR: the machine, not the input
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     prog = "rlhf " + args[0] if args and not args[0].startswith("-") else "rlhf"
@@ -84,4 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # the environment (a full disk, a read-only mount, a vanished file): one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"{prog}: error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(ENVIRONMENT_EXIT_CODE)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -17,6 +17,7 @@ Everything streams: memory does not grow with the dump (see docs/data.md for the
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from rlhf_pipeline.data.preferences import read_jsonl, read_parquet
 from rlhf_pipeline.data.records import Question
 from rlhf_pipeline.data.splits import SubsetAssigner
 from rlhf_pipeline.data.stats import Stats
-from rlhf_pipeline.data.writer import SubsetWriters
+from rlhf_pipeline.data.writer import SubsetWriters, remove_stale
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import StageResult
 
@@ -54,7 +55,9 @@ def run_prepare_data(cfg: PrepareDataConfig) -> StageResult:
     assigner = SubsetAssigner(cfg)
     writers = SubsetWriters(output_dir, cfg.row_group_size)
     try:
-        with tempfile.TemporaryDirectory(prefix="rlhf-prepare-data-", dir=cfg.tmp_dir) as scratch:
+        scratch_root = Path(cfg.tmp_dir or tempfile.gettempdir())
+        remove_stale(scratch_root, "rlhf-prepare-data-")  # a killed run's scratch copy of the dump
+        with tempfile.TemporaryDirectory(prefix=f"rlhf-prepare-data-{os.getpid()}-", dir=scratch_root) as scratch:
             for index, inp in enumerate(inputs):
                 for question in _questions(inp, Path(scratch) / str(index), stats):
                     _add_question(question, cfg, assigner, writers, stats)

@@ -17,10 +17,12 @@ from typing import Any
 from rlhf_pipeline.errors import UserError
 
 PAIR_COLUMNS = ("qid", "question", "response_j", "response_k", "score_j", "score_k", "answer_id_j", "answer_id_k")
+TEXT_COLUMNS = ("question", "response_j", "response_k")
 
 
 def read_subset(data_dir: str | Path, subset: str) -> list[dict[str, Any]]:
     """Rows of `<data_dir>/<subset>.parquet` as dicts; one-line UserError when missing, malformed or empty."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(data_dir) / f"{subset}.parquet"
@@ -35,6 +37,12 @@ def read_subset(data_dir: str | Path, subset: str) -> list[dict[str, Any]]:
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(PAIR_COLUMNS)}")
+    for column in TEXT_COLUMNS:  # a None text would fail deep inside tokenization, after the models loaded
+        values = table.column(column)
+        if values.null_count:
+            raise UserError(f"{path}: column {column} has {values.null_count} null value(s); expected text")
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise UserError(f"{path}: column {column} is {values.type}, expected text (string)")
     rows = table.select(list(PAIR_COLUMNS)).to_pylist()
     if not rows:
         raise UserError(f"{path} has no rows")

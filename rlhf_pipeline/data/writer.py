@@ -34,6 +34,29 @@ SCHEMA = pa.schema(
 COLUMNS = SCHEMA.names
 
 
+def remove_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove `<parent>/<prefix><pid>-*` directories whose process is gone (a killed prepare-data's partial parquet
+    or scratch copy of the dump); those of a live process (a concurrent run) stay."""
+    removed = []
+    for path in parent.glob(f"{prefix}*"):
+        pid = path.name.removeprefix(prefix).split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SubsetWriters:
     """`add(subset, row)` buffers rows; every `row_group_size` rows become one parquet row group."""
 
@@ -41,7 +64,8 @@ class SubsetWriters:
         self.output_dir = output_dir
         self.row_group_size = row_group_size
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.staging = output_dir / f".staging-{uuid.uuid4().hex[:8]}"
+        remove_stale(output_dir, ".staging-")
+        self.staging = output_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
         self.writers = {s: pq.ParquetWriter(self.staging / f"{s}.parquet", SCHEMA, compression="zstd") for s in SUBSETS}
         self.buffers: dict[str, dict[str, list]] = {s: {c: [] for c in COLUMNS} for s in SUBSETS}

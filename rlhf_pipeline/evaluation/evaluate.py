@@ -121,7 +121,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     from rlhf_pipeline.batching.tokenize import encode_prompts
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
     from rlhf_pipeline.ppo.rewards import RewardModelScorer, read_reward_model_dir
-    from rlhf_pipeline.tracking import stage_run
+    from rlhf_pipeline.tracking import check_policy_versions, stage_run
 
     specs = cfg.policies()
     rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
@@ -133,6 +133,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run,
         tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp,
     ):
+        check_policy_versions(specs, cfg.policy_model_uri)  # before any generation: tag only the producing run's
         refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
         if cfg.policy_model_uri and refs:
             refs[0].registered_uri = cfg.policy_model_uri

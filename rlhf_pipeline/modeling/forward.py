@@ -130,6 +130,8 @@ def verify_logits(hf: nn.Module, backbone: nn.Module, head: nn.Module) -> None:
         for module, training in modes:
             module.training = training
     own, ours = own.float(), ours.float()
+    if not torch.isfinite(own).all():  # NaN/inf weights: no tolerance to compare with, and nothing to train
+        raise UserError(f"{name}: the model's logits are not finite (NaN or inf in its weights)")
     tolerance = 1e-3 * (1.0 + own.abs().max().item())
     if own.shape != ours.shape or not torch.allclose(ours, own, rtol=1e-3, atol=tolerance):
         raise UserError(

@@ -229,6 +229,7 @@ def promote(
     gates = Gates.load(gates_path)
     client = tracking.client(tracking_uri)
     version = resolve_candidate(client, model, candidate)
+    tracking.check_promotable(version)  # its gate values were measured on its own run's model
     champion_v = _champion_version(client, model)
     summary: dict[str, Any] = {
         "model": model,

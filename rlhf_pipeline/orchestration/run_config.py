@@ -76,7 +76,7 @@ def load_config(recipe: str | None, overrides: dict[str, Any], sets: tuple[str, 
         section, key = path.split(".", 1)
         if section not in STAGE_SECTIONS:
             raise UserError(f"--set {item!r}: section must be one of {', '.join(STAGE_SECTIONS)}")
-        data.setdefault(section, {})[key] = yaml.safe_load(raw) if raw.strip() else ""
+        data.setdefault(section, {})[key] = _set_value(raw)
     try:
         return LocalRunConfig.model_validate(data)
     except Exception as exc:  # pydantic ValidationError -> the shared one-line format
@@ -87,6 +87,16 @@ def load_config(recipe: str | None, overrides: dict[str, Any], sets: tuple[str, 
         if isinstance(exc, ValidationError):
             raise UserError(format_validation_error(exc, overrides, source)) from None
         raise
+
+
+def _set_value(raw: str) -> Any:
+    """A --set value as YAML reads it, except YAML 1.1's yes/no/on/off: `mixed_precision=no` means the string."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw.strip()  # a bool field still reads "no"/"off" as False (pydantic)
+    return value
 
 
 def _without_native_bf16(data: dict[str, Any]) -> None:
@@ -138,3 +148,6 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
             steps.build_config(config_cls, values, **placeholders)
         except UserError as exc:
             raise UserError(f"{section}: {exc}") from None
+    from rlhf_pipeline.training.preflight import check_model
+
+    check_model(None, model=cfg.model)  # a missing or broken --model fails here, not inside the SFT step

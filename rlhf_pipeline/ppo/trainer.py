@@ -46,6 +46,8 @@ from rlhf_pipeline.ppo.rewards import FunctionReward, read_reward_model_dir, sco
 from rlhf_pipeline.ppo.rollout import log_generations, process_rng, sample_rollout, step_prompts
 from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.loop import (
+    PreemptionGuard,
+    any_process,
     build_accelerator,
     build_optimizer,
     build_scheduler,
@@ -67,6 +69,7 @@ from rlhf_pipeline.training.losses import (
     ppo_value_loss,
 )
 from rlhf_pipeline.training.outputs import finish_stage
+from rlhf_pipeline.training.preflight import check_model
 
 
 def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
@@ -75,9 +78,10 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         raise UserError("--reward-model is required (the reward stage's output directory)")
     if reward_fn is None:
         read_reward_model_dir(cfg.reward_model)  # a bad path fails before anything is loaded or logged
-    done = finished_run(cfg.output, "ppo")
+    done = finished_run(cfg.output, "ppo", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="CAUSAL_LM")  # before any work: one line, not a traceback inside transformers
     questions = read_questions(cfg.data, "rl", cfg.max_train_samples, cfg.seed)
     if len(questions) < cfg.batch_size:
         raise UserError(
@@ -99,7 +103,10 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
         )
     )
 
-    with tracked_run(cfg, "ppo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+    with (
+        tracked_run(cfg, "ppo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run,
+        PreemptionGuard() as guard,
+    ):
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
         base = load_causal_lm(
@@ -210,12 +217,15 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
                     every=cfg.log_generations_every,
                     first=step == start,
                 )
-            if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps:
+            preempted = any_process(accelerator, guard.requested)  # SIGTERM: checkpoint this step, then exit
+            if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps or preempted:
                 save = partial(
                     save_ppo_state, cfg.output, step + 1, model, optimizer, scheduler, kl_ctl, history, skipped
                 )
                 on_main_then_wait(accelerator, save)  # one writer; the others wait until the checkpoint is whole
             stop_if_asked(accelerator, step + 1)
+            if preempted:
+                guard.stop("ppo", step + 1)
 
         summary = summarize(history, cfg)
         dump_trainable(accelerator, model, "ppo")

@@ -27,6 +27,7 @@ from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.losses import dpo_loss, ipo_loss
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.training.pair_eval import gather_over_pairs
+from rlhf_pipeline.training.preflight import check_model
 
 
 class DPOConfig(LoopOptions):
@@ -173,9 +174,10 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
     from rlhf_pipeline.training.outputs import finish_stage
     from rlhf_pipeline.training.trainable import trainable_model
 
-    done = finished_run(cfg.output, "dpo")
+    done = finished_run(cfg.output, "dpo", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="CAUSAL_LM")  # before any work: one line, not a traceback inside transformers
     rows = read_subset(cfg.data, "reward")
     train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction) if cfg.eval_fraction else (rows, [])
     train_rows = limit(train_rows, cfg.max_train_samples, cfg.seed)

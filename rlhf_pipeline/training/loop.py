@@ -18,9 +18,15 @@ What a stage does with it (SFT, reward, DPO; PPO uses the pieces):
                             total_steps=total, start_step=start, prefix="sft", log_metrics=run.log_metrics)
         save_adapter_and_merged(peft_model, tokenizer, cfg.output)     # -> (adapter_dir, merged_dir)
 
-Resume: a rerun with the same `--output` restores weights, optimizer, scheduler and RNG from the newest checkpoint
-and skips the micro-batches already consumed (the data order depends only on seed and epoch), so an interrupted
-run ends at the same step with the same weights as an uninterrupted one.
+Resume: a rerun with the same `--output` restores weights, optimizer and scheduler from the newest sound checkpoint
+and skips the micro-batches already consumed (the data order depends only on seed and epoch). The random draws of a
+micro-batch (LoRA dropout) come from a generator seeded by (seed, step, micro-batch, process) right before its
+forward, never from the global stream other code draws from (a DataLoader iterator, the held-out evaluation), so
+an interrupted run ends at the same step with bit-identical weights to an uninterrupted one, dropout on.
+`finished_run(..., cfg=cfg)` claims the output first (claim.py: other stage / other settings refused, MLflow run
+re-attached). SIGTERM (a pod eviction) finishes the current step, checkpoints it and exits with PREEMPTED_EXIT_CODE.
+A step whose loss or gradient norm is not finite is skipped (no optimizer update); more than MAX_NONFINITE_STEPS of
+them fail the stage with one line, before anything is saved or registered.
 
 Multi-GPU (`accelerate launch --num_processes N`, one job): call the PREPARED module's forward inside `loss_fn`
 (DDP syncs gradients through it). If the loss needs more than `model(**batch)`, wrap it in an nn.Module whose
@@ -30,9 +36,13 @@ checkpoints (train_loop) and saves / registers / writes metrics.json (`on_main_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +55,7 @@ from tqdm.auto import tqdm
 
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import METRICS_FILE, StageResult
+from rlhf_pipeline.training import claim as output_claim
 from rlhf_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 # loss_fn(prepared_module, batch) -> (loss to backpropagate, {metric name: float}, items in this micro-batch)
@@ -169,9 +180,14 @@ def write_metrics(output: str | Path, result: StageResult) -> Path:
     return result.write(output)
 
 
-def finished_run(output: str | Path, stage: str | None = None) -> StageResult | None:
+def finished_run(output: str | Path, stage: str | None = None, cfg: Any = None) -> StageResult | None:
     """The result of a run that already finished in `output` (model written, metrics.json present), with status
-    "reused"; None when there is none. A finished run of another stage there is an error, not a result."""
+    "reused"; None when there is none. A finished run of another stage there is an error, not a result.
+
+    With `cfg`, the output is checked first (claim.check_output): a run of another stage or with other settings or
+    data there is refused (or discarded with --restart), and an unwritable output fails before any work."""
+    if cfg is not None and stage is not None:
+        output_claim.check_output(cfg, stage)
     out = Path(output)
     if not ((out / METRICS_FILE).is_file() and (out / "merged" / "config.json").is_file()):
         return None
@@ -214,7 +230,11 @@ def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
     from rlhf_pipeline.tracking import stage_run
 
     if accelerator.is_main_process:
-        with stage_run(cfg, stage, **lineage) as run:
+        training = not getattr(cfg, "evaluate_only", False)
+        previous = output_claim.previous_run_id(cfg.output) if training else None
+        with stage_run(cfg, stage, resume_run_id=previous, **lineage) as run:
+            if training:  # claimed once the tracking server answered: an unreachable one leaves nothing behind
+                output_claim.claim_output(cfg, stage, run.run_id)
             _broadcast_object(accelerator, run.run_id)
             yield run
     else:
@@ -250,6 +270,10 @@ DUMP_TRAINABLE_ENV = "RLHF_DUMP_TRAINABLE"
 # preempted job would; the rerun resumes from it.
 STOP_AFTER_STEP_ENV = "RLHF_STOP_AFTER_STEP"
 STOPPED_EXIT_CODE = 75
+# SIGTERM (what a pod eviction sends): the step in flight finishes, is checkpointed, and the process exits with this.
+PREEMPTED_EXIT_CODE = 143
+# Steps with a non-finite loss or gradient norm that are skipped before the stage fails.
+MAX_NONFINITE_STEPS = 3
 
 
 def dump_trainable(accelerator, module: torch.nn.Module, stage: str) -> None:
@@ -277,6 +301,51 @@ def stop_if_asked(accelerator, step: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(STOPPED_EXIT_CODE)  # no interpreter teardown: the process group is simply abandoned, as on a kill
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption and randomness
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Preempted(UserError):
+    """SIGTERM arrived: the last step is checkpointed; a rerun resumes from it."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class PreemptionGuard:
+    """While active, SIGTERM only sets `requested`; the loop checkpoints at the end of the step and raises
+    Preempted. (Outside a guard SIGTERM kills at once, which loses nothing: no step is in flight.)"""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.requested:
+            tqdm.write("SIGTERM: finishing this step, checkpointing, then exiting", file=sys.stderr)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def stop(self, stage: str, step: int) -> None:
+        raise Preempted(
+            f"stopped by SIGTERM after step {step}, checkpoint saved: rerun with the same --output to resume"
+        )
+
+
+def seed_micro_batch(seed: int, step: int, micro: int, process: int) -> None:
+    """Seed torch's global generators (CPU and every CUDA device) for one micro-batch's forward and backward: the
+    dropout masks of step `step` are then the same in a resumed run as in an uninterrupted one."""
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + micro) * 131 + process)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,70 +406,108 @@ def train_loop(
         disable=not accelerator.is_main_process,
     )
     step = start_step
-    while step < total_steps:
-        began = time.perf_counter()
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_items = 0.0
-        step_metrics: dict[str, float] = {}
-        for _ in range(accum):
-            batch = next(batches)
-            with accelerator.accumulate(module), accelerator.autocast():
-                loss, metrics, items = loss_fn(module, batch)
-                accelerator.backward(loss)
-            step_loss += loss.detach() / accum
-            step_items += items
-            for key, value in metrics.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
-        assert accelerator.sync_gradients, "accumulation out of step with the accelerator"
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # Throughput over all processes; the reduce also waits for the slowest process, as the step really does.
-        items_all = float(accelerator.reduce(torch.tensor(step_items, device=accelerator.device), "sum"))
-        loss_all = float(accelerator.reduce(step_loss, "mean"))
-        step_metrics = mean_over_processes(accelerator, step_metrics)
-        seconds = time.perf_counter() - began
-        if step == start_step + 1:
-            first_step_items, first_step_seconds = items_all, seconds
-        else:
-            timed_items += items_all
-            timed_seconds += seconds
-        losses.append(loss_all)
-        rate = timed_items / timed_seconds if timed_seconds else items_all / seconds
-
-        last = {
-            f"{prefix}/loss": loss_all,
-            f"{prefix}/lr": lr,
-            f"{prefix}/grad_norm": float(grad_norm),
-            f"{prefix}/{rate_name}_per_s": rate,
-            **{f"{prefix}/{k}": v for k, v in step_metrics.items()},
-        }
-        if log_metrics is not None and (step % cfg.logging_steps == 0 or step == total_steps):
-            log_metrics(last, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", **{f"{rate_name}/s": f"{rate:.1f}"})
-
-        if step % cfg.save_steps == 0 or step == total_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                so_far = _merge_totals(totals, losses, timed_items, timed_seconds)
-                save_checkpoint(
-                    cfg.output,
-                    step,
-                    unwrapped,
-                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                    scheduler,
-                    extra={"totals": so_far},
+    nonfinite = int(totals.get("nonfinite_steps", 0))
+    config_hash = output_claim.identity_hash(cfg)
+    # the bar is closed however the loop ends, so an error line starts a line of its own
+    with PreemptionGuard() as guard, contextlib.closing(bar):
+        while step < total_steps:
+            began = time.perf_counter()
+            step_loss = torch.zeros((), device=accelerator.device)
+            step_items = 0.0
+            step_metrics: dict[str, float] = {}
+            for micro in range(accum):
+                batch = next(batches)
+                seed_micro_batch(cfg.seed, step, micro, accelerator.process_index)
+                with accelerator.accumulate(module), accelerator.autocast():
+                    loss, metrics, items = loss_fn(module, batch)
+                    accelerator.backward(loss)
+                step_loss += loss.detach() / accum
+                step_items += items
+                for key, value in metrics.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
+            assert accelerator.sync_gradients, "accumulation out of step with the accelerator"
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            # Loss and norm are global (reduced over processes), so every process takes the same decision.
+            finite = bool(torch.isfinite(accelerator.reduce(step_loss.detach(), "mean"))) and math.isfinite(
+                float(grad_norm)
+            )
+            if finite:
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # AdamW's float32 scalars overflow for an absurd learning rate
+                    if "overflow" not in str(exc):
+                        raise
+                    raise UserError(
+                        f"{prefix}: the optimizer step at step {step + 1} overflowed float32 (learning rate {lr:g}): "
+                        "nothing saved or registered; lower --learning-rate",
+                        exit_code=3,
+                    ) from None
+            else:  # a NaN/inf never reaches the weights; the schedule and the data order go on as if stepped
+                nonfinite += 1
+                tqdm.write(
+                    f"{prefix}: step {step + 1}: loss or gradient not finite, update skipped ({nonfinite} so far)",
+                    file=sys.stderr,
                 )
-            accelerator.wait_for_everyone()
-        if on_step is not None:
-            on_step(step)
-        stop_if_asked(accelerator, step)
-    bar.close()
+                if nonfinite > MAX_NONFINITE_STEPS:
+                    raise UserError(
+                        f"{prefix}: loss or gradient not finite in {nonfinite} steps (last: step {step + 1}); "
+                        "training diverged, nothing saved or registered: lower --learning-rate or check the data",
+                        exit_code=3,
+                    )
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # Throughput over all processes; the reduce also waits for the slowest process, as the step really does.
+            items_all = float(accelerator.reduce(torch.tensor(step_items, device=accelerator.device), "sum"))
+            loss_all = float(accelerator.reduce(step_loss, "mean"))
+            step_metrics = mean_over_processes(accelerator, step_metrics)
+            seconds = time.perf_counter() - began
+            if step == start_step + 1:
+                first_step_items, first_step_seconds = items_all, seconds
+            else:
+                timed_items += items_all
+                timed_seconds += seconds
+            if finite:
+                losses.append(loss_all)
+            rate = timed_items / timed_seconds if timed_seconds else items_all / seconds
+
+            last = {
+                f"{prefix}/loss": loss_all,
+                f"{prefix}/lr": lr,
+                f"{prefix}/grad_norm": float(grad_norm),
+                f"{prefix}/{rate_name}_per_s": rate,
+                f"{prefix}/skipped_steps": float(nonfinite),
+                **{f"{prefix}/{k}": v for k, v in step_metrics.items()},
+            }
+            if not finite:  # MLflow stores NaN, but a NaN loss point only hides the curve: the skip count says it
+                last = {k: v for k, v in last.items() if math.isfinite(v)}
+            if log_metrics is not None and (step % cfg.logging_steps == 0 or step == total_steps):
+                log_metrics(last, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", **{f"{rate_name}/s": f"{rate:.1f}"})
+
+            preempted = any_process(accelerator, guard.requested)
+            if step % cfg.save_steps == 0 or step == total_steps or preempted:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    so_far = {**_merge_totals(totals, losses, timed_items, timed_seconds), "nonfinite_steps": nonfinite}
+                    save_checkpoint(
+                        cfg.output,
+                        step,
+                        unwrapped,
+                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                        scheduler,
+                        extra={"totals": so_far},
+                        config_hash=config_hash,
+                    )
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(step)
+            stop_if_asked(accelerator, step)
+            if preempted:
+                guard.stop(prefix, step)
 
     if not timed_seconds and first_step_seconds:  # a single step: its own rate is all there is
         timed_items, timed_seconds = first_step_items, first_step_seconds
@@ -415,6 +522,13 @@ def train_loop(
     )
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any (a SIGTERM may reach one rank first)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
+
+
 def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Each metric's mean over the processes (float64, one all-reduce); unchanged with one process."""
     if accelerator.num_processes == 1 or not metrics:
@@ -425,6 +539,7 @@ def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, flo
 
 def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_seconds: float) -> dict:
     return {
+        **before,
         "loss_sum": before["loss_sum"] + sum(losses),
         "loss_steps": before["loss_steps"] + len(losses),
         "timed_items": before["timed_items"] + timed_items,
@@ -433,5 +548,5 @@ def _merge_totals(before: dict, losses: list[float], timed_items: float, timed_s
 
 
 def _checkpoint_extra(output: str | Path) -> dict:
-    path = latest_checkpoint(output)
+    path = latest_checkpoint(output, report=False)
     return json.loads((path / "state.json").read_text()).get("extra", {}) if path else {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from rlhf_pipeline.modeling.options import ModelOptions
 from rlhf_pipeline.tracking import TrackingOptions
@@ -29,6 +29,8 @@ class LoRAOptions(ModelOptions):
 
 class TrainingOptions(LoRAOptions, TrackingOptions):
     """What every training stage reads."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # `--learning-rate inf` is an input error, not a diverged run
 
     data: str = Field(..., description="Directory written by `rlhf prepare-data` (holds <subset>.parquet).")
     output: str = Field(..., description="Stage output directory (checkpoints, model, metrics.json); rerun to resume.")
@@ -53,6 +55,9 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+    restart: bool = Field(
+        False, description="Discard what a previous run left in --output (checkpoints, model, result) and start over."
+    )
 
     @model_validator(mode="after")
     def _fp16_has_a_gradient_scaler(self):

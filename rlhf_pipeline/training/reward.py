@@ -33,6 +33,7 @@ from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.training.outputs import finish_stage
 from rlhf_pipeline.training.pair_eval import gather_over_pairs
+from rlhf_pipeline.training.preflight import check_model
 from rlhf_pipeline.training.reward_scoring import RewardScorer, pairwise_accuracy, pairwise_loss
 from rlhf_pipeline.training.trainable import trainable_model
 
@@ -137,9 +138,10 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run), or --evaluate-only; `on_step(step)` runs after each step."""
     if cfg.evaluate_only:
         return evaluate_reward_model(cfg)
-    done = loop.finished_run(cfg.output, "reward")
+    done = loop.finished_run(cfg.output, "reward", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="SEQ_CLS")  # before any work: one line, not a traceback inside transformers
 
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.

@@ -30,6 +30,7 @@ from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training import loop
 from rlhf_pipeline.training.options import LoopOptions
 from rlhf_pipeline.training.outputs import finish_stage
+from rlhf_pipeline.training.preflight import check_model
 from rlhf_pipeline.training.trainable import trainable_model
 
 
@@ -106,9 +107,10 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
     """Train (or resume, or report a finished run); `on_step(step)` is called after every optimizer step."""
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
-    done = loop.finished_run(cfg.output, "sft")
+    done = loop.finished_run(cfg.output, "sft", cfg)
     if done is not None:
         return done
+    check_model(cfg, task="CAUSAL_LM")  # before any work: one line, not a traceback inside transformers
 
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.

@@ -64,7 +64,7 @@ def test_checkpoints_are_safetensors_and_pruned(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
     assert latest_checkpoint(tmp_path).name == "step-3"
     files = {p.name for p in (root / "step-3").iterdir()}
-    assert files == {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    assert files == {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "manifest.json"}
     from safetensors.torch import load_file
 
     assert set(load_file(str(root / "step-3" / "trainable.safetensors"))) == {"0.bias", "1.weight", "1.bias"}

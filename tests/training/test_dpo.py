@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlhf_pipeline.batching.tokenize import tokenize_preference_pairs
+from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.training.dpo import DPOConfig, collate_dpo_pairs, preference_loss, run_dpo
 
@@ -172,8 +173,17 @@ def test_resume_continues_to_the_same_step_count(tiny_model_dir, data_dir, tmp_p
         register_model=False,
         save_steps=2,
     )
-    run_dpo(DPOConfig(max_steps=2, **common))
-    assert latest_checkpoint(out).name == "step-2"
-    (out / "metrics.json").unlink()  # as if the run had been killed after its step-2 checkpoint
+
+    def crash(step):
+        if step == 2:
+            raise KeyboardInterrupt("simulated preemption")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(DPOConfig(max_steps=4, **common), on_step=crash)
+    assert latest_checkpoint(out).name == "step-2" and not (out / "metrics.json").exists()
+    # another step count is another run: refused naming the field, not continued under another schedule
+    with pytest.raises(UserError, match=r"max_steps \(4 -> 6\)"):
+        run_dpo(DPOConfig(max_steps=6, **common))
     summary = run_dpo(DPOConfig(max_steps=4, **common))
-    assert summary.status == "trained" and summary.steps == 4 and latest_checkpoint(out).name == "step-4"
+    assert summary.status == "trained" and summary.steps == 4 and summary.trained_steps == 2
+    assert latest_checkpoint(out).name == "step-4"

@@ -159,13 +159,20 @@ def test_every_stage_writes_a_stage_result_that_reads_back(tiny_model_dir, tmp_p
     info = read_reward_model_dir(rm_out)
     assert (info.reward_mean, info.metrics["accuracy"]) == (results["reward"].reward_mean, results["reward"].accuracy)
 
-    # a rerun finds each finished training run: reported as "reused", nothing retrained or registered again
+    # a rerun with the same settings finds each finished training run: reported as "reused", nothing retrained or
+    # registered again (other settings would be refused: training/claim.py)
     assert (
-        run_sft(SFTConfig(model=str(tiny_model_dir), output=str(sft_out), max_steps=1, seq_length=32, **common))
+        run_sft(
+            SFTConfig(
+                model=str(tiny_model_dir), output=str(sft_out), max_steps=1, seq_length=32, max_eval_samples=2, **common
+            )
+        )
         == results["sft"].reused()
     )
     assert (
-        run_dpo(DPOConfig(model=sft_model, output=str(dpo_out), max_steps=1, max_length=128, **common)).status
+        run_dpo(
+            DPOConfig(model=sft_model, output=str(dpo_out), max_steps=1, max_length=128, max_eval_samples=2, **common)
+        ).status
         == "reused"
     )
     assert (
@@ -179,6 +186,7 @@ def test_every_stage_writes_a_stage_result_that_reads_back(tiny_model_dir, tmp_p
                 ppo_epochs=1,
                 min_new_tokens=2,
                 max_new_tokens=3,
+                max_prompt_length=32,
                 **common,
             )
         )
