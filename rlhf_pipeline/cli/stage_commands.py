@@ -14,6 +14,7 @@ import click
 import yaml
 
 from rlhf_pipeline.config import StageConfig, flag_name
+from rlhf_pipeline.errors import UserError
 
 
 def _unwrap_optional(annotation: Any) -> Any:
@@ -132,6 +133,13 @@ def stage_command(
             field = config_cls.model_fields[key]
             overrides[key] = raw if isinstance(raw, bool) else _parse_cli_value(field.annotation, raw)
         cfg = config_cls.load(config, overrides)
+        for key in [k for k, v in overrides.items() if v is None]:  # `--flag none`: load() skips None overrides
+            try:
+                setattr(cfg, key, None)  # validate_assignment: a field that cannot be None says so
+            except ValueError as exc:
+                raise UserError(
+                    f"invalid value for {flag_name(key)}: none is not allowed ({exc.errors()[0]['msg']})"
+                ) from None
         if print_config:
             click.echo(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))
             return 0

@@ -41,6 +41,13 @@ class PrepareDataConfig(StageConfig):
     reward_max_pairs: int | None = Field(default=None, ge=1, description="Cap on reward pairs (rows).")
     rl_max_pairs: int | None = Field(default=None, ge=1, description="Cap on rl pairs (rows).")
     evaluation_max_pairs: int | None = Field(default=None, ge=1, description="Cap on evaluation pairs (rows).")
+    max_body_chars: int | None = Field(
+        default=100_000,
+        ge=1,
+        description="Skip (and count) a question or answer whose HTML body is longer: Stack Exchange caps posts at "
+        "30,000 characters, so only a damaged or hostile dump has longer ones, and converting and tokenizing them "
+        "would cost minutes and gigabytes. None = no cap.",
+    )
     row_group_size: int = Field(default=2000, ge=1, description="Rows per parquet row group (bounds writer memory).")
     tmp_dir: str | None = Field(
         default=None,

@@ -134,6 +134,10 @@ def _add_question(
     if assigner.is_full(subset):
         skipped["over_subset_cap"] += 1
         return
+    cap = cfg.max_body_chars
+    if cap is not None and len(question.body_html or "") > cap:
+        skipped["over_body_cap"] += 1
+        return
     question_text = _question_markdown(question)
     if not question_text:
         skipped["empty_body"] += 1
@@ -141,6 +145,9 @@ def _add_question(
 
     markdown: dict[int, str] = {}
     for answer in question.answers:
+        if cap is not None and len(answer.body_html or "") > cap:
+            stats.answers_skipped["over_body_cap"] += 1
+            continue
         text = to_markdown(answer.body_html)
         if text is None:
             stats.answers_skipped["markdown_failed"] += 1

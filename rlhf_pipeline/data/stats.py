@@ -23,11 +23,13 @@ ANSWER_SKIP_REASONS = (
     "orphan_answer",  # its question is not in the dump
     "empty_body",  # no text once converted to Markdown
     "markdown_failed",  # the HTML converter rejected the body
+    "over_body_cap",  # HTML body longer than --max-body-chars
 )
 QUESTION_SKIP_REASONS = (
     "fewer_than_two_answers",
     "all_scores_equal",  # no two answers differ in score, so no preference pair
     "empty_body",  # neither title nor body text
+    "over_body_cap",  # HTML body longer than --max-body-chars
     "not_in_any_subset",  # the subset fractions add up to less than 1
     "over_subset_cap",  # its subset already reached --<subset>-max-questions / -max-pairs
 )

@@ -164,7 +164,8 @@ def test_typed_options_still_validated_by_the_config(capsys, monkeypatch):
         main(["demo", "--data", "d", "--steps", "7", "--lr", "2e-5", "--mode", "exact", "--widths", "8,16"])
     assert exc.value.code == 0
     assert (seen["cfg"].steps, seen["cfg"].lr, seen["cfg"].mode, seen["cfg"].widths) == (7, 2e-5, "exact", [8, 16])
-    for argv, flag in ((["--mode", "slow"], "--mode"), (["--steps", "0"], "--steps"), (["--lr", "x"], "--lr")):
+    bad = (["--mode", "slow"], ["--steps", "0"], ["--lr", "x"], ["--steps", "none"])
+    for argv, flag in ((argv, argv[0]) for argv in bad):
         with pytest.raises(SystemExit) as exc:
             main(["demo", "--data", "d", *argv])
         err = capsys.readouterr().err.strip()

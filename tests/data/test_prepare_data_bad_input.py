@@ -142,3 +142,57 @@ def test_two_dumps_of_one_site_are_refused(tmp_path, run_cli):
     for sub in ("x/site.example", "y/site.example"):
         write(tmp_path / "d" / sub / "Posts.xml", posts_xml(small_dump_rows()))
     assert_one_error_line(run_cli("--input", tmp_path / "d", "--output", tmp_path / "o"), "two dumps of site")
+
+
+def test_pathological_bodies_are_skipped_and_counted(tmp_path, run_cli):
+    huge = "<p>" + "hops " * 50_000 + "</p>"  # 250,003 characters: far over Stack Exchange's 30,000 limit
+    rows = [
+        question(1),
+        answer(2, 1, 5),
+        answer(3, 1, 1),
+        answer(4, 1, 9, body=huge),  # the best-scored answer, but pathological: skipped, not truncated
+        question(10, body=huge),
+        answer(11, 10, 3),
+        answer(12, 10, 0),
+    ]
+    dump = write(tmp_path / "s" / "Posts.xml", posts_xml(rows))
+    result = run_cli(
+        "--input",
+        dump,
+        "--output",
+        tmp_path / "out",
+        "--evaluation-fraction",
+        "1",
+        "--finetune-fraction",
+        "0",
+        "--reward-fraction",
+        "0",
+        "--rl-fraction",
+        "0",
+    )
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["answers_skipped"]["over_body_cap"] == 1 and stats["questions_skipped"]["over_body_cap"] == 1
+    table = pq.read_table(tmp_path / "out" / "evaluation.parquet").to_pylist()
+    assert [(r["answer_id_j"], r["answer_id_k"]) for r in table] == [(2, 3)]  # question 1 kept, without answer 4
+
+    result = run_cli(
+        "--input",
+        dump,
+        "--output",
+        tmp_path / "uncapped",
+        "--max-body-chars",
+        "none",
+        "--evaluation-fraction",
+        "1",
+        "--finetune-fraction",
+        "0",
+        "--reward-fraction",
+        "0",
+        "--rl-fraction",
+        "0",
+    )
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads((tmp_path / "uncapped" / "stats.json").read_text())
+    assert stats["answers_skipped"]["over_body_cap"] == 0 and stats["questions_skipped"]["over_body_cap"] == 0
+    assert stats["questions_paired"] == 2
