@@ -102,7 +102,7 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
     t0 = time.monotonic()
 
     console.print(f"[bold]rlhf run[/]: {cfg.alignment.upper()} pipeline on {inp} with {cfg.model}; log: {log_path}")
-    remove_previous_runs(work_root)
+    remove_previous_runs(work_root, console)
     if cfg.model == EMBEDDED_MODEL:
         ensure_model_cache(console, timer)
 
@@ -112,14 +112,30 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
         raise step_failure(failure, timer, log_path, console)
 
     runs = sorted(work_root.iterdir(), key=lambda p: p.stat().st_mtime)
+    if runs:
+        (runs[-1] / FINISHED_MARK).touch()
     return collect_summary(cfg, out, runs[-1] if runs else None, pipeline_root, timer, total, log_path)
 
 
-def remove_previous_runs(work_root: Path) -> None:
-    """Keep one run's stage outputs: merged models are ~0.5 GB each for SmolLM2 (MLflow keeps registered copies)."""
-    if work_root.is_dir():
-        for old in work_root.iterdir():
+FINISHED_MARK = ".finished"  # written into a run's work dir once the whole pipeline succeeded
+
+
+def remove_previous_runs(work_root: Path, console) -> None:
+    """Remove finished runs' stage outputs (merged models are ~0.5 GB each for SmolLM2; MLflow keeps the registered
+    copies) but keep the newest UNFINISHED run (killed or failed): its checkpoints are the only copy of its work."""
+    if not work_root.is_dir():
+        return
+    runs = sorted((p for p in work_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    unfinished = [p for p in runs if not (p / FINISHED_MARK).exists()]
+    keep = unfinished[-1] if unfinished else None
+    for old in runs:
+        if old != keep:
             shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        console.print(
+            f"kept {keep}: the stage outputs and checkpoints of an unfinished run "
+            "(a stage resumes from them with `rlhf <stage> --output <that dir>/<stage>`)"
+        )
 
 
 def ensure_model_cache(console, timer: StepTimer) -> None:
