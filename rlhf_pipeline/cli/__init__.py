@@ -91,4 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         where = f" ({exc.filename})" if exc.filename else ""
         click.echo(f"{prog}: error: {exc.strerror or exc}{where}", err=True)
         sys.exit(ENVIRONMENT_EXIT_CODE)
+    except Exception as exc:
+        # Rust-backed writers (safetensors, tokenizers) report a full disk or a failed write as a plain exception
+        # carrying Rust's io::Error text ("No space left on device (os error 28)"), not as OSError: the same
+        # environment fault, the same one line.
+        message = str(exc)
+        if "(os error " in message:
+            click.echo(f"{prog}: error: {message.split('I/O error: ', 1)[-1]}", err=True)
+            sys.exit(ENVIRONMENT_EXIT_CODE)
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -31,6 +31,7 @@ class Ctx:
     args: list[str] = field(default_factory=list)  # the command's arguments before the fault's setup
     partial: Path | None = None
     finished: Path | None = None
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run after the fault's check (unmounts)
 
     @property
     def out(self) -> Path:
@@ -49,6 +50,7 @@ class Fault:
     check: Callable[[Ctx], None] = lambda ctx: None  # asserts that state
     tracking: str = "sqlite"  # "sqlite": a fresh store; "none": the test's env decides
     training_steps: bool = False  # needs a finished/partial run first (slower)
+    trains: bool = False  # fails after training steps ran: the error is the last line, after the progress bars
 
 
 def stage_args(stage: str, ctx: Ctx) -> list[str]:
@@ -174,6 +176,47 @@ def pickled_only(ctx: Ctx) -> list[str]:
     return ["--model", str(model)]
 
 
+def _tmpfs(ctx: Ctx, name: str, options: str) -> Path:
+    """A small tmpfs at ctx.tmp/name (root can mount here and in CI; elsewhere the case is skipped, and counted)."""
+    import subprocess
+
+    import pytest
+
+    mnt = ctx.tmp / name
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    ctx.cleanups.append(lambda: subprocess.run(["umount", "-l", str(mnt)], check=False))
+    return mnt
+
+
+def read_only_output(ctx: Ctx) -> list[str]:
+    mnt = _tmpfs(ctx, "ro", "size=1m,mode=0755")
+    (mnt / "out").parent.chmod(0o755)
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    return ["--output", str(mnt / "out")]
+
+
+def full_disk_output(ctx: Ctx) -> list[str]:
+    return ["--output", str(_tmpfs(ctx, "full", "size=256k") / "out")]
+
+
+def nothing_registered_no_traceback(ctx: Ctx) -> None:
+    import mlflow
+
+    from rlhf_pipeline.training.checkpoint import checkpoint_problem
+
+    for step_dir in (ctx.tmp / "full" / "out").glob("**/step-*"):  # what fit on the full disk: only whole checkpoints
+        if not step_dir.name.startswith(".tmp-"):
+            assert checkpoint_problem(step_dir) is None, step_dir
+
+    mlflow.set_tracking_uri(ctx.env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ctx.tmp / 'mlflow.db'}")
+    assert mlflow.MlflowClient().search_model_versions() == []
+
+
 def output_is_file(ctx: Ctx) -> list[str]:
     ctx.out.write_text("not a directory")
     return []
@@ -251,6 +294,27 @@ def non_mlflow_server(ctx: Ctx) -> list[str]:
 def per_stage(stage: str) -> list[Fault]:
     """The faults every training stage must handle the same way (before any work)."""
     return [
+        Fault(
+            f"{stage}-output-read-only",
+            stage,
+            "--output on a read-only mount",
+            read_only_output,
+            2,
+            r"--output .*(not writable|[Rr]ead-only)",
+            "nothing written; no registered version",
+            nothing_registered_no_traceback,
+        ),
+        Fault(
+            f"{stage}-output-disk-full",
+            stage,
+            "--output on a full disk (256 KiB tmpfs: checkpoints or the model do not fit)",
+            full_disk_output,
+            74,
+            r"[Nn]o space left on device",
+            "no registered version; what fit stays (a complete checkpoint or none)",
+            nothing_registered_no_traceback,
+            trains=True,
+        ),
         Fault(
             f"{stage}-output-is-file",
             stage,
@@ -398,6 +462,33 @@ def killed_prepare_data(ctx: Ctx) -> list[str]:
     return []
 
 
+def pathological_bodies(ctx: Ctx) -> list[str]:
+    """Two 1 MB answers (Stack Exchange caps posts at 30,000 characters) among normal ones."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from prepare_data_helpers import answer, posts_xml, small_dump_rows
+
+    huge = "<p>" + "malt " * 200_000 + "</p>"
+    rows = small_dump_rows() + [answer(900, 1, 99, body=huge), answer(901, 1, -5, body=huge)]
+    (ctx.tmp / "t").mkdir()
+    (ctx.tmp / "dump").mkdir()
+    (ctx.tmp / "dump" / "Posts.xml").write_text(posts_xml(rows))
+    return []
+
+
+def huge_bodies_counted(ctx: Ctx) -> None:
+    stats = json.loads((ctx.out / "stats.json").read_text())
+    assert stats["answers_skipped"]["over_body_cap"] == 2
+    texts = [
+        t
+        for name in ("finetune", "reward", "rl", "evaluation")
+        if (ctx.out / f"{name}.parquet").exists()
+        for t in pq.read_table(ctx.out / f"{name}.parquet").column("response_j").to_pylist()
+    ]
+    assert texts and max(len(t) for t in texts) < 30_000
+
+
 def stale_dirs_removed(ctx: Ctx) -> None:
     assert not list(ctx.out.glob(".staging-*")) and (ctx.out / "stats.json").is_file()
     assert [p.name for p in (ctx.tmp / "t").iterdir()] == [f"rlhf-prepare-data-{os.getpid()}-live"]
@@ -409,6 +500,10 @@ FAULTS: list[Fault] = [f for stage in TRAINING for f in per_stage(stage)] + [
           "the output and a scratch dump copy in the temp dir", killed_prepare_data, 0, r"prepared|finetune",
           "the dead run's staging and scratch dirs removed (a live run's kept); a complete output",
           stale_dirs_removed),
+    Fault("prepare-data-pathological-bodies", "prepare-data", "two 1 MB answer bodies (Stack Exchange's cap is "
+          "30,000 characters)", pathological_bodies, 0, r"prepared|finetune",
+          "both skipped before the Markdown conversion, counted as answers_skipped.over_body_cap in stats.json; "
+          "the rest prepared", huge_bodies_counted),
     Fault("sft-adapter-only-model", "sft", "--model is a LoRA adapter dir", adapter_only, 2,
           r"holds only a LoRA adapter", "nothing written", no_output),
     Fault("sft-shape-mismatch", "sft", "weights' shapes differ from config.json", shape_mismatch, 2,

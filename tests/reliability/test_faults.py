@@ -93,6 +93,14 @@ def test_fault(fault, inputs, request, tmp_path, monkeypatch, capsys):
     if fault.tracking == "sqlite":
         ctx.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ctx.args = stage_args(fault.stage, ctx)
+    try:
+        _run_and_check(fault, ctx, monkeypatch, capsys)
+    finally:
+        for cleanup in ctx.cleanups:  # unmount what the fault mounted, pass or fail
+            cleanup()
+
+
+def _run_and_check(fault, ctx, monkeypatch, capsys) -> None:
     args = merged_args(ctx.args, fault.setup(ctx))
     for name, value in ctx.env.items():
         monkeypatch.setenv(name, value)
@@ -104,7 +112,9 @@ def test_fault(fault, inputs, request, tmp_path, monkeypatch, capsys):
     assert exc.value.code == fault.exit, err[-2000:]
     if fault.exit != 0:
         lines = err.strip().splitlines()
-        if fault.training_steps:  # after progress bars: the error is the one last line, on a line of its own
+        if (
+            fault.training_steps or fault.trains
+        ):  # after progress bars: the error is the one last line, on a line of its own
             lines = lines[-1:]
             assert err.count(": error: ") == 1, err[-2000:]
         assert len(lines) == 1, err[-2000:]
