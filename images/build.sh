@@ -171,7 +171,14 @@ local_setup() {  # podman env, build context (HEAD + the extracted requirements)
   git -C "$root" archive --format=tar HEAD | tar -x -C "$ctx"
   requirements > "$ctx/requirements.txt"
   local_args=(--layers --build-arg "RLHF_UID=$RLHF_UID" --build-arg "TORCH_VERSION=$TORCH_VERSION")
-  local bundle
+  # Wheels this machine keeps on disk (pip's find-links, e.g. the CPU torch wheel where the PyTorch index is
+  # unreachable) are offered to pip in the build, read-only, exactly as the host's own pip sees them.
+  local links dir bundle
+  links=${PIP_FIND_LINKS:-$(pip3 config get global.find-links 2> /dev/null || true)}
+  for dir in $links; do
+    [ -d "$dir" ] && local_args+=(--volume "$dir:$dir:ro")
+  done
+  local_args+=(--build-arg "PIP_FIND_LINKS=$links")
   for bundle in /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt; do
     if [ -f "$bundle" ]; then local_args+=(--volume "$bundle:/etc/ssl/certs/ca-certificates.crt:ro"); break; fi
   done
@@ -224,7 +231,14 @@ cmd_local() {
   # (the driver comes from the NVIDIA container runtime), on the same base: the CUDA base of bases.env needs a
   # registry. The gpu extra (bitsandbytes) goes into the GPU step images, as in `push`.
   local index=$TORCH_CPU_INDEX suffix="" records=() entry key kind extras digest
-  if [ "$flavour" = gpu ]; then index=https://pypi.org/simple suffix=-gpu; fi
+  if [ "$flavour" = gpu ]; then
+    index=https://pypi.org/simple suffix=-gpu
+  elif ! getent hosts "$(echo "$TORCH_CPU_INDEX" | cut -d/ -f3)" > /dev/null; then
+    # No PyTorch index: PyPI, where pip prefers the local "+cpu" wheel of find-links (it sorts above "2.13.0").
+    compgen -G "$(echo "${links:-/nonexistent}" | cut -d' ' -f1)/torch-$TORCH_VERSION+cpu-*.whl" > /dev/null \
+      || die "$TORCH_CPU_INDEX is unreachable and no torch-$TORCH_VERSION+cpu wheel is in pip's find-links"
+    index=https://pypi.org/simple
+  fi
   local_build "rlhf-base$suffix" "$ctx/images/base/python.Dockerfile" \
     --build-arg "PYTHON_BASE=$base" --build-arg "TORCH_CPU_INDEX=$index" > /dev/null
   local_build rlhf-wheel "$ctx/images/base/wheel.Dockerfile" --build-arg "PYTHON_BASE=$base" > /dev/null

@@ -8,6 +8,8 @@ FROM ${PYTHON_BASE}
 
 ARG TORCH_VERSION
 ARG TORCH_CPU_INDEX
+# Directories of local wheels (bind-mounted by build.sh local) pip reads during the build; not in the image.
+ARG PIP_FIND_LINKS
 ARG RLHF_UID
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
