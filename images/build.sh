@@ -173,12 +173,12 @@ local_setup() {  # podman env, build context (HEAD + the extracted requirements)
   local_args=(--layers --build-arg "RLHF_UID=$RLHF_UID" --build-arg "TORCH_VERSION=$TORCH_VERSION")
   # Wheels this machine keeps on disk (pip's find-links, e.g. the CPU torch wheel where the PyTorch index is
   # unreachable) are offered to pip in the build, read-only, exactly as the host's own pip sees them.
-  local links dir bundle
-  links=${PIP_FIND_LINKS:-$(pip3 config get global.find-links 2> /dev/null || true)}
-  for dir in $links; do
+  local dir bundle
+  pip_links=${PIP_FIND_LINKS:-$(pip3 config get global.find-links 2> /dev/null || true)}
+  for dir in $pip_links; do
     [ -d "$dir" ] && local_args+=(--volume "$dir:$dir:ro")
   done
-  local_args+=(--build-arg "PIP_FIND_LINKS=$links")
+  local_args+=(--build-arg "PIP_FIND_LINKS=$pip_links")
   for bundle in /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt; do
     if [ -f "$bundle" ]; then local_args+=(--volume "$bundle:/etc/ssl/certs/ca-certificates.crt:ro"); break; fi
   done
@@ -235,7 +235,7 @@ cmd_local() {
     index=https://pypi.org/simple suffix=-gpu
   elif ! getent hosts "$(echo "$TORCH_CPU_INDEX" | cut -d/ -f3)" > /dev/null; then
     # No PyTorch index: PyPI, where pip prefers the local "+cpu" wheel of find-links (it sorts above "2.13.0").
-    compgen -G "$(echo "${links:-/nonexistent}" | cut -d' ' -f1)/torch-$TORCH_VERSION+cpu-*.whl" > /dev/null \
+    compgen -G "$(echo "${pip_links:-/nonexistent}" | cut -d' ' -f1)/torch-$TORCH_VERSION+cpu-*.whl" > /dev/null \
       || die "$TORCH_CPU_INDEX is unreachable and no torch-$TORCH_VERSION+cpu wheel is in pip's find-links"
     index=https://pypi.org/simple
   fi
