@@ -116,6 +116,7 @@ cmd_push() {
   ctx=$(mktemp -d)
   trap 'rm -rf "$ctx"' EXIT  # ctx is global: the trap runs after cmd_push returns
   git -C "$root" archive --format=tar HEAD | tar -x -C "$ctx"
+  requirements > "$ctx/requirements.txt"
   local common=(--build-arg "RLHF_UID=$RLHF_UID" --build-arg "TORCH_VERSION=$TORCH_VERSION")
 
   # Shared layers, kept local (they are only FROM-ed by the images below).

@@ -135,15 +135,18 @@ def network_mode(tracking_uri: str) -> str:
     return "host" if tracking_uri.startswith(("http://", "https://")) else "none"
 
 
-def writable_by_the_image_user(path: Path) -> None:
-    """The images run as uid 10001, gid 0: what the host (root) creates under the output directory must be
-    group-0 writable. The directory gets g+rwx now; the run's umask (002, set by `docker_runner`) does the rest."""
+def open_to_the_image_user(path: Path, *, write: bool) -> None:
+    """The images run as uid 10001, gid 0, and the host's files are root's: give group 0 read (and, for the
+    output directory, write) access. What the host creates later gets it from the run's umask (002, set by
+    `docker_runner`). The model cache needs it too: its converted models come out of mkdtemp, mode 0700."""
     path.mkdir(parents=True, exist_ok=True)
     for p in [path, *path.rglob("*")]:
         if p.is_symlink():
             continue
         mode = p.stat().st_mode
-        os.chmod(p, mode | (0o070 if p.is_dir() else 0o060))
+        wanted = (0o070 if write else 0o050) if p.is_dir() else (0o060 if write else 0o040)
+        if mode & wanted != wanted:
+            os.chmod(p, mode | wanted)
 
 
 @contextmanager
@@ -162,8 +165,8 @@ def docker_runner(pipeline_root: Path, input_path: Path, step_env: dict[str, str
     mounts = step_mounts(output_dir, input_path, cache_root(), tracking_uri)
     pipeline_root.mkdir(parents=True, exist_ok=True)  # else the engine creates it, 0755 root: not writable
     for mount in mounts:
-        if not mount["ReadOnly"]:
-            writable_by_the_image_user(Path(mount["Source"]))
+        if Path(mount["Source"]) != input_path.parent.resolve():  # the input only has to be readable by anyone
+            open_to_the_image_user(Path(mount["Source"]), write=not mount["ReadOnly"])
     old_umask = os.umask(0o002)
     saved = {k: os.environ.get(k) for k in ("DOCKER_HOST", "RLHF_IMAGES_FILE")}
     try:
