@@ -240,8 +240,10 @@ cmd_local() {
       || die "$TORCH_CPU_INDEX is unreachable and no torch-$TORCH_VERSION+cpu wheel is in pip's find-links"
     index=https://pypi.org/simple
   fi
-  local_build "rlhf-base$suffix" "$ctx/images/base/python.Dockerfile" \
-    --build-arg "PYTHON_BASE=$base" --build-arg "TORCH_CPU_INDEX=$index" > /dev/null
+  local base_args=(--build-arg "PYTHON_BASE=$base" --build-arg "TORCH_CPU_INDEX=$index")
+  # GPU: no find-links, whose "+cpu" torch pip would prefer to PyPI's CUDA one.
+  [ "$flavour" = gpu ] && base_args+=(--build-arg "PIP_FIND_LINKS=")
+  local_build "rlhf-base$suffix" "$ctx/images/base/python.Dockerfile" "${base_args[@]}" > /dev/null
   local_build rlhf-wheel "$ctx/images/base/wheel.Dockerfile" --build-arg "PYTHON_BASE=$base" > /dev/null
   local step_args=(--build-arg "BASE_IMAGE=localhost/rlhf-base$suffix:$tag" --build-arg "WHEEL_IMAGE=localhost/rlhf-wheel:$tag")
   for entry in $STEP_IMAGES; do
