@@ -58,3 +58,27 @@ def test_a_failing_component_fails_the_task_and_shows_its_log(tmp_path, ops_imag
 def test_network_only_for_an_mlflow_server():
     assert network_mode("sqlite:////tmp/x/mlflow.db") == "none"
     assert network_mode("http://127.0.0.1:5000") == "host"
+
+
+def test_runner_docker_without_local_images_is_one_error_line(tmp_path, beer_posts):
+    """No podman or images needed: the missing images are found before any container starts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RLHF_IMAGES_WORKDIR": str(tmp_path / "no-images")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), "run", "--runner", "docker", "--input", str(beer_posts)]
+        + ["--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr  # (a machine without native bf16 adds one line about fp32 before it)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rlhf run: error: no local images ({tmp_path / 'no-images' / 'images.yaml'} not found); "
+        "build them first: images/build.sh local"
+    )
