@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make run` (whole pipeline, embedded default) and `make test`.
-.PHONY: setup run test test-fast lint compile bench
+.PHONY: setup run test test-fast lint compile bench images images-gpu compile-local test-images
 
 setup:
 	bash scripts/setup.sh
@@ -21,3 +21,21 @@ test-fast: lint
 
 compile: setup
 	.venv/bin/rlhf compile
+
+# Every CPU image built here with podman (private storage in .images/; images/build.sh local), digests in
+# .images/images.yaml; `make compile-local` compiles the pipeline against them, `rlhf run --runner docker` runs them.
+images: setup
+	bash scripts/setup.sh images
+	bash images/build.sh local
+
+# The GPU step images (CUDA torch wheels from PyPI, several GB): on demand, never in CI.
+images-gpu: setup
+	bash scripts/setup.sh images
+	bash images/build.sh local-gpu
+
+compile-local: images
+	RLHF_IMAGES_FILE=.images/images.yaml .venv/bin/rlhf compile --output .images/rlhf_pipeline.yaml
+
+# The tests that run the images, failing (not skipping) when the images are missing.
+test-images: images
+	RLHF_REQUIRE_IMAGES=1 .venv/bin/python -m pytest -q tests/deploy/test_images_run.py tests/deploy/test_docker_runner.py

@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project with its test tools. Idempotent: re-runs only when
 # pyproject.toml or constraints.txt changed. Works on a fresh machine (Python >= 3.11 and pip needed).
+#   scripts/setup.sh          the venv
+#   scripts/setup.sh images   podman and the tools images/build.sh local needs, from the machine's apt sources
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = images ]; then
+  # podman (4.3 on bookworm) with runc (crun 1.8 fails on hybrid cgroups), buildah/skopeo, mmdebstrap for a
+  # base image without a registry, uidmap for user namespaces. See ../shared/containers.md.
+  tools="podman buildah skopeo mmdebstrap runc uidmap conmon netavark aardvark-dns catatonit containernetworking-plugins"
+  missing=$(for t in $tools; do dpkg-query -W -f='${Status}' "$t" 2> /dev/null | grep -q "ok installed" || echo "$t"; done)
+  [ -z "$missing" ] && exit 0
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  # shellcheck disable=SC2086  # word splitting of the package list is intended
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing > /dev/null \
+    || { echo "setup: could not install $missing (apt-get, as root)" >&2; exit 1; }
+  exit 0
+fi
 PY=${PYTHON:-python3}
 stamp=.venv/.installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)

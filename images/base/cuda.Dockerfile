@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Shared GPU base: CUDA 13.0 user space, Python 3.12 in a virtualenv on PATH, torch with its CUDA 13.0
-# wheels, a numeric non-root user. Built by images/build.sh as rlhf-base-cuda:<tag>; the base image
+# wheels, the project's pinned dependencies, a numeric non-root user. Built by images/build.sh as rlhf-base-cuda:<tag>; the base image
 # comes from images/bases.env.
 ARG CUDA_BASE
 FROM ${CUDA_BASE}
@@ -28,8 +28,13 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12=3.12.3-* python3.12-venv=3.12.3-* \
  && rm -rf /var/lib/apt/lists/* \
  && python3.12 -m venv /opt/venv \
- && pip install "torch==${TORCH_VERSION}" \
+ && pip install --no-cache-dir "torch==${TORCH_VERSION}" \
  && useradd --uid "${RLHF_UID}" --gid 0 --create-home --home-dir /home/rlhf --shell /usr/sbin/nologin rlhf
+
+# The project's own requirements (build.sh extracts them from pyproject.toml), pinned by constraints.txt: one
+# layer every GPU step image shares, rebuilt only when a dependency changes.
+COPY requirements.txt constraints.txt /opt/rlhf-deps/
+RUN pip install --no-cache-dir --constraint /opt/rlhf-deps/constraints.txt --requirement /opt/rlhf-deps/requirements.txt
 
 WORKDIR /home/rlhf
 USER ${RLHF_UID}

@@ -7,7 +7,9 @@ FROM ${PYTHON_BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY . /src
-RUN pip wheel --no-deps --wheel-dir /dist /src \
+# A throw-away venv: a Debian-bootstrapped base has python3 + venv but no pip of its own.
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip wheel --no-deps --wheel-dir /dist /src \
  && cp /src/constraints.txt /dist/constraints.txt
 
 FROM scratch

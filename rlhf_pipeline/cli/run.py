@@ -26,6 +26,13 @@ from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 @click.option("--output", "-o", default=None, help="Output directory [default: ./outputs].")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///<output>/mlflow.db].")
 @click.option("--experiment-name", default=None, help="MLflow experiment [default: rlhf-pipeline].")
+@click.option(
+    "--runner",
+    type=click.Choice(["subprocess", "docker"]),
+    default=None,
+    help="subprocess (default): each step a Python process; docker: each step in its own image "
+    "(build them first: images/build.sh local).",
+)
 @click.option("--num-threads", type=int, default=None, help="torch threads per step [default: all cores].")
 @click.option(
     "--set",
@@ -46,6 +53,7 @@ def run_command(
     tracking_uri: str | None,
     experiment_name: str | None,
     num_threads: int | None,
+    runner: str | None,
     sets: tuple[str, ...],
     verbose: bool,
     print_config: bool,
@@ -68,6 +76,7 @@ def run_command(
             "tracking_uri": tracking_uri,
             "experiment_name": experiment_name,
             "num_threads": num_threads,
+            "runner": runner,
         },
         sets,
     )

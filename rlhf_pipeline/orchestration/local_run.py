@@ -39,17 +39,28 @@ def step_environment(cfg: LocalRunConfig) -> Iterator[None]:
     saved = dict(os.environ)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    for var, value in step_variables(cfg).items():
+        os.environ.setdefault(var, value)
     os.environ["PYTHONUNBUFFERED"] = "1"
-    if cfg.num_threads:
-        os.environ["OMP_NUM_THREADS"] = str(cfg.num_threads)
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def step_variables(cfg: LocalRunConfig) -> dict[str, str]:
+    """What the steps' environment adds: quiet libraries, unbuffered output, the thread count (also passed into
+    the containers of `--runner docker`, which inherit nothing from this process)."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if cfg.num_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.num_threads)
+    return env
 
 
 def pipeline_arguments(cfg: LocalRunConfig, work_root: Path) -> dict[str, Any]:
@@ -156,13 +167,19 @@ def run_pipeline(
     from kfp import local
     from rich.status import Status
 
-    from pipelines.rlhf_pipeline import build_pipeline
+    if cfg.runner == "docker":  # every step in its own image (orchestration/docker_runner.py)
+        from rlhf_pipeline.orchestration.docker_runner import docker_runner
 
-    pipeline = build_pipeline(None)
+        runner = docker_runner(pipeline_root, cfg.input_path(), step_variables(cfg), cfg.tracking())
+    else:
+        runner = nullcontext(local.SubprocessRunner(use_venv=False))
     args = pipeline_arguments(cfg, work_root)
-    with step_environment(cfg), warnings.catch_warnings():
+    with step_environment(cfg), warnings.catch_warnings(), runner as kfp_runner:
+        from pipelines.rlhf_pipeline import build_pipeline  # after the runner: it points at the local images
+
+        pipeline = build_pipeline(None)
         warnings.simplefilter("ignore")
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+        local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
         spinner = nullcontext(None) if verbose else Status("starting…", console=console)
         with spinner as status:
             timer.live = status

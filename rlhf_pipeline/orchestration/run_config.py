@@ -33,6 +33,11 @@ class LocalRunConfig(StageConfig):
     input: str | None = Field(
         None, description="Stack Exchange dump; default: the beer sample in $RLHF_SHARED_DIR or ../shared."
     )
+    runner: Literal["subprocess", "docker"] = Field(
+        "subprocess",
+        description="subprocess: each step a Python process; docker: each step in its own image "
+        "(images/build.sh local), through podman.",
+    )
     output: str = Field("outputs", description="Output directory (MLflow SQLite store, artifacts, report).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output>/mlflow.db.")
     experiment_name: str = Field("rlhf-pipeline", description="MLflow experiment.")

@@ -331,6 +331,7 @@ case "$1" in
     ctx="${@: -1}"
     [ -f "$ctx/images/bases.env" ] || { echo "context is not the repo" >&2; exit 9; }
     [ -e "$ctx/UNTRACKED_SECRET" ] && { echo "untracked file in context" >&2; exit 9; }
+    cp "$ctx/requirements.txt" "$FAKE_DOCKER_LOG.requirements.txt" || exit 9
     if [[ "$*" == *images/ops/Dockerfile* ]]; then cp "$ctx/images/images.yaml" "$FAKE_DOCKER_LOG.ops-images.yaml"; fi ;;
   image) ref="${@: -1}"; echo "${ref%:*}@sha256:$(printf %s "$ref" | sha256sum | cut -c1-64)" ;;
   buildx) echo "sha256:$(printf %s "${@: -1}" | sha256sum | cut -c1-64)" ;;
@@ -343,6 +344,7 @@ def repo_copy(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(IMAGES, repo / "images")
     (repo / "constraints.txt").write_text("torch==2.13.0\n")
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run([*git, "init", "-q", str(repo)], check=True)
     subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
@@ -391,6 +393,10 @@ def test_build_push_records_digests_that_image_for_reads(repo_copy, monkeypatch)
     # The ops image was built with the pipeline images' digests already recorded.
     ops_view = yaml.safe_load(Path(str(log) + ".ops-images.yaml").read_text())
     assert ops_view["images"]["sft"]["digest"] == data["images"]["sft"]["digest"]
+
+    # The bases' dependency layer installs exactly the project's requirements.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert Path(str(log) + ".requirements.txt").read_text().split("\n")[:-1] == project["dependencies"]
 
     monkeypatch.setenv(images_mod.IMAGES_FILE_ENV, str(repo / "images/images.yaml"))
     ref = images_mod.image_for("sft")
