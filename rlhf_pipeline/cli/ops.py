@@ -25,7 +25,7 @@ experiment_option = click.option(
 
 @click.group("schedule", context_settings={"max_content_width": 110})
 def schedule_command() -> None:
-    """Create, list and delete recurring runs (token: $KF_PIPELINES_TOKEN, never a flag)."""
+    """Create, list and delete recurring runs (token: $KF_PIPELINES_TOKEN, else $KFP_TOKEN, else the projected service-account token; never a flag)."""
 
 
 @schedule_command.command("create")

@@ -57,7 +57,9 @@ def compile_command(output: str | None, settings_path: str | None, trainjob: boo
 
 @click.command("submit", context_settings={"max_content_width": 110})
 @click.option(
-    "--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 (token from $KFP_TOKEN)."
+    "--host",
+    required=True,
+    help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 (token: $KF_PIPELINES_TOKEN, else $KFP_TOKEN, else the projected service-account token).",
 )
 @click.option("--experiment", default="rlhf-pipeline", show_default=True, help="Experiment of the run.")
 @click.option(

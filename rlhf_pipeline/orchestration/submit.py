@@ -2,7 +2,7 @@
 the existing one) and start a run in an experiment.
 
 Authentication comes from the environment only (never a flag, so it stays out of shell history and CI logs):
-`KFP_TOKEN` or `KF_PIPELINES_TOKEN` (a bearer token), else the projected service-account token
+`KF_PIPELINES_TOKEN` or `KFP_TOKEN` (a bearer token, looked up in that order by kfp_client.bearer_token, as for `rlhf schedule`), else the projected service-account token
 (`ops.kfp_client.bearer_token`), else whatever kfp.Client itself picks up (its context file). An unreachable
 host fails in seconds with one line.
 """
