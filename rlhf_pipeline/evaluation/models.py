@@ -51,3 +51,16 @@ def tag_model_version(uri: str, tags: dict[str, float]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(parts[0], parts[1], key, str(value))
+
+
+def resolve_judge(spec: str, download_dir: Path) -> str:
+    """The judge's reward-model dir: a `rlhf reward --subset judge` output dir or a model dir as given, or a
+    `models:/<prefix>-judge/<N>` URI downloaded into `download_dir`."""
+    if not spec.startswith("models:/"):
+        return spec
+    import mlflow
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / "judge"))
+    except Exception as exc:  # MlflowException and friends: one line for the user
+        raise UserError(f"cannot download the judge model {spec}: {str(exc).splitlines()[0]}") from None

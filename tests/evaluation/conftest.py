@@ -32,13 +32,11 @@ def eval_data_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+def _reward_stage_dir(tiny_model_dir, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     base.config.pad_token_id = 2
     model = get_peft_model(
@@ -49,6 +47,17 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "merged")
     StageResult.of("reward", "trained", out, {"accuracy": 0.75, "reward_mean": 0.0, "reward_std": 1.0}).write()
     return out
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return _reward_stage_dir(tiny_model_dir, tmp_path_factory.mktemp("rm") / "reward", seed=5)
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Another random reward model: scores differ from the proxy's."""
+    return _reward_stage_dir(tiny_model_dir, tmp_path_factory.mktemp("judge") / "judge", seed=11)
 
 
 @pytest.fixture(scope="module")
