@@ -1,6 +1,5 @@
 """Kubeflow component: compare the SFT model and the aligned policy (`rlhf evaluate`)."""
 
-
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 

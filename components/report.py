@@ -1,6 +1,5 @@
 """Kubeflow component: point the `challenger` alias at the evaluated policy and write the run report."""
 
-
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 

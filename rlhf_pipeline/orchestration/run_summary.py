@@ -121,7 +121,7 @@ def print_policy_table(evaluated: dict[str, float], console) -> None:
         t.add_column(label, justify="right")
     for name in names:
         row = []
-        for label, key in POLICY_COLUMNS:
+        for _, key in POLICY_COLUMNS:
             if key is None:
                 low, high = evaluated.get(f"eval/{name}/judge_win_low"), evaluated.get(f"eval/{name}/judge_win_high")
                 row.append(f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "n/a")

@@ -218,5 +218,8 @@ def test_both_alignments_challenger_is_the_one_the_evaluation_named(tmp_path, st
     )
     assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == dpo_v.version
     assert result["challenger"] == f"rlhf-policy/{dpo_v.version}"
-    assert {v["version"] for v in result["versions"] if v["name"] == "rlhf-policy"} == {str(ppo_v.version), str(dpo_v.version)}
+    assert {v["version"] for v in result["versions"] if v["name"] == "rlhf-policy"} == {
+        str(ppo_v.version),
+        str(dpo_v.version),
+    }
     assert "| eval/judge_win_rate | 0.7 |" in Path(tmp_path / "m").read_text()
