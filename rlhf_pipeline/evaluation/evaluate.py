@@ -10,8 +10,8 @@ Every model answers the same held-out questions (`<data>/evaluation.parquet`) wi
 KL to mean what PPO's penalty means). Per model (metrics.summarize): proxy reward and win-rate vs SFT; judge reward,
 judge win-rate with its 95 % Wilson interval (ties half) and length-controlled; KL(policy || SFT) with its interval
 (exact per-position KL summed over the answer; and the sampled log-ratio form `kl_seq`); answer length.
-Policies named `<family>@<tag>` (e.g. `ppo@step-10`) are checkpoints: frontier points, never the challenger.
-The challenger is the policy (no '@') with the highest judge win-rate vs SFT (proxy win-rate without a judge),
+Policies named `<family>:<tag>` (e.g. `ppo:step-10`) are checkpoints: frontier points, never the challenger.
+The challenger is the policy (no ':') with the highest judge win-rate vs SFT (proxy win-rate without a judge),
 the lower KL on a tie. Writes `<output>/metrics.json`, `generations.jsonl`, `report.md` and `frontier.png`, logs
 `eval/<name>/...` and `eval/best_of_n/<n>/...` to MLflow with a side-by-side table and the plot, and tags each
 registered policy version with the gate values `rlhf promote` reads (`eval/reward_mean`, `eval/win_rate`,
@@ -30,7 +30,14 @@ from rlhf_pipeline.data.subsets import read_questions
 from rlhf_pipeline.evaluation.best_of_n import best_of_n_curve
 from rlhf_pipeline.evaluation.frontier import family, matched_kl, plot
 from rlhf_pipeline.evaluation.metrics import kl_to_reference, summarize
-from rlhf_pipeline.evaluation.models import ModelRef, resolve_judge, resolve_policy, tag_model_version
+from rlhf_pipeline.evaluation.models import (
+    ModelRef,
+    checkpoint_policy,
+    kept_checkpoints,
+    resolve_judge,
+    resolve_policy,
+    tag_model_version,
+)
 from rlhf_pipeline.evaluation.report import report_markdown
 from rlhf_pipeline.modeling.options import GenerationOptions, ModelOptions
 from rlhf_pipeline.results import StageResult
@@ -65,6 +72,11 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
     dpo_model: str | None = Field(None, description="Shortcut for --policy dpo=...")
     policy_model_uri: str | None = Field(
         None, description="models:/<prefix>-policy/<N> of the (first) policy: gets the eval/* and rm/accuracy tags."
+    )
+    checkpoints: bool = Field(
+        False,
+        description="Also evaluate the checkpoints each policy's stage dir kept (`keep_checkpoints`) as "
+        "<name>:step-<N>: points on the KL frontier.",
     )
     max_questions: int = Field(32, gt=0, description="Evaluate on at most this many questions.")
     do_sample: bool = Field(
@@ -131,9 +143,9 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
 
 
 def choose_challenger(models: dict[str, dict[str, Any]]) -> str | None:
-    """The policy (not SFT, not a checkpoint `<family>@<tag>`) with the highest judge win-rate vs SFT (the proxy
+    """The policy (not SFT, not a checkpoint `<family>:<tag>`) with the highest judge win-rate vs SFT (the proxy
     win-rate without a judge); on a tie the one closer to SFT (lower KL)."""
-    candidates = [name for name in models if name != SFT and "@" not in name]
+    candidates = [name for name in models if name != SFT and ":" not in name]
     if not candidates:
         return None
     key = "judge_win_rate" if "judge_win_rate" in models[candidates[0]] else "win_rate"
@@ -164,6 +176,14 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         if cfg.policy_model_uri and refs:
             refs[0].registered_uri = cfg.policy_model_uri
         judge_dir = resolve_judge(cfg.judge_model, Path(tmp)) if cfg.judge_model else None
+        sft_path = cfg.sft_model or cfg.model
+        if cfg.checkpoints:
+            for name, spec in specs.items():
+                given = Path(spec).expanduser()
+                stage = given if (given / "adapter").is_dir() else given.parent  # a stage dir or its merged/
+                for step, ckpt in kept_checkpoints(stage):
+                    at = f"{name}:step-{step}"
+                    refs.append(checkpoint_policy(at, ckpt, stage, sft_path, Path(tmp) / at))
         tokenizer = load_tokenizer(
             cfg.sft_model or cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code
         )
@@ -171,7 +191,6 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         load = lambda path: load_causal_lm(  # noqa: E731
             path, precision=cfg.precision, quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code
         ).eval()
-        sft_path = cfg.sft_model or cfg.model
         reference = load(sft_path)
         load_scorer = lambda path: RewardModelScorer.load(  # noqa: E731
             path,

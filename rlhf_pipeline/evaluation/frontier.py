@@ -1,7 +1,7 @@
 """The KL frontier: every evaluated policy (and checkpoint) and the best-of-n curve at (KL to SFT, judge score),
 online (PPO) against offline (DPO/IPO) at matched KL (Tang et al. 2024), and the PNG of it.
 
-A policy's family is its name up to '@' (`ppo@step-10` is a PPO checkpoint); each family's curve starts at SFT
+A policy's family is its name up to ':' (`ppo:step-10` is a PPO checkpoint); each family's curve starts at SFT
 (KL 0). Matched KL: at each offline point's KL, the online curve's judge value is interpolated linearly between
 its neighbouring points (only inside the online curve's KL range: no extrapolation).
 """
@@ -15,7 +15,7 @@ ONLINE, OFFLINE = ("ppo",), ("dpo", "ipo")
 
 
 def family(name: str) -> str:
-    return name.split("@", 1)[0]
+    return name.split(":", 1)[0]
 
 
 def curve(points: dict[str, dict[str, float]], families: Sequence[str], y: str) -> list[tuple[float, float]]:

@@ -395,6 +395,7 @@ def train_loop(
                     optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                     scheduler,
                     extra={"totals": so_far},
+                    keep=cfg.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
         if on_step is not None:

@@ -168,3 +168,28 @@ def test_bad_policy_spec_is_one_line(tiny_model_dir, reward_dir, eval_data_dir, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NAME=DIR_OR_URI" in err[0]
+
+
+def test_kept_checkpoints_are_frontier_points(
+    tiny_model_dir, reward_dir, ppo_stage_with_checkpoints, eval_data_dir, tmp_path, mlflow_sqlite
+):
+    """--checkpoints: every kept checkpoint but the last is evaluated as <name>:step-N, never the challenger."""
+    from rlhf_pipeline.evaluation.evaluate import EvaluateConfig, run_evaluate
+
+    stage = ppo_stage_with_checkpoints[0]
+    result = run_evaluate(
+        EvaluateConfig(
+            model=str(tiny_model_dir),
+            reward_model=str(reward_dir),
+            data=str(eval_data_dir),
+            output=str(tmp_path / "eval"),
+            policy=[f"ppo={stage}"],
+            checkpoints=True,
+            max_questions=3,
+            max_new_tokens=6,
+            tracking_uri=mlflow_sqlite,
+        )
+    )
+    models = result.metrics["models"]
+    assert set(models) == {"sft", "ppo", "ppo:step-5"} and result.metrics["challenger"] == "ppo"
+    assert models["ppo:step-5"]["kl"] > 0 and models["ppo:step-5"]["kl"] != pytest.approx(models["ppo"]["kl"])

@@ -14,17 +14,17 @@ from rlhf_pipeline.evaluation.frontier import curve, interpolate, matched_kl, pl
 def test_online_curve_is_interpolated_at_each_offline_kl():
     points = {
         "sft": {"kl": 0.0, "judge_win_rate": 0.5},
-        "ppo@step-5": {"kl": 2.0, "judge_win_rate": 0.6},
+        "ppo:step-5": {"kl": 2.0, "judge_win_rate": 0.6},
         "ppo": {"kl": 4.0, "judge_win_rate": 0.7},
         "dpo": {"kl": 3.0, "judge_win_rate": 0.55},
-        "dpo@beta-0.01": {"kl": 9.0, "judge_win_rate": 0.8},  # beyond PPO's range: no comparison
+        "dpo:beta-0.01": {"kl": 9.0, "judge_win_rate": 0.8},  # beyond PPO's range: no comparison
     }
     assert curve(points, ("ppo",), "judge_win_rate") == [(0.0, 0.5), (2.0, 0.6), (4.0, 0.7)]
     assert interpolate([(0.0, 0.5), (2.0, 0.6)], 1.0) == pytest.approx(0.55)
     assert interpolate([(0.0, 0.5), (2.0, 0.6)], 2.5) is None
     rows = {r["model"]: r for r in matched_kl(points, "judge_win_rate")}
     assert rows["dpo"]["online"] == pytest.approx(0.65) and rows["dpo"]["delta"] == pytest.approx(0.10)
-    assert rows["dpo@beta-0.01"]["online"] is None and rows["dpo@beta-0.01"]["delta"] is None
+    assert rows["dpo:beta-0.01"]["online"] is None and rows["dpo:beta-0.01"]["delta"] is None
 
 
 def test_best_of_n_curve_by_hand(tmp_path):
@@ -48,3 +48,27 @@ def test_best_of_n_curve_by_hand(tmp_path):
         ("judge_win_rate",),
     )
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_kept_checkpoint_is_the_policy_at_that_step(tiny_model_dir, ppo_stage_with_checkpoints, tmp_path):
+    """The materialized checkpoint equals merging the checkpoint's LoRA weights by hand (a PPO-shaped stage dir:
+    adapter/ + checkpoints/step-N/trainable.safetensors named `policy.base_model...`), and is not the SFT model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_pipeline.evaluation.models import checkpoint_policy, kept_checkpoints
+
+    stage, model, lora_at_5 = ppo_stage_with_checkpoints
+    [(step, path)] = kept_checkpoints(stage)  # the last one (step 10) is the final policy: not listed
+    assert step == 5
+    ref = checkpoint_policy("ppo:step-5", path, stage, str(tiny_model_dir), tmp_path / "ckpt5")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in lora_at_5:
+                p.copy_(lora_at_5[n])
+    expected = model.merge_and_unload()
+    got = AutoModelForCausalLM.from_pretrained(ref.path)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    assert torch.allclose(got(ids).logits, expected(ids).logits, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(got(ids).logits, base(ids).logits, atol=1e-3)
