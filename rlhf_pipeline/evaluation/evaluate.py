@@ -61,6 +61,9 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
         description="Draw this many SFT answers per question (at --temperature) for the best-of-n baseline "
         "(n = 1, 2, 4, ... up to it, picked by the proxy reward model); 0: none.",
     )
+    best_of_n_questions: int | None = Field(
+        None, gt=0, description="Draw the best-of-n samples for the first this many questions only (its cost)."
+    )
     sft_model: str | None = Field(None, description="The SFT model (the reference); overrides --model.")
     policy: list[str] = Field(
         default_factory=list,
@@ -229,16 +232,15 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
         best_of_n: list[dict[str, float]] = []
         if cfg.best_of_n > 1:  # N SFT samples per question, drawn once; every n is read off them
-            k = cfg.best_of_n
-            repeated = [ids for ids in prompt_ids for _ in range(k)]
+            k, m = cfg.best_of_n, min(cfg.best_of_n_questions or len(questions), len(questions))
+            repeated = [ids for ids in prompt_ids[:m] for _ in range(k)]
             texts, lengths, _ = generate_answers(reference, tokenizer, repeated, cfg, do_sample=True)
-            qs = [q for q in questions for _ in range(k)]
+            qs = [q for q in questions[:m] for _ in range(k)]
             proxy = score(scorer, qs, texts)
             judged = score(judge, qs, texts) if judge else None
-            per_q = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(questions))]  # noqa: E731
-            best_of_n = best_of_n_curve(
-                per_q(proxy), per_q(judged) if judged else None, per_q(lengths), results[SFT]["judge"]
-            )
+            per_q = lambda xs: [xs[i * k : (i + 1) * k] for i in range(m)]  # noqa: E731
+            sft_judge = results[SFT]["judge"][:m] if judge else None
+            best_of_n = best_of_n_curve(per_q(proxy), per_q(judged) if judged else None, per_q(lengths), sft_judge)
 
         summary_models = {name: summarize(r, results[SFT]) for name, r in results.items()}
         challenger = choose_challenger(summary_models)
@@ -292,6 +294,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             "num_questions": len(questions),
             "models": summary_models,
             "best_of_n": best_of_n,
+            "best_of_n_questions": min(cfg.best_of_n_questions or len(questions), len(questions)) if best_of_n else 0,
             "matched_kl": matched,
             "rm/accuracy": rm_accuracy,
             "judge_model": cfg.judge_model,

@@ -63,8 +63,9 @@ def report_markdown(
     if best_of_n:
         has_judge = "judge_win_rate" in best_of_n[0]
         lines += [
-            "Best-of-n from SFT (N samples per question drawn once, n picked by the proxy; KL estimated from the "
-            "samples, next to the log n - (n-1)/n bound):",
+            f"Best-of-n from SFT ({getattr(cfg, 'best_of_n', '')} samples per question drawn once"
+            + (f", the first {cfg.best_of_n_questions} questions" if getattr(cfg, "best_of_n_questions", None) else "")
+            + "; n picked by the proxy; KL estimated from the samples, next to the log n - (n-1)/n bound):",
             "",
             "| n | proxy reward | judge reward | judge win-rate | KL (estimate) | KL bound | length |",
             "|---|---|---|---|---|---|---|",

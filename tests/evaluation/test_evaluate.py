@@ -112,7 +112,7 @@ def test_evaluate_sft_against_policies(
 
     # best-of-n from 4 SFT samples: n = 1 is SFT sampled (KL 0), KL grows with n and stays under the bound
     bon = metrics["best_of_n"]
-    assert [r["n"] for r in bon] == [1, 2, 4]
+    assert [r["n"] for r in bon] == [1, 2, 4] and metrics["best_of_n_questions"] == 4
     assert bon[0]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert 0 < bon[1]["kl"] <= bon[1]["kl_bound"] + 1e-9 and bon[1]["kl"] <= bon[2]["kl"] <= bon[2]["kl_bound"]
     assert bon[0]["reward_mean"] <= bon[1]["reward_mean"] <= bon[2]["reward_mean"]  # the proxy picks

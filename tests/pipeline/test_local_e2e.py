@@ -33,6 +33,12 @@ def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[s
             "reward.batch_size=2",
             "reward.max_length=256",
             "reward.max_eval_samples=8",
+            "prepare_data.judge_fraction=0.1",
+            "prepare_data.judge_max_pairs=32",
+            "judge.max_steps=2",
+            "judge.batch_size=2",
+            "judge.max_length=256",
+            "judge.max_eval_samples=4",
             "ppo.steps=1",
             "ppo.batch_size=4",
             "ppo.mini_batch_size=4",
@@ -150,6 +156,58 @@ def test_dpo_branch(tmp_path, tiny_model_dir, beer_posts):
 
     cfg = tiny_sizes(tiny_model_dir, beer_posts, tmp_path / "outputs", "dpo")
     summary = local_run.run_local(cfg)
-    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "DPO", "evaluate", "report"]
+    assert list(summary["step_seconds"]) == [
+        "prepare data",
+        "SFT",
+        "judge",
+        "reward model",
+        "DPO",
+        "evaluate",
+        "report",
+    ]
     policy = MlflowClient(tracking_uri=cfg.tracking()).get_model_version_by_alias("rlhf-policy", "challenger")
     assert policy.tags.get("algorithm") == "dpo" and policy.tags["kfp_run_id"] == summary["run"]
+
+
+def test_both_branch_evaluates_ppo_and_dpo_side_by_side(tmp_path, tiny_model_dir, beer_posts):
+    """`alignment: both`: PPO and DPO from the same SFT and reward model, one evaluate step with the judge, PPO's
+    kept checkpoint and a best-of-2 baseline on the frontier, the challenger alias on the evaluation's choice."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_sizes(
+        tiny_model_dir,
+        beer_posts,
+        tmp_path / "outputs",
+        "both",
+        (
+            "ppo.steps=2",
+            "ppo.save_steps=1",
+            "ppo.keep_checkpoints=2",
+            "evaluate.checkpoints=true",
+            "evaluate.best_of_n=2",
+            "evaluate.do_sample=true",
+        ),
+    )
+    summary = local_run.run_local(cfg)
+    assert {"judge", "PPO", "DPO", "evaluate"} <= set(summary["step_seconds"])
+    assert sum(1 for step in summary["step_seconds"] if step == "evaluate") == 1
+    evaluated = evaluation_result(Path(summary["work_dir"]) / "evaluate")
+    models = evaluated["models"]
+    assert set(models) == {"sft", "ppo", "ppo:step-1", "dpo"}
+    assert all("judge_win_rate" in m for m in models.values())
+    challenger = evaluated["challenger"]
+    assert challenger in ("ppo", "dpo") and models[challenger]["judge_win_rate"] >= max(
+        models[n]["judge_win_rate"] for n in ("ppo", "dpo")
+    )
+    assert [r["n"] for r in evaluated["best_of_n"]] == [1, 2]
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    policy = client.get_model_version_by_alias("rlhf-policy", "challenger")
+    assert policy.tags.get("algorithm") == challenger and policy.tags["kfp_run_id"] == summary["run"]
+    assert client.get_registered_model("rlhf-judge").latest_versions
+    report = Path(summary["report_md"]).read_text()
+    assert "| ppo:step-1 |" in report and "| dpo |" in report and "judge win-rate" in report
+    assert (Path(summary["report_md"]).parent / "frontier.png").is_file()
+
+
+def evaluation_result(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
