@@ -193,3 +193,19 @@ def test_kept_checkpoints_are_frontier_points(
     models = result.metrics["models"]
     assert set(models) == {"sft", "ppo", "ppo:step-5"} and result.metrics["challenger"] == "ppo"
     assert models["ppo:step-5"]["kl"] > 0 and models["ppo:step-5"]["kl"] != pytest.approx(models["ppo"]["kl"])
+
+
+def test_judge_by_registered_uri_downloads_a_loadable_reward_model(judge_dir, tmp_path, mlflow_sqlite):
+    import mlflow
+
+    from rlhf_pipeline.errors import UserError
+    from rlhf_pipeline.evaluation.models import resolve_judge
+    from rlhf_pipeline.ppo.rewards import read_reward_model_dir
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    uri = _register("rlhf-judge", judge_dir / "merged")
+    local = resolve_judge(uri, tmp_path)
+    assert read_reward_model_dir(local).merged_dir.joinpath("config.json").is_file()
+    assert resolve_judge(str(judge_dir), tmp_path) == str(judge_dir)  # a directory is used as it is
+    with pytest.raises(UserError, match="cannot download the judge model models:/rlhf-judge/99"):
+        resolve_judge("models:/rlhf-judge/99", tmp_path)
