@@ -31,7 +31,7 @@ def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[s
             "sft.max_eval_samples=4",
             "reward.max_steps=3",
             "reward.batch_size=2",
-            "reward.max_length=256",
+            "reward.max_length=512",  # the default split holds out 3 reward questions: their pairs must fit
             "reward.max_eval_samples=8",
             "prepare_data.judge_fraction=0.1",
             "prepare_data.judge_max_pairs=32",
@@ -71,7 +71,15 @@ def ppo_run(tmp_path_factory, tiny_model_dir, beer_posts):
 
 def test_every_step_ran_and_was_timed(ppo_run):
     _, _, summary = ppo_run
-    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "PPO", "evaluate", "report"]
+    assert list(summary["step_seconds"]) == [
+        "prepare data",
+        "SFT",
+        "judge",
+        "reward model",
+        "PPO",
+        "evaluate",
+        "report",
+    ]
     assert all(s > 0 for s in summary["step_seconds"].values())
 
 
@@ -79,9 +87,10 @@ def test_every_stage_wrote_its_artifacts(ppo_run):
     _, out, summary = ppo_run
     [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
     data = root / "prepare-data" / "data"
-    for name in ("finetune.parquet", "reward.parquet", "rl.parquet", "evaluation.parquet", "stats.json"):
+    for name in ("finetune.parquet", "reward.parquet", "rl.parquet", "evaluation.parquet", "judge.parquet"):
         assert (data / name).is_file(), name
-    for step in ("sft", "reward", "ppo"):
+    assert (data / "stats.json").is_file()
+    for step in ("sft", "reward", "judge", "ppo"):
         model = root / step / "model"
         assert (model / "adapter").is_dir() and (model / "metrics.json").is_file(), step
         step_info = json.loads((model / "step.json").read_text())
@@ -137,7 +146,7 @@ def test_registered_versions_carry_lineage(ppo_run, beer_posts):
     [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
     input_sha = json.loads((root / "prepare-data" / "data" / "stats.json").read_text())["input_sha256"]
     names = {v["name"] for v in summary["registered"]}
-    assert names == {"rlhf-sft", "rlhf-reward", "rlhf-policy"}
+    assert names == {"rlhf-sft", "rlhf-reward", "rlhf-judge", "rlhf-policy"}
     for name in names:
         [mv] = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{summary['run']}'")
         tags = mv.tags
@@ -147,7 +156,7 @@ def test_registered_versions_carry_lineage(ppo_run, beer_posts):
     policy = client.get_model_version_by_alias("rlhf-policy", "challenger")
     assert policy.tags["kfp_run_id"] == summary["run"] and policy.tags.get("algorithm") == "ppo"
     # the evaluation's gate values, which `rlhf promote` reads
-    for gate in ("eval/reward_mean", "eval/win_rate", "eval/kl", "rm/accuracy"):
+    for gate in ("eval/reward_mean", "eval/win_rate", "eval/kl", "eval/judge_win_rate", "rm/accuracy"):
         assert gate in policy.tags, gate
 
 
