@@ -22,14 +22,21 @@ def evaluate(
     registered_model_prefix: str = "rlhf",
     kfp_run_id: str = "",
     work_root: str = "",
+    judge_model: Input[Model] | None = None,
+    second_policy: Input[Model] | None = None,
+    second_alignment: str = "",
 ):
-    """Generate answers to held-out <data>/evaluation.parquet questions with SFT and the policy, score them with
-    the reward model (reward, win-rate vs SFT, KL to SFT), and tag the policy's registered version with the gate
-    values `rlhf promote` reads.
+    """Generate answers to held-out <data>/evaluation.parquet questions with SFT and the policies, score them with
+    the proxy reward model and the judge (reward, win-rate vs SFT with its interval, KL to SFT, best-of-n,
+    the KL frontier), tag each policy's registered version with the gate values `rlhf promote` reads, and name
+    the challenger (the report's `challenger_uri` metadata).
 
     Args:
         policy: The aligned policy (PPO or DPO step's model).
         alignment: ppo or dpo (which step produced the policy).
+        judge_model: The judge step's model (a reward model trained on the judge subset).
+        second_policy: `alignment: both`: the other policy (DPO next to PPO), evaluated side by side.
+        second_alignment: Its name (dpo).
         config: Extra `EvaluateConfig` fields (questions, generation length, ...).
         tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI.
         kfp_run_id: Kubeflow run id, recorded as a lineage tag and naming the work directory.
@@ -53,6 +60,9 @@ def evaluate(
             policy=policy,
             alignment=alignment,
             output=out,
+            judge_model=judge_model,
+            second_policy=second_policy,
+            second_alignment=second_alignment,
         ),
         **steps.tracking_values(tracking_uri, experiment_name, registered_model_prefix, kfp_run_id),
     )
@@ -63,6 +73,9 @@ def evaluate(
     if (out / "generations.jsonl").is_file():
         shutil.copy2(out / "generations.jsonl", Path(generations.path) / "generations.jsonl")
     generations.metadata["output_dir"] = str(out)
+    for key in ("challenger", "challenger_uri"):
+        if result.metrics.get(key):
+            report.metadata[key] = result.metrics[key]
     report_md = out / "report.md"
     Path(report.path).write_text(
         report_md.read_text(encoding="utf-8") if report_md.is_file() else "(the evaluation stage wrote no report.md)\n",

@@ -23,13 +23,16 @@ def report(
     kfp_run_id: str = "",
     num_samples: int = 4,
     alias: str = "challenger",
+    second_policy: Input[Model] | None = None,
 ):
-    """Register the outcome: alias `alias` -> the policy version the evaluation tagged; a Markdown and an HTML
+    """Register the outcome: alias `alias` -> the policy version the evaluation named challenger (with two
+    policies, `alignment: both`, the better one by the evaluation's rule), else the policy; a Markdown and an HTML
     report (headline metrics, registered versions with lineage, sample generations); the headline metrics
     (rm/accuracy, eval/reward_mean, eval/kl, eval/win_rate) as this step's Metrics.
 
     Args:
-        alignment: ppo or dpo.
+        alignment: ppo, dpo or both.
+        second_policy: `alignment: both`: the DPO step's model next to `policy` (PPO's).
         tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI.
         num_samples: Sample generations shown in the report.
         alias: Alias pointed at the policy version (`rlhf promote` gates it later).
@@ -37,7 +40,8 @@ def report(
     from rlhf_pipeline.orchestration import report as rep
 
     rep.run_report_step(
-        models={"sft": sft_model, "reward": reward_model, "policy": policy},
+        models={"sft": sft_model, "reward": reward_model, "policy": policy}
+        | ({"second_policy": second_policy} if second_policy is not None else {}),
         eval_metrics=eval_metrics,
         generations=generations,
         eval_report=eval_report,

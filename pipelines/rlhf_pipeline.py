@@ -1,8 +1,14 @@
-"""The RLHF pipeline: data preparation -> SFT -> reward model -> PPO or DPO -> evaluation -> report/registration.
+"""The RLHF pipeline: data preparation -> SFT -> reward model (+ judge) -> PPO, DPO or both -> evaluation -> report.
 
     prepare-data ──> SFT ──> reward model ──┬─ alignment == "ppo": PPO ──> evaluate ──> report (+ alias challenger)
-        (cached)                            ├─ alignment == "dpo": DPO ──> evaluate ──> report (+ alias challenger)
+        (cached)       └───> judge          ├─ alignment == "dpo": DPO ──> evaluate ──> report (+ alias challenger)
+                                            ├─ alignment == "both": PPO, DPO ──> one evaluate ──> report
                                             └─ otherwise: fail with one line
+
+The judge is a second reward model trained on the judge subset (questions neither the proxy reward model nor the
+policies saw); every evaluation scores the answers with it next to the proxy. With `both`, PPO and DPO start from
+the same SFT and reward model, one evaluate step compares them on the same questions and generation settings, and
+the challenger alias goes to the one with the higher judge win-rate vs SFT (evaluation.evaluate.choose_challenger).
 
 `build_pipeline(settings)` returns the pipeline for a `PipelineSettings` (GPU node pool, resources, retries,
 caching, model-cache PVC, secrets, TrainJob mode); `build_pipeline(None)` the same graph without Kubernetes
@@ -22,6 +28,7 @@ from kfp import dsl
 from components.dpo import dpo
 from components.evaluate import evaluate
 from components.images import stage_image
+from components.judge import judge
 from components.ppo import ppo
 from components.prepare_data import prepare_data
 from components.report import report
@@ -38,16 +45,21 @@ PIPELINE_NAME = "rlhf-pipeline"
 COMPILED = Path(__file__).with_name("rlhf_pipeline.yaml")
 DEFAULT_INPUT = f"{DEFAULT_CACHE_MOUNT}/datasets/beer.stackexchange.com/Posts.xml"
 DESCRIPTION = (
-    "StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model -> PPO or DPO "
-    "-> evaluation against SFT -> report; every step tracked and registered in MLflow."
+    "StackLLaMA-style RLHF: Stack Exchange preference data -> SFT (LoRA) -> reward model (+ an independent judge) "
+    "-> PPO, DPO or both -> evaluation against SFT -> report; every step tracked and registered in MLflow."
 )
-# The report is the one step that is not a registry stage; the stages' names come from their declarations.
+# The report and the judge are the steps that are not registry stages; the stages' names come from their declarations.
 REPORT_DISPLAY = "Report + alias challenger"
+JUDGE_DISPLAY = "Judge reward model (independent)"
 
 
 def display_names() -> dict[str, str]:
     """Step -> task name in the Kubeflow UI, in pipeline order."""
-    return {**{key: stage.display_name for key, stage in STAGES.items()}, "report": REPORT_DISPLAY}
+    return {
+        **{key: stage.display_name for key, stage in STAGES.items()},
+        "judge": JUDGE_DISPLAY,
+        "report": REPORT_DISPLAY,
+    }
 
 
 DISPLAY = display_names()  # `rlhf compile`'s task summary orders by it
@@ -73,6 +85,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
         ppo_config: dict = {},
         dpo_config: dict = {},
         evaluate_config: dict = {},
+        judge_config: dict = {},
         mlflow_tracking_uri: str = "",
         experiment_name: str = "rlhf-pipeline",
         registered_model_prefix: str = "rlhf",
@@ -84,8 +97,10 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
         """StackLLaMA-style RLHF on Stack Exchange preferences, tracked in MLflow.
 
         Args:
-            alignment: Alignment algorithm after the reward model: "ppo" (online, against the reward model) or
-                "dpo" (offline, on the preference pairs). Anything else fails the run.
+            alignment: Alignment algorithm after the reward model: "ppo" (online, against the reward model),
+                "dpo" (offline, on the preference pairs), or "both" (PPO and DPO from the same SFT and reward
+                model, evaluated side by side; the challenger alias goes to the one the judge prefers). Anything
+                else fails the run.
             input_data: Stack Exchange dump as the prepare-data step sees it: Posts.xml, a site .7z, H4
                 preference parquet/JSONL, or a directory of them (e.g. on the model-cache PVC).
             base_model: Model to fine-tune: a Hugging Face id, a path on the model cache, or
@@ -97,6 +112,8 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             ppo_config: Extra PPO options as a JSON object, e.g. {"steps": 200, "batch_size": 32}.
             dpo_config: Extra DPO options as a JSON object, e.g. {"beta": 0.1}.
             evaluate_config: Extra evaluation options as a JSON object, e.g. {"max_questions": 200}.
+            judge_config: Extra options of the judge (a reward model on the judge subset) as a JSON object, e.g.
+                {"max_steps": 200, "lora_r": 16}; a "model" key trains it on another base than the SFT model.
             mlflow_tracking_uri: MLflow tracking URI; empty uses the steps' $MLFLOW_TRACKING_URI (compile settings).
             experiment_name: MLflow experiment of the stage runs.
             registered_model_prefix: Registered models are <prefix>-sft, <prefix>-reward, <prefix>-policy.
@@ -114,12 +131,12 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             work_root=work_root,
         )
 
-        def step(task: Any, name: str, gpu: bool | None = None, suffix: str = "") -> Any:
+        def step(task: Any, name: str, gpu: bool | None = None, suffix: str = "", settings_as: str = "") -> Any:
             display = display_names()[name] + suffix
             if k8s:
                 return configure_task(
                     task,
-                    name,
+                    settings_as or name,
                     display,
                     s,
                     gpu_node_selector=gpu_node_selector,
@@ -154,15 +171,26 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
             "reward", reward, data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=reward_config
         )
 
-        def evaluate_and_report(policy_task: Any) -> None:
+        judge_task = step(  # the reward stage's resources, retries and caching (settings_as)
+            judge(data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=judge_config, **tracking),
+            "judge",
+            settings_as="reward",
+        )
+
+        def evaluate_and_report(policy_task: Any, second_task: Any = None, first: str = "", second: str = "") -> None:
+            """One evaluate step (one policy, or PPO and DPO side by side) and the report."""
+            pair = {} if second_task is None else {"second_policy": second_task.outputs["model"]}
             ev = step(
                 evaluate(
                     data=data.outputs["data"],
                     sft_model=sft_task.outputs["model"],
                     reward_model=rm_task.outputs["model"],
+                    judge_model=judge_task.outputs["model"],
                     policy=policy_task.outputs["model"],
-                    alignment=alignment,
+                    alignment=first or alignment,
+                    second_alignment=second,
                     config=evaluate_config,
+                    **pair,
                     **tracking,
                 ),
                 "evaluate",
@@ -180,12 +208,13 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
                     registered_model_prefix=registered_model_prefix,
                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     num_samples=report_samples,
+                    **pair,
                 ),
                 "report",
             )
 
-        with dsl.If(alignment == "ppo", name="alignment-ppo"):
-            ppo_task = train(
+        def ppo_step() -> Any:
+            return train(
                 "ppo",
                 ppo,
                 data=data.outputs["data"],
@@ -193,12 +222,16 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Callable[..., An
                 reward_model=rm_task.outputs["model"],
                 config=ppo_config,
             )
-            evaluate_and_report(ppo_task)
+
+        def dpo_step() -> Any:
+            return train("dpo", dpo, data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=dpo_config)
+
+        with dsl.If(alignment == "ppo", name="alignment-ppo"):
+            evaluate_and_report(ppo_step())
         with dsl.Elif(alignment == "dpo", name="alignment-dpo"):
-            dpo_task = train(
-                "dpo", dpo, data=data.outputs["data"], sft_model=sft_task.outputs["model"], config=dpo_config
-            )
-            evaluate_and_report(dpo_task)
+            evaluate_and_report(dpo_step())
+        with dsl.Elif(alignment == "both", name="alignment-both"):
+            evaluate_and_report(ppo_step(), dpo_step(), first="ppo", second="dpo")
         with dsl.Else(name="alignment-unknown"):
             bad = unknown_alignment(alignment=alignment)
             bad.set_display_name("Unknown alignment")

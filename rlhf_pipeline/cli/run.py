@@ -20,7 +20,12 @@ from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
     default=None,
     help="Pipeline recipe YAML [default: recipes/smollm2/pipeline.yaml when present, else built-in small sizes].",
 )
-@click.option("--alignment", type=click.Choice(["ppo", "dpo"]), default=None, help="ppo (default) or dpo.")
+@click.option(
+    "--alignment",
+    type=click.Choice(["ppo", "dpo", "both"]),
+    default=None,
+    help="ppo (default), dpo, or both (side by side).",
+)
 @click.option("--model", default=None, help=f"Base model [default: {EMBEDDED_MODEL}].")
 @click.option("--input", "input_", default=None, help="Stack Exchange dump [default: the shared beer sample].")
 @click.option("--output", "-o", default=None, help="Output directory [default: ./outputs].")

@@ -10,6 +10,10 @@ from rlhf_pipeline.config import StageConfig
 
 # The four StackLLaMA subsets, in the order their fractions are laid out on [0, 1).
 SUBSETS: tuple[str, ...] = ("finetune", "reward", "rl", "evaluation")
+# Plus the judge's (an independent reward model for the evaluation; empty by default), laid out last so that
+# holding it out moves no question of the four others.
+JUDGE = "judge"
+ALL_SUBSETS: tuple[str, ...] = (*SUBSETS, JUDGE)
 
 
 class PrepareDataConfig(StageConfig):
@@ -33,14 +37,23 @@ class PrepareDataConfig(StageConfig):
     evaluation_fraction: float = Field(
         default=0.1, ge=0, le=1, description="Share of questions held out for evaluation."
     )
+    judge_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of questions held out to train the judge (`rlhf reward --subset judge`), a reward model "
+        "no policy trains against; take it from the others (the fractions add up to at most 1).",
+    )
     finetune_max_questions: int | None = Field(default=None, ge=1, description="Cap on finetune questions.")
     reward_max_questions: int | None = Field(default=None, ge=1, description="Cap on reward questions.")
     rl_max_questions: int | None = Field(default=None, ge=1, description="Cap on rl questions.")
     evaluation_max_questions: int | None = Field(default=None, ge=1, description="Cap on evaluation questions.")
+    judge_max_questions: int | None = Field(default=None, ge=1, description="Cap on judge questions.")
     finetune_max_pairs: int | None = Field(default=None, ge=1, description="Cap on finetune pairs (rows).")
     reward_max_pairs: int | None = Field(default=None, ge=1, description="Cap on reward pairs (rows).")
     rl_max_pairs: int | None = Field(default=None, ge=1, description="Cap on rl pairs (rows).")
     evaluation_max_pairs: int | None = Field(default=None, ge=1, description="Cap on evaluation pairs (rows).")
+    judge_max_pairs: int | None = Field(default=None, ge=1, description="Cap on judge pairs (rows).")
     max_body_chars: int | None = Field(
         default=100_000,
         ge=1,
@@ -57,9 +70,9 @@ class PrepareDataConfig(StageConfig):
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> Self:
-        total = sum(self.fraction(s) for s in SUBSETS)
+        total = sum(self.fraction(s) for s in ALL_SUBSETS)
         if total <= 0 or total > 1 + 1e-9:
-            raise ValueError(f"the four subset fractions must add up to more than 0 and at most 1, got {total:g}")
+            raise ValueError(f"the subset fractions must add up to more than 0 and at most 1, got {total:g}")
         return self
 
     def fraction(self, subset: str) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from rlhf_pipeline.data.config import SUBSETS, PrepareDataConfig
+from rlhf_pipeline.data.config import ALL_SUBSETS, PrepareDataConfig
 
 
 def unit_interval_hash(seed: int, qid: str) -> float:
@@ -24,14 +24,14 @@ class SubsetAssigner:
         self.seed = cfg.seed
         self.bounds: list[tuple[float, str]] = []
         upper = 0.0
-        for subset in SUBSETS:
+        for subset in ALL_SUBSETS:
             if cfg.fraction(subset) > 0:
                 upper += cfg.fraction(subset)
                 self.bounds.append((upper, subset))
-        self.max_questions = {s: cfg.max_questions(s) for s in SUBSETS}
-        self.max_pairs = {s: cfg.max_pairs(s) for s in SUBSETS}
-        self.questions = dict.fromkeys(SUBSETS, 0)
-        self.pairs = dict.fromkeys(SUBSETS, 0)
+        self.max_questions = {s: cfg.max_questions(s) for s in ALL_SUBSETS}
+        self.max_pairs = {s: cfg.max_pairs(s) for s in ALL_SUBSETS}
+        self.questions = dict.fromkeys(ALL_SUBSETS, 0)
+        self.pairs = dict.fromkeys(ALL_SUBSETS, 0)
 
     def subset_of(self, qid: str) -> str | None:
         """The subset this question belongs to, or None if the fractions add up to less than 1."""

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_pipeline.data.config import SUBSETS
+from rlhf_pipeline.data.config import JUDGE, SUBSETS
 
 # Every reason is always present in stats.json (0 when it did not happen), so consumers can rely on the keys.
 ROW_SKIP_REASONS = (
@@ -50,6 +50,8 @@ class Stats:
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        # the judge subset is listed only when it holds questions (it is empty unless --judge-fraction is set)
+        subsets = (*SUBSETS, JUDGE) if self.questions_per_subset.get(JUDGE) else SUBSETS
         return {
             "posts_read": self.posts_read,
             "questions": self.questions,
@@ -59,8 +61,8 @@ class Stats:
             "answers_skipped": _with_all_keys(self.answers_skipped, ANSWER_SKIP_REASONS),
             "questions_skipped": _with_all_keys(self.questions_skipped, QUESTION_SKIP_REASONS),
             "questions_paired": self.questions_paired,
-            "questions_per_subset": _with_all_keys(self.questions_per_subset, SUBSETS),
-            "pairs_per_subset": _with_all_keys(self.pairs_per_subset, SUBSETS),
+            "questions_per_subset": _with_all_keys(self.questions_per_subset, subsets),
+            "pairs_per_subset": _with_all_keys(self.pairs_per_subset, subsets),
             "pairs_total": sum(self.pairs_per_subset.values()),
             "inputs": self.inputs,
         }

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlhf_pipeline.data.config import SUBSETS
+from rlhf_pipeline.data.config import ALL_SUBSETS
 
 SCHEMA = pa.schema(
     [
@@ -67,9 +67,11 @@ class SubsetWriters:
         remove_stale(output_dir, ".staging-")
         self.staging = output_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
-        self.writers = {s: pq.ParquetWriter(self.staging / f"{s}.parquet", SCHEMA, compression="zstd") for s in SUBSETS}
-        self.buffers: dict[str, dict[str, list]] = {s: {c: [] for c in COLUMNS} for s in SUBSETS}
-        self.buffered = dict.fromkeys(SUBSETS, 0)
+        self.writers = {
+            s: pq.ParquetWriter(self.staging / f"{s}.parquet", SCHEMA, compression="zstd") for s in ALL_SUBSETS
+        }
+        self.buffers: dict[str, dict[str, list]] = {s: {c: [] for c in COLUMNS} for s in ALL_SUBSETS}
+        self.buffered = dict.fromkeys(ALL_SUBSETS, 0)
 
     def add(self, subset: str, row: dict[str, Any]) -> None:
         buf = self.buffers[subset]
@@ -88,11 +90,11 @@ class SubsetWriters:
 
     def commit(self, stats: dict[str, Any]) -> None:
         """Close the files and move them, then stats.json, into the output directory."""
-        for subset in SUBSETS:
+        for subset in ALL_SUBSETS:
             self._flush(subset)
             self.writers[subset].close()
         (self.staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        for subset in SUBSETS:
+        for subset in ALL_SUBSETS:
             os.replace(self.staging / f"{subset}.parquet", self.output_dir / f"{subset}.parquet")
         os.replace(self.staging / "stats.json", self.output_dir / "stats.json")  # last: marks a complete run
         self.staging.rmdir()

@@ -1,20 +1,21 @@
-"""`rlhf evaluate`: the SFT model against the aligned policies (online PPO, offline DPO/IPO), judged by the reward model.
+"""`rlhf evaluate`: the SFT model against the aligned policies (online PPO, offline DPO/IPO), scored by the proxy
+reward model (the one PPO optimized) and by an independent judge (`--judge-model`, trained on questions no other
+stage saw), on the KL frontier with a best-of-n baseline.
 
-    rlhf evaluate --model runs/sft/merged --reward-model runs/reward --data runs/data --output runs/eval \\
-        --policy ppo=runs/ppo --policy dpo=runs/dpo --max-questions 32
+    rlhf evaluate --model runs/sft/merged --reward-model runs/reward --judge-model runs/judge --data runs/data \\
+        --output runs/eval --policy ppo=runs/ppo --policy dpo=runs/dpo --do-sample --best-of-n 16
 
 Every model answers the same held-out questions (`<data>/evaluation.parquet`) with the same generation settings
-(greedy by default; or sampling with one seed, reset before each model). Per model:
-  reward_mean      the reward model's score, normalized by its held-out mean/std (the PPO training scale)
-  win_rate         share of questions where the policy's answer outscores the SFT answer (ties count 0.5)
-  kl               KL(policy || SFT) along the policy's own answers: the exact per-position KL over the
-                   vocabulary, summed over the answer, mean over answers (>= 0, valid for greedy answers;
-                   0 for SFT itself). `kl_logratio` is the sampled form, sum of log pi(y_t) - log pi_SFT(y_t):
-                   same expectation under sampling, but biased (possibly negative) for greedy answers
-  response_length  answer tokens (up to and including EOS)
-Writes `<output>/metrics.json`, `generations.jsonl` and `report.md`, logs `eval/<name>/...` to MLflow with a
-side-by-side table, and tags each registered policy version with the gate values `rlhf promote` reads
-(`eval/reward_mean`, `eval/win_rate`, `eval/kl`, and `rm/accuracy` from the reward model's metrics.json).
+(greedy by default; or sampling with one seed, reset before each model; sample at the training temperature for the
+KL to mean what PPO's penalty means). Per model (metrics.summarize): proxy reward and win-rate vs SFT; judge reward,
+judge win-rate with its 95 % Wilson interval (ties half) and length-controlled; KL(policy || SFT) with its interval
+(exact per-position KL summed over the answer; and the sampled log-ratio form `kl_seq`); answer length.
+Policies named `<family>:<tag>` (e.g. `ppo:step-10`) are checkpoints: frontier points, never the challenger.
+The challenger is the policy (no ':') with the highest judge win-rate vs SFT (proxy win-rate without a judge),
+the lower KL on a tie. Writes `<output>/metrics.json`, `generations.jsonl`, `report.md` and `frontier.png`, logs
+`eval/<name>/...` and `eval/best_of_n/<n>/...` to MLflow with a side-by-side table and the plot, and tags each
+registered policy version with the gate values `rlhf promote` reads (`eval/reward_mean`, `eval/win_rate`,
+`eval/kl`, `eval/judge_win_rate`, and `rm/accuracy` from the reward model's metrics.json).
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from rlhf_pipeline.data.subsets import read_questions
-from rlhf_pipeline.evaluation.metrics import kl_to_reference, win_rate
-from rlhf_pipeline.evaluation.models import ModelRef, resolve_policy, tag_model_version
+from rlhf_pipeline.evaluation.best_of_n import best_of_n_curve
+from rlhf_pipeline.evaluation.frontier import family, matched_kl, plot
+from rlhf_pipeline.evaluation.metrics import kl_to_reference, summarize
+from rlhf_pipeline.evaluation.models import (
+    ModelRef,
+    checkpoint_policy,
+    kept_checkpoints,
+    resolve_judge,
+    resolve_policy,
+    tag_model_version,
+)
 from rlhf_pipeline.evaluation.report import report_markdown
 from rlhf_pipeline.modeling.options import GenerationOptions, ModelOptions
 from rlhf_pipeline.results import StageResult
@@ -39,7 +49,21 @@ SFT = "sft"
 class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
     data: str = Field(..., description="Directory written by `rlhf prepare-data` (reads evaluation.parquet).")
     output: str = Field(..., description="Where metrics.json, generations.jsonl and report.md go.")
-    reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json).")
+    reward_model: str = Field(..., description="The reward stage's output dir (merged/, metrics.json): the proxy.")
+    judge_model: str | None = Field(
+        None,
+        description="An independent judge reward model (`rlhf reward --subset judge` output dir, a model dir, or "
+        "models:/<prefix>-judge/<N>): scores every answer next to the proxy reward model.",
+    )
+    best_of_n: int = Field(
+        0,
+        ge=0,
+        description="Draw this many SFT answers per question (at --temperature) for the best-of-n baseline "
+        "(n = 1, 2, 4, ... up to it, picked by the proxy reward model); 0: none.",
+    )
+    best_of_n_questions: int | None = Field(
+        None, gt=0, description="Draw the best-of-n samples for the first this many questions only (its cost)."
+    )
     sft_model: str | None = Field(None, description="The SFT model (the reference); overrides --model.")
     policy: list[str] = Field(
         default_factory=list,
@@ -52,12 +76,18 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
     policy_model_uri: str | None = Field(
         None, description="models:/<prefix>-policy/<N> of the (first) policy: gets the eval/* and rm/accuracy tags."
     )
+    checkpoints: bool = Field(
+        False,
+        description="Also evaluate the checkpoints each policy's stage dir kept (`keep_checkpoints`) as "
+        "<name>:step-<N>: points on the KL frontier.",
+    )
     max_questions: int = Field(32, gt=0, description="Evaluate on at most this many questions.")
     do_sample: bool = Field(
         False, description="Sample (seeded, same for every model; --temperature/--top-p/--top-k) instead of greedy."
     )
     batch_size: int = Field(8, gt=0, description="Questions per generation batch.")
     samples_in_report: int = Field(3, ge=0, description="Sample generations shown in report.md.")
+    scoring_batch_size: int = Field(16, gt=0, description="Answers per reward-model (proxy, judge) forward.")
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -88,7 +118,7 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
         return specs
 
 
-def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig):
+def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig, do_sample: bool | None = None):
     """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
     import torch
 
@@ -103,7 +133,7 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
-            do_sample=cfg.do_sample,
+            do_sample=cfg.do_sample if do_sample is None else do_sample,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
@@ -113,6 +143,16 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
         lengths.extend(rollout.response_lengths().tolist())
         rollouts.append(rollout)
     return texts, lengths, rollouts
+
+
+def choose_challenger(models: dict[str, dict[str, Any]]) -> str | None:
+    """The policy (not SFT, not a checkpoint `<family>:<tag>`) with the highest judge win-rate vs SFT (the proxy
+    win-rate without a judge); on a tie the one closer to SFT (lower KL)."""
+    candidates = [name for name in models if name != SFT and ":" not in name]
+    if not candidates:
+        return None
+    key = "judge_win_rate" if "judge_win_rate" in models[candidates[0]] else "win_rate"
+    return max(candidates, key=lambda name: (models[name][key], -models[name]["kl"]))
 
 
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
@@ -125,6 +165,8 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
     specs = cfg.policies()
     rm_info = read_reward_model_dir(cfg.reward_model)  # fail fast on bad paths, before any model loads
+    if cfg.judge_model and not cfg.judge_model.startswith("models:/"):
+        read_reward_model_dir(cfg.judge_model)
     questions = read_questions(cfg.data, "evaluation", cfg.max_questions, cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,40 +179,54 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
         if cfg.policy_model_uri and refs:
             refs[0].registered_uri = cfg.policy_model_uri
+        judge_dir = resolve_judge(cfg.judge_model, Path(tmp)) if cfg.judge_model else None
+        sft_path = cfg.sft_model or cfg.model
+        if cfg.checkpoints:
+            for name, spec in specs.items():
+                given = Path(spec).expanduser()
+                stage = given if (given / "adapter").is_dir() else given.parent  # a stage dir or its merged/
+                for step, ckpt in kept_checkpoints(stage):
+                    at = f"{name}:step-{step}"
+                    refs.append(checkpoint_policy(at, ckpt, stage, sft_path, Path(tmp) / at))
         tokenizer = load_tokenizer(
             cfg.sft_model or cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code
         )
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, questions, cfg.max_prompt_length)
-        load = lambda path: load_causal_lm(
+        load = lambda path: load_causal_lm(  # noqa: E731
             path,
             precision=cfg.precision,
-            quantization=cfg.quantization,  # noqa: E731
+            quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
         ).eval()
-        sft_path = cfg.sft_model or cfg.model
         reference = load(sft_path)
-        scorer = RewardModelScorer.load(
-            cfg.reward_model,
+        load_scorer = lambda path: RewardModelScorer.load(  # noqa: E731
+            path,
             template=cfg.prompt_template,
             precision=cfg.precision,
             quantization=cfg.quantization,
             trust_remote_code=cfg.trust_remote_code,
             max_length=cfg.max_reward_length,
         )
+        scorer = load_scorer(cfg.reward_model)
+        judge = load_scorer(judge_dir) if judge_dir else None
+
+        def score(scorer_, qs: list[str], texts: list[str]) -> list[float]:
+            raw = scorer_.raw_scores(qs, texts, batch_size=cfg.scoring_batch_size)
+            return scorer_.normalize(raw).tolist()
 
         results: dict[str, dict[str, Any]] = {}
         for ref in [ModelRef(SFT, sft_path, None), *refs]:
             model = reference if ref.name == SFT else load(ref.path)
             texts, lengths, rollouts = generate_answers(model, tokenizer, prompt_ids, cfg)
-            scores = scorer(questions, texts).tolist()
             if ref.name == SFT:
                 kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
             else:
                 kls, log_ratios = kl_to_reference(model, reference, rollouts)
             results[ref.name] = {
                 "responses": texts,
-                "scores": scores,
+                "scores": score(scorer, questions, texts),
+                "judge": score(judge, questions, texts) if judge else None,
                 "lengths": lengths,
                 "kls": kls,
                 "log_ratios": log_ratios,
@@ -179,23 +235,36 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             if model is not reference:
                 del model
 
-        sft_scores = results[SFT]["scores"]
-        summary_models: dict[str, dict[str, float]] = {}
-        for name, r in results.items():
-            n = len(r["scores"])
-            summary_models[name] = {
-                "reward_mean": sum(r["scores"]) / n,
-                "win_rate": win_rate(r["scores"], sft_scores),
-                "kl": sum(r["kls"]) / n,
-                "kl_logratio": sum(r["log_ratios"]) / n,
-                "response_length": sum(r["lengths"]) / n,
-            }
-        flat = {f"eval/{name}/{k}": v for name, m in summary_models.items() for k, v in m.items()}
+        best_of_n: list[dict[str, float]] = []
+        if cfg.best_of_n > 1:  # N SFT samples per question, drawn once; every n is read off them
+            k, m = cfg.best_of_n, min(cfg.best_of_n_questions or len(questions), len(questions))
+            repeated = [ids for ids in prompt_ids[:m] for _ in range(k)]
+            texts, lengths, _ = generate_answers(reference, tokenizer, repeated, cfg, do_sample=True)
+            qs = [q for q in questions[:m] for _ in range(k)]
+            proxy = score(scorer, qs, texts)
+            judged = score(judge, qs, texts) if judge else None
+            per_q = lambda xs: [xs[i * k : (i + 1) * k] for i in range(m)]  # noqa: E731
+            sft_judge = results[SFT]["judge"][:m] if judge else None
+            best_of_n = best_of_n_curve(per_q(proxy), per_q(judged) if judged else None, per_q(lengths), sft_judge)
+
+        summary_models = {name: summarize(r, results[SFT]) for name, r in results.items()}
+        challenger = choose_challenger(summary_models)
+        y_keys = ("judge_reward_mean", "judge_win_rate") if judge else ("reward_mean", "win_rate")
+        matched = {y: matched_kl(summary_models, y) for y in y_keys}
+        plot(summary_models, best_of_n, out / "frontier.png", y_keys)
+        import mlflow
+
+        mlflow.log_artifact(str(out / "frontier.png"), "eval")  # the stage's run is the active one
+
+        flat = {f"eval/{name}/{k}": v for name, m in summary_models.items() for k, v in m.items() if v is not None}
+        flat.update({f"eval/best_of_n/{int(r['n'])}/{k}": v for r in best_of_n for k, v in r.items() if k != "n"})
         run.log_metrics(flat)
         table: dict[str, list] = {"question": questions}
         for name, r in results.items():
             table[f"{name}_response"] = r["responses"]
             table[f"{name}_reward"] = r["scores"]
+            if r["judge"] is not None:
+                table[f"{name}_judge"] = r["judge"]
         run.log_table(table, artifact_file="eval/side_by_side.json")
 
         rm_accuracy = rm_info.metrics.get("accuracy")
@@ -203,11 +272,8 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         for name, r in results.items():
             uri = r["ref"].registered_uri
             if name != SFT and uri:
-                tags = {
-                    "eval/reward_mean": summary_models[name]["reward_mean"],
-                    "eval/win_rate": summary_models[name]["win_rate"],
-                    "eval/kl": summary_models[name]["kl"],
-                }
+                m = summary_models[name]
+                tags = {f"eval/{k}": m[k] for k in ("reward_mean", "win_rate", "kl", "judge_win_rate") if k in m}
                 if rm_accuracy is not None:
                     tags["rm/accuracy"] = rm_accuracy
                 tag_model_version(uri, tags)
@@ -216,38 +282,45 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         with open(out / "generations.jsonl", "w", encoding="utf-8") as fh:
             for i, question in enumerate(questions):
                 for name, r in results.items():
-                    fh.write(
-                        json.dumps(
-                            {
-                                "question": question,
-                                "model": name,
-                                "response": r["responses"][i],
-                                "reward": r["scores"][i],
-                                "length": r["lengths"][i],
-                                "kl": r["kls"][i],
-                            }
-                        )
-                        + "\n"
-                    )
-        (out / "report.md").write_text(report_markdown(summary_models, questions, results, cfg, rm_accuracy))
-        summary = {
+                    row = {
+                        "question": question,
+                        "model": name,
+                        "response": r["responses"][i],
+                        "reward": r["scores"][i],
+                        "judge": r["judge"][i] if r["judge"] is not None else None,
+                        "length": r["lengths"][i],
+                        "kl": r["kls"][i],
+                    }
+                    fh.write(json.dumps(row) + "\n")
+        (out / "report.md").write_text(
+            report_markdown(summary_models, questions, results, cfg, rm_accuracy, best_of_n, matched, challenger)
+        )
+        summary: dict[str, Any] = {
             "num_questions": len(questions),
             "models": summary_models,
+            "best_of_n": best_of_n,
+            "best_of_n_questions": min(cfg.best_of_n_questions or len(questions), len(questions)) if best_of_n else 0,
+            "matched_kl": matched,
             "rm/accuracy": rm_accuracy,
+            "judge_model": cfg.judge_model,
             "tagged_versions": tagged,
+            "frontier_png": str(out / "frontier.png"),
             **flat,
         }
-        if refs:  # the gate values of the first (primary) policy, as the flat names `rlhf promote` uses
-            primary = summary_models[refs[0].name]
+        if challenger is not None:  # the gate values of the challenger, as the flat names `rlhf promote` uses
+            primary = summary_models[challenger]
             summary.update(
                 {
-                    "policy": refs[0].name,
-                    "eval/reward_mean": primary["reward_mean"],
-                    "eval/win_rate": primary["win_rate"],
-                    "eval/kl": primary["kl"],
+                    "policy": challenger,
+                    "challenger": challenger,
+                    "challenger_uri": results[challenger]["ref"].registered_uri,
+                    "challenger_family": family(challenger),
+                    **{f"eval/{k}": primary[k] for k in ("reward_mean", "win_rate", "kl")},
                 }
             )
-            run.log_metrics({k: summary[k] for k in ("eval/reward_mean", "eval/win_rate", "eval/kl")})
+            if "judge_win_rate" in primary:
+                summary["eval/judge_win_rate"] = primary["judge_win_rate"]
+            run.log_metrics({k: v for k, v in summary.items() if k.startswith("eval/") and k.count("/") == 1})
         outcome = StageResult.of("evaluate", "evaluated", out, summary)
         outcome.write()
         return outcome

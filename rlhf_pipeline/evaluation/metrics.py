@@ -1,4 +1,5 @@
-"""The evaluation's per-answer statistics: KL to the reference along the policy's own answers, and win-rate."""
+"""The evaluation's per-model numbers: KL to the reference along the policy's own answers, win-rate, and every
+column of the report against SFT (summarize)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,43 @@ def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[floa
 def win_rate(policy_scores: list[float], sft_scores: list[float]) -> float:
     wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(policy_scores, sft_scores)]
     return sum(wins) / len(wins)
+
+
+def summarize(r: dict, sft: dict) -> dict[str, float | None]:
+    """One model's columns against SFT, from its per-question lists (`scores`, `judge`, `lengths`, `kls`,
+    `log_ratios`; `judge` is None without a judge model):
+      reward_mean / win_rate              the proxy reward model's (normalized) score, win-rate vs SFT (ties 0.5)
+      judge_reward_mean / judge_win_rate  the same by the independent judge, with the Wilson 95 % interval
+      judge_win_rate_lc                   length-controlled judge win-rate (logistic fit on the length difference)
+      kl, kl_low, kl_high                 mean over answers of the summed per-position KL(pi || pi_SFT) and its t
+                                          interval (by the chain rule its mean is the sequence KL)
+      kl_seq, kl_seq_low, kl_seq_high     mean of summed token log-ratios (the sampled estimator; needs sampling)
+      response_length                     answer tokens, mean
+    """
+    from rlhf_pipeline.evaluation.statistics import length_controlled, mean_ci, outcomes, win_rate_ci
+
+    n = len(r["scores"])
+    kl, kl_seq = mean_ci(r["kls"]), mean_ci(r["log_ratios"])
+    out: dict[str, float | None] = {
+        "reward_mean": sum(r["scores"]) / n,
+        "win_rate": win_rate(r["scores"], sft["scores"]),
+        "kl": kl.value,
+        "kl_low": kl.low,
+        "kl_high": kl.high,
+        "kl_seq": kl_seq.value,
+        "kl_seq_low": kl_seq.low,
+        "kl_seq_high": kl_seq.high,
+        "kl_logratio": kl_seq.value,  # the earlier name of kl_seq
+        "response_length": sum(r["lengths"]) / n,
+    }
+    if r.get("judge") is not None:
+        judged = win_rate_ci(r["judge"], sft["judge"])
+        diff = [a - b for a, b in zip(r["lengths"], sft["lengths"])]
+        out.update(
+            judge_reward_mean=sum(r["judge"]) / n,
+            judge_win_rate=judged.value,
+            judge_win_low=judged.low,
+            judge_win_high=judged.high,
+            judge_win_rate_lc=length_controlled(outcomes(r["judge"], sft["judge"]), diff),
+        )
+    return out

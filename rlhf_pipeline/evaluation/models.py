@@ -51,3 +51,58 @@ def tag_model_version(uri: str, tags: dict[str, float]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(parts[0], parts[1], key, str(value))
+
+
+def resolve_judge(spec: str, download_dir: Path) -> str:
+    """The judge's reward-model dir: a `rlhf reward --subset judge` output dir or a model dir as given, or a
+    `models:/<prefix>-judge/<N>` URI downloaded into `download_dir`."""
+    if not spec.startswith("models:/"):
+        return spec
+    import mlflow
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / "judge"))
+    except Exception as exc:  # MlflowException and friends: one line for the user
+        raise UserError(f"cannot download the judge model {spec}: {str(exc).splitlines()[0]}") from None
+
+
+def kept_checkpoints(stage_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the checkpoints a training stage kept (`--keep-checkpoints`), but the last: that one is
+    the stage's final policy, evaluated already."""
+    root = Path(stage_dir) / "checkpoints"
+    if not root.is_dir() or not (Path(stage_dir) / "adapter" / "adapter_config.json").is_file():
+        return []
+    found = sorted(
+        (int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "trainable.safetensors").is_file()
+    )
+    return found[:-1]
+
+
+def checkpoint_policy(name: str, checkpoint: Path, stage_dir: Path, sft_path: str, dst: Path) -> ModelRef:
+    """The policy as it was at `checkpoint`: the SFT model with the stage's LoRA adapter (its config from
+    `<stage_dir>/adapter/`) holding the checkpoint's LoRA weights, merged and written to `dst` (safetensors)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(sft_path, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(Path(stage_dir) / "adapter"))
+    params = dict(model.named_parameters())
+    lora = {n for n in params if "lora_" in n}
+    loaded = set()
+    with torch.no_grad():
+        for key, value in load_file(str(checkpoint / "trainable.safetensors")).items():
+            at = key.find("base_model.model.")  # PPO prefixes `policy.`; DPO's peft model has none
+            if at < 0:
+                continue  # the value head
+            target = key[at:]
+            if target not in params:
+                raise UserError(f"checkpoint {checkpoint} holds {key}, which the adapter in {stage_dir} lacks")
+            params[target].copy_(value.to(params[target].dtype))
+            loaded.add(target)
+    if loaded != lora:
+        raise UserError(f"checkpoint {checkpoint} lacks {len(lora - loaded)} LoRA weight(s) of {stage_dir}/adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(dst), safe_serialization=True)
+    return ModelRef(name, str(dst), None)

@@ -1,4 +1,5 @@
-"""The evaluation's Markdown report: the side-by-side table and sample generations."""
+"""The evaluation's Markdown report: the side-by-side table (proxy and judge columns), the KL frontier (plot, best-of-n
+table, online vs offline at matched KL), and sample generations."""
 
 from __future__ import annotations
 
@@ -7,37 +8,93 @@ from typing import Any
 from rlhf_pipeline.evaluation.markdown_safe import inline
 
 
+def _num(value: Any, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _judge_cell(m: dict) -> str:
+    if "judge_win_rate" not in m:
+        return "-"
+    return f"{m['judge_win_rate']:.3f} [{m['judge_win_low']:.3f}, {m['judge_win_high']:.3f}]"
+
+
 def report_markdown(
-    models: dict[str, dict[str, float]],
+    models: dict[str, dict[str, Any]],
     questions: list[str],
     results: dict,
     cfg: Any,
     rm_accuracy: float | None,
+    best_of_n: list[dict[str, float]] | None = None,
+    matched: dict[str, list[dict]] | None = None,
+    challenger: str | None = None,
 ) -> str:
     decoding = f"sampling (T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed})" if cfg.do_sample else "greedy"
+    judged = getattr(cfg, "judge_model", None)
     lines = [
         "# Evaluation: SFT vs aligned policies",
         "",
         f"{len(questions)} held-out questions, {decoding} decoding, at most {cfg.max_new_tokens} new tokens. "
-        f"Reward = reward model score normalized by its held-out mean/std"
-        + (f" (reward model pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "")
-        + ". "
-        "Win-rate is against SFT (ties 0.5); KL = mean over the policy's own answers of the per-position "
-        "KL(pi || pi_SFT), summed over the answer.",
+        "Proxy = the reward model PPO optimized"
+        + (f" (pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "")
+        + "; judge = "
+        + (f"`{judged}`, a reward model trained on questions no other stage saw" if judged else "none given")
+        + ". Rewards are normalized by each model's held-out mean/std. Win-rates are against SFT with ties as half; "
+        "the judge's has its 95 % Wilson interval; LC = length-controlled (logistic fit of the outcome on the "
+        "length difference, read at equal length). KL = mean over the policy's own answers of the per-position "
+        "KL(pi || pi_SFT) summed over the answer, with its 95 % t interval"
+        + ("" if cfg.do_sample else " (greedy answers: a KL along them, not the sampled sequence KL)")
+        + ".",
         "",
-        "| model | reward_mean | win_rate vs SFT | KL to SFT | response length |",
-        "|---|---|---|---|---|",
+        "| model | proxy reward | proxy win-rate | judge reward | judge win-rate [95% CI] | judge LC win-rate "
+        "| KL to SFT [95% CI] | length |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in models.items():
         lines.append(
-            f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {m['kl']:.3f} | {m['response_length']:.1f} |"
+            f"| {name} | {m['reward_mean']:.3f} | {m['win_rate']:.3f} | {_num(m.get('judge_reward_mean'))} "
+            f"| {_judge_cell(m)} | {_num(m.get('judge_win_rate_lc'))} "
+            f"| {m['kl']:.3f} [{m['kl_low']:.3f}, {m['kl_high']:.3f}] | {m['response_length']:.1f} |"
         )
-    lines += ["", "## Sample generations", ""]
+    if challenger:
+        lines += [
+            "",
+            f"Challenger: **{challenger}** (highest {'judge' if judged else 'proxy'} win-rate vs SFT among the "
+            "policies; lower KL on a tie).",
+        ]
+    lines += ["", "## KL frontier", "", "![KL frontier](frontier.png)", ""]
+    if best_of_n:
+        has_judge = "judge_win_rate" in best_of_n[0]
+        lines += [
+            f"Best-of-n from SFT ({getattr(cfg, 'best_of_n', '')} samples per question drawn once"
+            + (f", the first {cfg.best_of_n_questions} questions" if getattr(cfg, "best_of_n_questions", None) else "")
+            + "; n picked by the proxy; KL estimated from the samples, next to the log n - (n-1)/n bound):",
+            "",
+            "| n | proxy reward | judge reward | judge win-rate | KL (estimate) | KL bound | length |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in best_of_n:
+            lines.append(
+                f"| {int(r['n'])} | {r['reward_mean']:.3f} | {_num(r.get('judge_reward_mean')) if has_judge else '-'} "
+                f"| {_num(r.get('judge_win_rate')) if has_judge else '-'} | {r['kl']:.3f} | {r['kl_bound']:.3f} "
+                f"| {r['response_length']:.1f} |"
+            )
+        lines.append("")
+    for y, rows in (matched or {}).items():
+        if rows:
+            lines += [f"Online (PPO) vs offline at matched KL, {y.replace('_', ' ')} (PPO curve interpolated):", ""]
+            lines += ["| offline model | KL | offline | PPO at that KL | PPO - offline |", "|---|---|---|---|---|"]
+            for r in rows:
+                lines.append(
+                    f"| {r['model']} | {r['kl']:.3f} | {r['offline']:.3f} | {_num(r['online'])} | {_num(r['delta'])} |"
+                )
+            lines.append("")
+    lines += ["## Sample generations", ""]
     for i in range(min(cfg.samples_in_report, len(questions))):
         question = questions[i].strip().replace("\n", " ")
         lines += [f"### Q{i + 1}: {inline(question[:300])}{'...' if len(question) > 300 else ''}", ""]
         for name, r in results.items():
             answer = r["responses"][i].strip().replace("\n", " ") or "(empty)"
-            lines += [f"- **{name}** (reward {r['scores'][i]:.2f}): {inline(answer[:500])}"]
+            judge = f", judge {r['judge'][i]:.2f}" if r.get("judge") is not None else ""
+            lines += [f"- **{name}** (proxy {r['scores'][i]:.2f}{judge}): {inline(answer[:500])}"]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -86,6 +86,7 @@ def pipeline_arguments(cfg: LocalRunConfig, work_root: Path) -> dict[str, Any]:
         "ppo_config": section("ppo"),
         "dpo_config": section("dpo"),
         "evaluate_config": section("evaluate"),
+        "judge_config": section("judge"),
         "mlflow_tracking_uri": cfg.tracking(),
         "experiment_name": cfg.experiment_name,
         "registered_model_prefix": cfg.registered_model_prefix,

@@ -15,7 +15,8 @@ from rlhf_pipeline.orchestration.mlflow_filter import equals
 
 CHALLENGER = "challenger"
 FENCE = "`" * 3
-HEADLINE = ("rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate")
+HEADLINE = ("rm/accuracy", "eval/reward_mean", "eval/kl", "eval/win_rate", "eval/judge_win_rate")
+POLICIES = ("policy", "second_policy")  # the report's model keys that are policies (`alignment: both`: two)
 
 
 def find_version(client, name: str, *, version: str | None = None, kfp_run_id: str | None = None):
@@ -234,19 +235,24 @@ def run_report_step(
 
     client = tracking.client(tracking_uri or None)
     run_id = kfp_run_id if kfp_run_id and not kfp_run_id.startswith("{{") else None
-    versions = []
+    # the evaluation names the challenger (models:/name/version) when it compared several policies
+    named = str((getattr(eval_report, "metadata", None) or {}).get("challenger_uri") or "")
+    found = []
     policy_version = None
     for key, art in models.items():
         meta = art.metadata or {}
-        name = meta.get("registered_model") or f"{registered_model_prefix}-{key}"
+        name = meta.get("registered_model") or f"{registered_model_prefix}-{'policy' if key in POLICIES else key}"
         mv = find_version(client, name, version=meta.get("registered_version"), kfp_run_id=run_id)
         if mv is None:
             continue
-        if key == "policy":
+        found.append(mv)
+        if key in POLICIES and (
+            named == f"models:/{mv.name}/{mv.version}" or (not named and key == "policy" and policy_version is None)
+        ):
             policy_version = mv
-            point_challenger(client, mv.name, mv.version, alias)
-            mv = client.get_model_version(mv.name, mv.version)
-        versions.append(version_info(client, mv))
+    if policy_version is not None:
+        point_challenger(client, policy_version.name, policy_version.version, alias)
+    versions = [version_info(client, client.get_model_version(mv.name, mv.version)) for mv in found]
     if policy_version is None:
         raise UserError(
             f"no registered policy version found for this run (model {registered_model_prefix}-policy, "

@@ -19,7 +19,7 @@ from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2" / "pipeline.yaml"
-STAGE_SECTIONS = ("prepare_data", "sft", "reward", "ppo", "dpo", "evaluate")
+STAGE_SECTIONS = ("prepare_data", "sft", "reward", "judge", "ppo", "dpo", "evaluate")
 
 
 def shared_beer_posts() -> Path:
@@ -28,7 +28,10 @@ def shared_beer_posts() -> Path:
 
 
 class LocalRunConfig(StageConfig):
-    alignment: Literal["ppo", "dpo"] = Field("ppo", description="Alignment step after the reward model: ppo or dpo.")
+    alignment: Literal["ppo", "dpo", "both"] = Field(
+        "ppo",
+        description="Alignment step after the reward model: ppo, dpo, or both (side by side in one evaluation).",
+    )
     model: str = Field(EMBEDDED_MODEL, description="Base model: HF id, local dir, or the embedded SmolLM2.")
     input: str | None = Field(
         None, description="Stack Exchange dump; default: the beer sample in $RLHF_SHARED_DIR or ../shared."
@@ -47,12 +50,19 @@ class LocalRunConfig(StageConfig):
     prepare_data: dict[str, Any] = Field(default_factory=dict, description="prepare-data options.")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFT options.")
     reward: dict[str, Any] = Field(default_factory=dict, description="Reward-model options.")
+    judge: dict[str, Any] = Field(
+        default_factory=dict, description="Judge options (a reward model on the judge subset; `rlhf reward`'s)."
+    )
     ppo: dict[str, Any] = Field(default_factory=dict, description="PPO options.")
     dpo: dict[str, Any] = Field(default_factory=dict, description="DPO options.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="Evaluation options.")
 
     def input_path(self) -> Path:
         return Path(self.input).expanduser() if self.input else shared_beer_posts()
+
+    def alignments(self) -> list[str]:
+        """The alignment stages this run trains."""
+        return ["ppo", "dpo"] if self.alignment == "both" else [self.alignment]
 
     def tracking(self) -> str:
         return self.tracking_uri or f"sqlite:///{Path(self.output).resolve() / 'mlflow.db'}"
@@ -133,7 +143,7 @@ def validate_stage_options(cfg: LocalRunConfig) -> None:
         "model": cfg.model,
         "reward_model": "/placeholder/reward",
     }
-    needed = ["prepare_data", "sft", "reward", cfg.alignment, "evaluate"]
+    needed = ["prepare_data", "sft", "reward", "judge", *cfg.alignments(), "evaluate"]
     for section in needed:
         values = dict(getattr(cfg, section))
         if None in values.values():

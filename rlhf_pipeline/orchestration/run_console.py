@@ -21,6 +21,7 @@ TASK_LABELS = {
     "prepare-data": "prepare data",
     "sft": "SFT",
     "reward": "reward model",
+    "judge": "judge",
     "ppo": "PPO",
     "dpo": "DPO",
     "evaluate": "evaluate",

@@ -31,9 +31,11 @@ def collect_summary(
 
     metrics: dict[str, dict[str, Any]] = {}
     if run_dir is not None:
-        for step in ("sft", "reward", cfg.alignment, "evaluate"):
+        for step in ("sft", "reward", "judge", *cfg.alignments(), "evaluate"):
             raw = steps.read_metrics(run_dir / step)
-            metrics[step] = steps.namespaced(step, steps.flat_metrics(raw))
+            metrics[step] = steps.namespaced(steps.STEP_STAGES.get(step, step), steps.flat_metrics(raw))
+        if (run_dir / "evaluate" / "frontier.png").is_file():  # next to report.md, which embeds it
+            shutil.copy2(run_dir / "evaluate" / "frontier.png", out / "frontier.png")
     report_md = _latest("*/report*/report_md", pipeline_root)
     report_html = _latest("*/report*/report_html", pipeline_root)
     paths = {}
@@ -68,7 +70,7 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
 
     client = tracking.client(cfg.tracking())
     rows = []
-    for stage in ("sft", "reward", "policy"):
+    for stage in ("sft", "reward", "judge", "policy"):
         name = f"{cfg.registered_model_prefix}-{stage}"
         try:
             found = client.search_model_versions(equals({"name": name, "tags.kfp_run_id": run_key}))
@@ -89,10 +91,47 @@ def registered_versions(cfg: LocalRunConfig, run_key: str | None) -> list[dict[s
 
 HEADLINE = [
     ("RM accuracy", "reward", "rm/accuracy"),
-    ("eval reward (policy)", "evaluate", "eval/reward_mean"),
-    ("eval KL (policy‖SFT)", "evaluate", "eval/kl"),
-    ("eval win-rate vs SFT", "evaluate", "eval/win_rate"),
+    ("judge accuracy (held-out judge pairs)", "judge", "rm/accuracy"),
+    ("eval proxy reward (challenger)", "evaluate", "eval/reward_mean"),
+    ("eval KL (challenger‖SFT)", "evaluate", "eval/kl"),
+    ("eval proxy win-rate vs SFT", "evaluate", "eval/win_rate"),
+    ("eval judge win-rate vs SFT", "evaluate", "eval/judge_win_rate"),
 ]
+# Per policy in the console's side-by-side table: (column, metric under eval/<policy>/)
+POLICY_COLUMNS = [
+    ("judge win-rate", "judge_win_rate"),
+    ("95% CI", None),
+    ("judge LC", "judge_win_rate_lc"),
+    ("proxy win-rate", "win_rate"),
+    ("judge reward", "judge_reward_mean"),
+    ("KL", "kl"),
+    ("length", "response_length"),
+]
+
+
+def print_policy_table(evaluated: dict[str, float], console) -> None:
+    """Every evaluated model side by side (the judge's columns first)."""
+    from rich.table import Table
+
+    names = sorted({k.split("/")[1] for k in evaluated if k.startswith("eval/") and k.count("/") == 2})
+    names = [n for n in names if n != "best_of_n"]
+    if not names:
+        return
+    t = Table(title="Evaluation vs SFT", show_header=True)
+    t.add_column("model")
+    for label, _ in POLICY_COLUMNS:
+        t.add_column(label, justify="right")
+    for name in names:
+        row = []
+        for _, key in POLICY_COLUMNS:
+            if key is None:
+                low, high = evaluated.get(f"eval/{name}/judge_win_low"), evaluated.get(f"eval/{name}/judge_win_high")
+                row.append(f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "n/a")
+            else:
+                value = evaluated.get(f"eval/{name}/{key}")
+                row.append(f"{value:.3f}" if isinstance(value, float) else "n/a")
+        t.add_row(name, *row)
+    console.print(t)
 
 
 def print_summary(summary: dict[str, Any], console) -> None:
@@ -115,11 +154,12 @@ def print_summary(summary: dict[str, Any], console) -> None:
     for label, step, key in HEADLINE:
         value = m.get(step, {}).get(key)
         t.add_row(label, f"{value:.4g}" if isinstance(value, float) else "n/a")
-    align = summary["alignment"]
-    for key, value in sorted(m.get(align, {}).items()):
-        if any(w in key for w in ("reward", "kl", "loss", "accuracy", "margin")):
-            t.add_row(key, f"{value:.4g}")
+    for align in ["ppo", "dpo"] if summary["alignment"] == "both" else [summary["alignment"]]:
+        for key, value in sorted(m.get(align, {}).items()):
+            if any(w in key for w in ("reward", "kl", "loss", "accuracy", "margin")):
+                t.add_row(key, f"{value:.4g}")
     console.print(t)
+    print_policy_table(m.get("evaluate", {}), console)
 
     if summary["registered"]:
         t = Table(title="Registered model versions (MLflow)", show_header=True)

@@ -204,14 +204,16 @@ def run_training_step(
     tracking_uri: str,
     experiment_name: str,
     registered_model_prefix: str,
+    step_dir: str | None = None,
     **wired: Any,
 ) -> dict[str, float]:
     """What a training component does: build the registry stage's config from the user's dict and the wired
-    inputs, run it in its work directory (a retried step resumes there), publish its model and metrics."""
+    inputs, run it in its work directory (`step_dir`, default the stage's name; a retried step resumes there),
+    publish its model and metrics."""
     from rlhf_pipeline.stages import get
 
     spec = get(stage)
-    out = work_dir(work_root, kfp_run_id, stage)
+    out = work_dir(work_root, kfp_run_id, step_dir or stage)
     cfg = build_config(
         spec.config_class(),
         user_config,
@@ -222,18 +224,33 @@ def run_training_step(
     return publish(stage, out, artifact, metrics_artifact, spec.run_function()(cfg))
 
 
+# Pipeline steps that run a registry stage under another name: the judge is the reward stage on the judge subset.
+STEP_STAGES = {"judge": "reward"}
+
+
 def stage_config_class(stage: str) -> type:
-    """The config class of a stage (imported on demand), from the stage registry."""
+    """The config class of a stage or step (imported on demand), from the stage registry."""
     from rlhf_pipeline.stages import get
 
-    return get(stage).config_class()
+    return get(STEP_STAGES.get(stage, stage)).config_class()
 
 
 def evaluate_wiring(
-    config_cls: type, *, data: Any, sft_model: Any, reward_model: Any, policy: Any, alignment: str, output: Path
+    config_cls: type,
+    *,
+    data: Any,
+    sft_model: Any,
+    reward_model: Any,
+    policy: Any,
+    alignment: str,
+    output: Path,
+    judge_model: Any = None,
+    second_policy: Any = None,
+    second_alignment: str = "",
 ) -> dict[str, Any]:
     """The evaluation stage's inputs from the upstream artifacts (EvaluateConfig: data, output, sft_model,
-    reward_model, policy NAME=DIR, policy_model_uri of the registered policy version it tags)."""
+    reward_model, judge_model, policy NAME=DIR for one or two policies, policy_model_uri of the first one's
+    registered version; a stage dir's own metrics.json names the registration of each)."""
     wired: dict[str, Any] = {
         "data": str(stage_dir(data)),
         "output": str(output),
@@ -241,6 +258,10 @@ def evaluate_wiring(
         "reward_model": str(stage_dir(reward_model)),
         "policy": [f"{alignment}={stage_dir(policy)}"],
     }
+    if judge_model is not None:
+        wired["judge_model"] = str(stage_dir(judge_model))
+    if second_policy is not None:
+        wired["policy"].append(f"{second_alignment or 'policy2'}={stage_dir(second_policy)}")
     meta = getattr(policy, "metadata", None) or {}
     if meta.get("registered_model") and meta.get("registered_version"):
         wired["policy_model_uri"] = f"models:/{meta['registered_model']}/{meta['registered_version']}"

@@ -175,6 +175,7 @@ def save_ppo_state(
     kl_ctl,
     history: list[dict],
     skipped_updates: int,
+    keep: int = 2,
 ) -> None:
     """Checkpoint after `step` PPO steps, with the metrics history, skipped-update count and KL controller."""
     save_checkpoint(
@@ -184,6 +185,7 @@ def save_ppo_state(
         optimizer,
         scheduler,
         extra={"history": history, "skipped_updates": skipped_updates, "kl_ctl": kl_ctl.state_dict()},
+        keep=keep,
     )
 
 

@@ -220,7 +220,16 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
             preempted = any_process(accelerator, guard.requested)  # SIGTERM: checkpoint this step, then exit
             if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps or preempted:
                 save = partial(
-                    save_ppo_state, cfg.output, step + 1, model, optimizer, scheduler, kl_ctl, history, skipped
+                    save_ppo_state,
+                    cfg.output,
+                    step + 1,
+                    model,
+                    optimizer,
+                    scheduler,
+                    kl_ctl,
+                    history,
+                    skipped,
+                    keep=cfg.keep_checkpoints,
                 )
                 on_main_then_wait(accelerator, save)  # one writer; the others wait until the checkpoint is whole
             stop_if_asked(accelerator, step + 1)

@@ -501,6 +501,7 @@ def train_loop(
                         scheduler,
                         extra={"totals": so_far},
                         config_hash=config_hash,
+                        keep=cfg.keep_checkpoints,
                     )
                 accelerator.wait_for_everyone()
             if on_step is not None:

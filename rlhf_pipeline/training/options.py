@@ -54,6 +54,9 @@ class TrainingOptions(LoRAOptions, TrackingOptions):
     )
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept (the newest); more keep the policy at several steps for the KL frontier."
+    )
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
     restart: bool = Field(
         False, description="Discard what a previous run left in --output (checkpoints, model, result) and start over."

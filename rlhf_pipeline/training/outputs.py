@@ -24,16 +24,17 @@ def finish_stage(
     register: Literal["merged", "adapter"] = "merged",
     artifact_path: str = "model",
     tags: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> StageResult:
     """On the main process: `save()` -> (adapter_dir, merged_dir), register one of them (as the run's artifacts under
-    `artifact_path`), log and write the result; the other processes wait and return the same metrics (nothing
+    `artifact_path`; as `name`, default the stage's registered name), log and write the result; the other processes wait and return the same metrics (nothing
     written, nothing registered)."""
 
     def on_main() -> StageResult:
         adapter_dir, merged_dir = save()
         record_lineage(adapter_dir, merged_dir)  # the base's content hash: later stages decide "same base" from it
         entry = run.register(
-            merged_dir if register == "merged" else adapter_dir, artifact_path=artifact_path, tags=tags
+            merged_dir if register == "merged" else adapter_dir, name=name, artifact_path=artifact_path, tags=tags
         )
         result = StageResult.of(
             stage,

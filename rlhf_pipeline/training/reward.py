@@ -54,6 +54,12 @@ class RewardConfig(LoopOptions):
         description="--evaluate-only data: evaluation.parquet, the held-out part of reward.parquet, or "
         "auto (evaluation.parquet if present).",
     )
+    subset: Literal["reward", "judge"] = Field(
+        "reward",
+        description="Training pairs: reward.parquet (the proxy reward model PPO optimizes), or judge.parquet "
+        "(questions no other stage sees: an independent judge for `rlhf evaluate --judge-model`, registered as "
+        "<prefix>-judge).",
+    )
     register_weights: Literal["merged", "adapter"] = Field(
         "merged", description="What to register in MLflow: the merged full model, or only adapter + score head."
     )
@@ -146,7 +152,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
     with loop.tracked_run(cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
-        rows = read_subset(cfg.data, "reward")
+        rows = read_subset(cfg.data, cfg.subset)
         train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction)
         loop.set_seed(cfg.seed)  # also makes the fresh score head's initialisation reproducible
         model, tokenizer = load_reward_model(cfg, str(accelerator.device))
@@ -240,6 +246,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
             register=cfg.register_weights,
             artifact_path=cfg.register_weights,
             tags={"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {},
+            name=f"{cfg.registered_model_prefix}-judge" if cfg.subset == "judge" else None,
         )
 
 

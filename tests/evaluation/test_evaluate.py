@@ -32,7 +32,7 @@ def _register(name: str, local_dir) -> str:
 
 
 def test_evaluate_sft_against_policies(
-    tiny_model_dir, reward_dir, changed_policy_dir, eval_data_dir, tmp_path, mlflow_sqlite, capsys
+    tiny_model_dir, reward_dir, judge_dir, changed_policy_dir, eval_data_dir, tmp_path, mlflow_sqlite, capsys
 ):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -74,6 +74,10 @@ def test_evaluate_sft_against_policies(
                 "8",
                 "--batch-size",
                 "3",
+                "--judge-model",
+                str(judge_dir),
+                "--best-of-n",
+                "4",
             ]
         )
     assert exc.value.code == 0
@@ -92,12 +96,32 @@ def test_evaluate_sft_against_policies(
     assert models["ppo"]["kl"] > 0.0
     assert models["ppo"] == pytest.approx(models["dpo"])  # same weights, same settings, same numbers
     assert metrics["eval/ppo/win_rate"] == models["ppo"]["win_rate"]
-    assert metrics["policy"] == "ppo" and metrics["eval/kl"] == models["ppo"]["kl"]  # the primary policy, flat
+    # the challenger: the highest judge win-rate vs SFT, lower KL on a tie; its gate values flat
+    best = max(("ppo", "dpo", "same"), key=lambda n: (models[n]["judge_win_rate"], -models[n]["kl"]))
+    assert metrics["challenger"] == metrics["policy"] == best and metrics["eval/kl"] == models[best]["kl"]
 
+    # the judge scores every answer: SFT against itself and the unchanged policy tie everywhere
+    for name in ("sft", "same"):
+        assert models[name]["judge_win_rate"] == 0.5 and models[name]["judge_win_rate_lc"] == 0.5
+        assert models[name]["judge_win_low"] < 0.5 < models[name]["judge_win_high"]
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    judge_of = {(line["model"], line["question"]): line["judge"] for line in lines}
+    ppo_judge = [judge_of[("ppo", q)] for q in dict.fromkeys(line["question"] for line in lines)]
+    assert models["ppo"]["judge_reward_mean"] == pytest.approx(sum(ppo_judge) / 4)
+    assert [judge_of[k] for k in judge_of] != [line["reward"] for line in lines]  # the judge is not the proxy
+
+    # best-of-n from 4 SFT samples: n = 1 is SFT sampled (KL 0), KL grows with n and stays under the bound
+    bon = metrics["best_of_n"]
+    assert [r["n"] for r in bon] == [1, 2, 4] and metrics["best_of_n_questions"] == 4
+    assert bon[0]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < bon[1]["kl"] <= bon[1]["kl_bound"] + 1e-9 and bon[1]["kl"] <= bon[2]["kl"] <= bon[2]["kl_bound"]
+    assert bon[0]["reward_mean"] <= bon[1]["reward_mean"] <= bon[2]["reward_mean"]  # the proxy picks
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     assert len(lines) == 4 * 4 and {line["model"] for line in lines} == set(models)
     report = (out / "report.md").read_text()
-    assert "| ppo |" in report and "## Sample generations" in report
+    assert "| ppo |" in report and "## Sample generations" in report and "![KL frontier](frontier.png)" in report
+    assert f"{models['ppo']['judge_win_rate']:.3f} [{models['ppo']['judge_win_low']:.3f}," in report
 
     client = MlflowClient()
     for uri in (ppo_uri, dpo_uri):
@@ -106,8 +130,12 @@ def test_evaluate_sft_against_policies(
         assert float(tags["eval/reward_mean"]) == pytest.approx(models["ppo"]["reward_mean"])
         assert float(tags["eval/kl"]) == pytest.approx(models["ppo"]["kl"])
         assert float(tags["rm/accuracy"]) == 0.75 and "eval/win_rate" in tags
+        assert float(tags["eval/judge_win_rate"]) == pytest.approx(models["ppo"]["judge_win_rate"])
     runs = mlflow.search_runs(experiment_names=["rlhf-pipeline"], filter_string="tags.`rlhf.stage` = 'evaluate'")
     assert runs.iloc[0]["metrics.eval/ppo/kl"] == pytest.approx(models["ppo"]["kl"])
+    assert runs.iloc[0]["metrics.eval/best_of_n/4/kl"] == pytest.approx(bon[2]["kl"])
+    artifacts = [f.path for f in client.list_artifacts(runs.iloc[0]["run_id"], "eval")]
+    assert "eval/frontier.png" in artifacts
 
 
 def test_pipeline_wiring_bare_policy_dir_and_sft_model_field(tiny_model_dir, changed_policy_dir):
@@ -140,3 +168,44 @@ def test_bad_policy_spec_is_one_line(tiny_model_dir, reward_dir, eval_data_dir, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NAME=DIR_OR_URI" in err[0]
+
+
+def test_kept_checkpoints_are_frontier_points(
+    tiny_model_dir, reward_dir, ppo_stage_with_checkpoints, eval_data_dir, tmp_path, mlflow_sqlite
+):
+    """--checkpoints: every kept checkpoint but the last is evaluated as <name>:step-N, never the challenger."""
+    from rlhf_pipeline.evaluation.evaluate import EvaluateConfig, run_evaluate
+
+    stage = ppo_stage_with_checkpoints[0]
+    result = run_evaluate(
+        EvaluateConfig(
+            model=str(tiny_model_dir),
+            reward_model=str(reward_dir),
+            data=str(eval_data_dir),
+            output=str(tmp_path / "eval"),
+            policy=[f"ppo={stage}"],
+            checkpoints=True,
+            max_questions=3,
+            max_new_tokens=6,
+            tracking_uri=mlflow_sqlite,
+        )
+    )
+    models = result.metrics["models"]
+    assert set(models) == {"sft", "ppo", "ppo:step-5"} and result.metrics["challenger"] == "ppo"
+    assert models["ppo:step-5"]["kl"] > 0 and models["ppo:step-5"]["kl"] != pytest.approx(models["ppo"]["kl"])
+
+
+def test_judge_by_registered_uri_downloads_a_loadable_reward_model(judge_dir, tmp_path, mlflow_sqlite):
+    import mlflow
+
+    from rlhf_pipeline.errors import UserError
+    from rlhf_pipeline.evaluation.models import resolve_judge
+    from rlhf_pipeline.ppo.rewards import read_reward_model_dir
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    uri = _register("rlhf-judge", judge_dir / "merged")
+    local = resolve_judge(uri, tmp_path)
+    assert read_reward_model_dir(local).merged_dir.joinpath("config.json").is_file()
+    assert resolve_judge(str(judge_dir), tmp_path) == str(judge_dir)  # a directory is used as it is
+    with pytest.raises(UserError, match="cannot download the judge model models:/rlhf-judge/99"):
+        resolve_judge("models:/rlhf-judge/99", tmp_path)

@@ -9,8 +9,9 @@ import pytest
 from tests.pipeline.conftest import all_tasks, compile_spec, executor_of
 
 RLHF = str(__import__("pathlib").Path(__import__("sys").executable).parent / "rlhf")
-GPU_TASKS = ["sft", "reward", "ppo", "dpo", "evaluate", "evaluate-2"]
-TRAINING_TASKS = ["sft", "reward", "ppo", "dpo"]
+# `-2` / `-3`: the same step in the dpo and both branches; the judge runs with the reward stage's settings
+GPU_TASKS = ["sft", "reward", "judge", "ppo", "dpo", "ppo-2", "dpo-2", "evaluate", "evaluate-2", "evaluate-3"]
+TRAINING_TASKS = ["sft", "reward", "judge", "ppo", "dpo", "ppo-2", "dpo-2"]
 
 
 def param(ref: dict) -> str:
@@ -34,8 +35,13 @@ def test_every_stage_is_a_task_with_a_display_name(default_spec):
         "dpo": "DPO",
         "evaluate": "Evaluate policy vs SFT",
         "evaluate-2": "Evaluate policy vs SFT",
+        "judge": "Judge reward model (independent)",
+        "ppo-2": "PPO",
+        "dpo-2": "DPO",
+        "evaluate-3": "Evaluate policy vs SFT",
         "report": "Report + alias challenger",
         "report-2": "Report + alias challenger",
+        "report-3": "Report + alias challenger",
         "unknown-alignment": "Unknown alignment",
     }
 
@@ -269,6 +275,8 @@ def test_trainjob_mode_compiles_launchers(tmp_path):
     }
     assert sorted(t["taskInfo"]["name"] for t in launchers.values()) == [
         "DPO (TrainJob)",
+        "DPO (TrainJob)",  # the dpo and the both branch
+        "PPO (TrainJob)",
         "PPO (TrainJob)",
         "Reward model (train + evaluate) (TrainJob)",
         "Supervised fine-tuning (TrainJob)",

@@ -31,8 +31,14 @@ def tiny_sizes(model: Path, beer: Path, out: Path, alignment: str, sets: tuple[s
             "sft.max_eval_samples=4",
             "reward.max_steps=3",
             "reward.batch_size=2",
-            "reward.max_length=256",
+            "reward.max_length=512",  # the default split holds out 3 reward questions: their pairs must fit
             "reward.max_eval_samples=8",
+            "prepare_data.judge_fraction=0.1",
+            "prepare_data.judge_max_pairs=32",
+            "judge.max_steps=2",
+            "judge.batch_size=2",
+            "judge.max_length=256",
+            "judge.max_eval_samples=4",
             "ppo.steps=1",
             "ppo.batch_size=4",
             "ppo.mini_batch_size=4",
@@ -65,7 +71,15 @@ def ppo_run(tmp_path_factory, tiny_model_dir, beer_posts):
 
 def test_every_step_ran_and_was_timed(ppo_run):
     _, _, summary = ppo_run
-    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "PPO", "evaluate", "report"]
+    assert list(summary["step_seconds"]) == [
+        "prepare data",
+        "SFT",
+        "judge",
+        "reward model",
+        "PPO",
+        "evaluate",
+        "report",
+    ]
     assert all(s > 0 for s in summary["step_seconds"].values())
 
 
@@ -73,9 +87,10 @@ def test_every_stage_wrote_its_artifacts(ppo_run):
     _, out, summary = ppo_run
     [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
     data = root / "prepare-data" / "data"
-    for name in ("finetune.parquet", "reward.parquet", "rl.parquet", "evaluation.parquet", "stats.json"):
+    for name in ("finetune.parquet", "reward.parquet", "rl.parquet", "evaluation.parquet", "judge.parquet"):
         assert (data / name).is_file(), name
-    for step in ("sft", "reward", "ppo"):
+    assert (data / "stats.json").is_file()
+    for step in ("sft", "reward", "judge", "ppo"):
         model = root / step / "model"
         assert (model / "adapter").is_dir() and (model / "metrics.json").is_file(), step
         step_info = json.loads((model / "step.json").read_text())
@@ -131,7 +146,7 @@ def test_registered_versions_carry_lineage(ppo_run, beer_posts):
     [root] = list((out / "kfp").glob("rlhf-pipeline-*"))
     input_sha = json.loads((root / "prepare-data" / "data" / "stats.json").read_text())["input_sha256"]
     names = {v["name"] for v in summary["registered"]}
-    assert names == {"rlhf-sft", "rlhf-reward", "rlhf-policy"}
+    assert names == {"rlhf-sft", "rlhf-reward", "rlhf-judge", "rlhf-policy"}
     for name in names:
         [mv] = client.search_model_versions(f"name = '{name}' and tags.kfp_run_id = '{summary['run']}'")
         tags = mv.tags
@@ -141,7 +156,7 @@ def test_registered_versions_carry_lineage(ppo_run, beer_posts):
     policy = client.get_model_version_by_alias("rlhf-policy", "challenger")
     assert policy.tags["kfp_run_id"] == summary["run"] and policy.tags.get("algorithm") == "ppo"
     # the evaluation's gate values, which `rlhf promote` reads
-    for gate in ("eval/reward_mean", "eval/win_rate", "eval/kl", "rm/accuracy"):
+    for gate in ("eval/reward_mean", "eval/win_rate", "eval/kl", "eval/judge_win_rate", "rm/accuracy"):
         assert gate in policy.tags, gate
 
 
@@ -150,6 +165,58 @@ def test_dpo_branch(tmp_path, tiny_model_dir, beer_posts):
 
     cfg = tiny_sizes(tiny_model_dir, beer_posts, tmp_path / "outputs", "dpo")
     summary = local_run.run_local(cfg)
-    assert list(summary["step_seconds"]) == ["prepare data", "SFT", "reward model", "DPO", "evaluate", "report"]
+    assert list(summary["step_seconds"]) == [
+        "prepare data",
+        "SFT",
+        "judge",
+        "reward model",
+        "DPO",
+        "evaluate",
+        "report",
+    ]
     policy = MlflowClient(tracking_uri=cfg.tracking()).get_model_version_by_alias("rlhf-policy", "challenger")
     assert policy.tags.get("algorithm") == "dpo" and policy.tags["kfp_run_id"] == summary["run"]
+
+
+def test_both_branch_evaluates_ppo_and_dpo_side_by_side(tmp_path, tiny_model_dir, beer_posts):
+    """`alignment: both`: PPO and DPO from the same SFT and reward model, one evaluate step with the judge, PPO's
+    kept checkpoint and a best-of-2 baseline on the frontier, the challenger alias on the evaluation's choice."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_sizes(
+        tiny_model_dir,
+        beer_posts,
+        tmp_path / "outputs",
+        "both",
+        (
+            "ppo.steps=2",
+            "ppo.save_steps=1",
+            "ppo.keep_checkpoints=2",
+            "evaluate.checkpoints=true",
+            "evaluate.best_of_n=2",
+            "evaluate.do_sample=true",
+        ),
+    )
+    summary = local_run.run_local(cfg)
+    assert {"judge", "PPO", "DPO", "evaluate"} <= set(summary["step_seconds"])
+    assert sum(1 for step in summary["step_seconds"] if step == "evaluate") == 1
+    evaluated = evaluation_result(Path(summary["work_dir"]) / "evaluate")
+    models = evaluated["models"]
+    assert set(models) == {"sft", "ppo", "ppo:step-1", "dpo"}
+    assert all("judge_win_rate" in m for m in models.values())
+    challenger = evaluated["challenger"]
+    assert challenger in ("ppo", "dpo") and models[challenger]["judge_win_rate"] >= max(
+        models[n]["judge_win_rate"] for n in ("ppo", "dpo")
+    )
+    assert [r["n"] for r in evaluated["best_of_n"]] == [1, 2]
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    policy = client.get_model_version_by_alias("rlhf-policy", "challenger")
+    assert policy.tags.get("algorithm") == challenger and policy.tags["kfp_run_id"] == summary["run"]
+    assert client.get_registered_model("rlhf-judge").latest_versions
+    report = Path(summary["report_md"]).read_text()
+    assert "| ppo:step-1 |" in report and "| dpo |" in report and "judge win-rate" in report
+    assert (Path(summary["report_md"]).parent / "frontier.png").is_file()
+
+
+def evaluation_result(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())

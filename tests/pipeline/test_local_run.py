@@ -46,7 +46,7 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
     for section in ("sft", "reward", "ppo"):
         assert (getattr(cfg, section)["precision"], getattr(cfg, section)["mixed_precision"]) == ("fp32", "no")
     assert cfg.dpo["precision"] == "bf16"
-    assert "no native bf16 on this machine: sft, reward, ppo, dpo run in fp32" in capsys.readouterr().err
+    assert "no native bf16 on this machine: sft, reward, judge, ppo, dpo run in fp32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

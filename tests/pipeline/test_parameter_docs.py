@@ -49,14 +49,15 @@ CONFIG_PARAMS = sorted(p for p in PARAMS if p.endswith("_config"))
 
 
 def test_every_stage_config_parameter_is_documented_with_an_example():
-    assert CONFIG_PARAMS == sorted(f"{key}_config" for key in STAGES)
+    # every registry stage, and the steps that run one under another name (the judge: the reward stage)
+    assert CONFIG_PARAMS == sorted(f"{key}_config" for key in (*STAGES, *steps.STEP_STAGES))
     for name in CONFIG_PARAMS:
         assert json_examples(PARAMS[name]), name
 
 
 @pytest.mark.parametrize("name", CONFIG_PARAMS)
 def test_config_examples_build_the_real_stage_config(name):
-    config_cls = STAGES[name.removesuffix("_config")].config_class()
+    config_cls = steps.stage_config_class(name.removesuffix("_config"))
     for example in json_examples(PARAMS[name]):
         cfg = steps.build_config(config_cls, example, **WIRED)  # what the component does with the parameter
         assert {key: getattr(cfg, key) for key in example} == example

@@ -187,3 +187,39 @@ def test_publish_refuses_a_metrics_json_that_is_not_a_stage_result(tmp_path):
     (out / "metrics.json").write_text(json.dumps({"accuracy": 0.6, "registered_model": {"version": 3}}))
     with pytest.raises(UserError, match="is not a stage result"):
         steps.publish("reward", out, Art(tmp_path / "art"), None)
+
+
+def test_both_alignments_challenger_is_the_one_the_evaluation_named(tmp_path, store, mlflow_sqlite):
+    """`alignment: both`: PPO and DPO both registered in this run; the alias follows the evaluation's choice."""
+    sft = model_artifact(tmp_path, "sft", {})
+    rm = model_artifact(tmp_path, "reward", {})
+    ppo_v = register(store, "rlhf-policy", "run-9", {"algorithm": "ppo"})
+    dpo_v = register(store, "rlhf-policy", "run-9", {"algorithm": "dpo"})
+    ppo = model_artifact(tmp_path, "ppo", {}, {"name": "rlhf-policy", "version": ppo_v.version})
+    dpo = model_artifact(tmp_path, "dpo", {}, {"name": "rlhf-policy", "version": dpo_v.version})
+    (tmp_path / "eval.md").write_text("side by side")
+    eval_report = Art(
+        tmp_path / "eval.md", {"challenger": "dpo", "challenger_uri": f"models:/rlhf-policy/{dpo_v.version}"}
+    )
+    result = rep.run_report_step(
+        models={"sft": sft, "reward": rm, "policy": ppo, "second_policy": dpo},
+        eval_metrics=Art(tmp_path / "em", {"eval/judge_win_rate": 0.7}),
+        generations=Art(tmp_path / "none"),
+        eval_report=eval_report,
+        alignment="both",
+        summary=Art(tmp_path / "s"),
+        report_md=Art(tmp_path / "m"),
+        report_html=Art(tmp_path / "h"),
+        tracking_uri=mlflow_sqlite,
+        registered_model_prefix="rlhf",
+        kfp_run_id="run-9",
+        num_samples=2,
+        alias="challenger",
+    )
+    assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == dpo_v.version
+    assert result["challenger"] == f"rlhf-policy/{dpo_v.version}"
+    assert {v["version"] for v in result["versions"] if v["name"] == "rlhf-policy"} == {
+        str(ppo_v.version),
+        str(dpo_v.version),
+    }
+    assert "| eval/judge_win_rate | 0.7 |" in Path(tmp_path / "m").read_text()
