@@ -20,7 +20,8 @@ def rendered(md: str) -> str:
 
 
 def assert_inert(page: str) -> None:
-    low = page.lower()
+    # the report's own figure is the one image allowed; any other <img> came from the data
+    low = page.lower().replace('<img src="frontier.png" alt="kl frontier" />', "")
     for active in ("<script", "<img", 'href="javascript', 'src="javascript', "<b>"):
         assert active not in low, active
 
@@ -49,7 +50,16 @@ def test_evaluation_report_is_inert():
 
     cfg = SimpleNamespace(do_sample=False, max_new_tokens=8, samples_in_report=1)
     md = report_markdown(
-        {"sft": {"reward_mean": 0.0, "win_rate": 0.5, "kl": 0.0, "response_length": 3.0}},
+        {
+            "sft": {
+                "reward_mean": 0.0,
+                "win_rate": 0.5,
+                "kl": 0.0,
+                "kl_low": 0.0,
+                "kl_high": 0.0,
+                "response_length": 3.0,
+            }
+        },
         [EVIL_QUESTION],
         {"sft": {"responses": [EVIL_ANSWER], "scores": [0.1]}},
         cfg,
