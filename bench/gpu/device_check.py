@@ -288,16 +288,27 @@ def tracking(out: Path) -> str:
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
+class _Interrupt(Exception):
+    pass
+
+
 def run_twice(name: str, run, make_cfg, out_dir: Path, step_field: str) -> dict:
-    """1 step (checkpointed), then the finished marker removed and a rerun to 2 steps: it resumes from step 1."""
+    """A 2-step run interrupted after its step-1 checkpoint, then the same run again: it resumes from step 1."""
     from rlhf_pipeline.training.checkpoint import latest_checkpoint
+
+    def interrupt(step: int) -> None:
+        if step == 1:
+            raise _Interrupt
 
     reset_peak()
     tic = time.perf_counter()
-    run(make_cfg(**{step_field: 1}))
-    (out_dir / "metrics.json").unlink()
+    cfg = make_cfg(**{step_field: 2})
+    try:
+        run(cfg, on_step=interrupt)
+    except _Interrupt:
+        pass
     resumed_from = latest_checkpoint(out_dir)
-    result = run(make_cfg(**{step_field: 2}))
+    result = run(cfg)
     return {
         "seconds": round(time.perf_counter() - tic, 1),
         "peak_gib": peak_gib(),

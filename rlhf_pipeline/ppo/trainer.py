@@ -72,8 +72,9 @@ from rlhf_pipeline.training.outputs import finish_stage
 from rlhf_pipeline.training.preflight import check_model
 
 
-def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
-    """Train the policy; `reward_fn(questions, responses, rollout) -> scores` replaces the reward model (tests)."""
+def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
+    """Train the policy; `reward_fn(questions, responses, rollout) -> scores` replaces the reward model (tests);
+    `on_step(step)` is called after every PPO step (after its checkpoint), as in the other stages."""
     if reward_fn is None and cfg.reward_model is None:
         raise UserError("--reward-model is required (the reward stage's output directory)")
     if reward_fn is None:
@@ -233,6 +234,8 @@ def run_ppo(cfg: PPOConfig, reward_fn=None) -> StageResult:
                 )
                 on_main_then_wait(accelerator, save)  # one writer; the others wait until the checkpoint is whole
             stop_if_asked(accelerator, step + 1)
+            if on_step is not None:
+                on_step(step + 1)
             if preempted:
                 guard.stop("ppo", step + 1)
 

@@ -41,6 +41,7 @@ NOT_IDENTITY = frozenset(
         "num_threads",
         "logging_steps",
         "save_steps",
+        "keep_checkpoints",
         "log_generations_every",
     }
 )
