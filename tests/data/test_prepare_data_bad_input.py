@@ -156,42 +156,16 @@ def test_pathological_bodies_are_skipped_and_counted(tmp_path, run_cli):
         answer(12, 10, 0),
     ]
     dump = write(tmp_path / "s" / "Posts.xml", posts_xml(rows))
-    result = run_cli(
-        "--input",
-        dump,
-        "--output",
-        tmp_path / "out",
-        "--evaluation-fraction",
-        "1",
-        "--finetune-fraction",
-        "0",
-        "--reward-fraction",
-        "0",
-        "--rl-fraction",
-        "0",
-    )
+    all_to_evaluation = ["--evaluation-fraction", "1", "--finetune-fraction", "0", "--reward-fraction", "0"]
+    all_to_evaluation += ["--rl-fraction", "0"]
+    result = run_cli("--input", dump, "--output", tmp_path / "out", *all_to_evaluation)
     assert result.exit_code == 0, result.stderr
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["answers_skipped"]["over_body_cap"] == 1 and stats["questions_skipped"]["over_body_cap"] == 1
     table = pq.read_table(tmp_path / "out" / "evaluation.parquet").to_pylist()
     assert [(r["answer_id_j"], r["answer_id_k"]) for r in table] == [(2, 3)]  # question 1 kept, without answer 4
 
-    result = run_cli(
-        "--input",
-        dump,
-        "--output",
-        tmp_path / "uncapped",
-        "--max-body-chars",
-        "none",
-        "--evaluation-fraction",
-        "1",
-        "--finetune-fraction",
-        "0",
-        "--reward-fraction",
-        "0",
-        "--rl-fraction",
-        "0",
-    )
+    result = run_cli("--input", dump, "--output", tmp_path / "uncapped", "--max-body-chars", "none", *all_to_evaluation)
     assert result.exit_code == 0, result.stderr
     stats = json.loads((tmp_path / "uncapped" / "stats.json").read_text())
     assert stats["answers_skipped"]["over_body_cap"] == 0 and stats["questions_skipped"]["over_body_cap"] == 0
