@@ -23,6 +23,7 @@ def setup(tmp_path, bad_steps: set[int], total: int = 6):
         max_grad_norm=1.0,
         logging_steps=1,
         save_steps=100,
+        keep_checkpoints=2,
         learning_rate=0.1,
         weight_decay=0.0,
         warmup_ratio=0.0,
