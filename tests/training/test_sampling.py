@@ -119,34 +119,23 @@ def test_eos_stops_rows_and_min_new_tokens_suppresses_it(lm_and_prompts):
 
 def test_sampled_rollouts_are_seeded_and_right_length(lm_and_prompts):
     model, tok, (query, mask) = lm_and_prompts
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        runs.append(
-            sample_with_cache(
-                model,
-                query,
-                mask,
-                max_new_tokens=6,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                top_k=20,
-                min_new_tokens=6,
-            )
+
+    def sample(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return sample_with_cache(
+            model,
+            query,
+            mask,
+            max_new_tokens=6,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            top_k=20,
+            min_new_tokens=6,
         )
+
+    runs = [sample(3), sample(3)]
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (3, query.shape[1] + 6)
-    torch.manual_seed(4)
-    other = sample_with_cache(
-        model,
-        query,
-        mask,
-        max_new_tokens=6,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        top_k=20,
-        min_new_tokens=6,
-    )
-    assert not torch.equal(other, runs[0])
+    assert not torch.equal(sample(4), runs[0])
 
 
 def test_any_listed_eos_id_stops_a_row_and_is_suppressed_by_min_new_tokens(lm_and_prompts):
