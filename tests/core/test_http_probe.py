@@ -10,13 +10,17 @@ import pytest
 
 from rlhf_pipeline.http_probe import probe
 
+seen_authorization: list[str | None] = []
+
 
 @pytest.fixture()
 def server():
-    """A server answering GET /<status> with that status."""
+    """A server answering GET /<status> with that status (the Authorization headers it saw: `seen_authorization`)."""
+    seen_authorization.clear()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen_authorization.append(self.headers.get("Authorization"))
             self.send_response(int(self.path.strip("/")))
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -64,3 +68,16 @@ def test_a_server_that_does_not_speak_http_is_no_answer():
         threading.Thread(target=reply_garbage, daemon=True).start()
         answer = probe(f"http://127.0.0.1:{listener.getsockname()[1]}/health", timeout=2)
     assert not answer.reachable and answer.reason
+
+
+def test_credentials_in_the_url_go_in_a_basic_auth_header_not_the_host(server):
+    """`http://user:p%40ss@host` is how users write a tracking URI behind basic auth: the probe reaches the host
+    (urllib alone would fail with "Name or service not known") and sends what MLflow's client would send."""
+    import base64
+
+    with_userinfo = server.replace("http://", "http://alice:p%40ss@") + "/200"
+    answer = probe(with_userinfo)
+    assert answer.status == 200
+    assert seen_authorization == ["Basic " + base64.b64encode(b"alice:p@ss").decode()]
+    probe(f"{server}/200")
+    assert seen_authorization[-1] is None  # no header without credentials
