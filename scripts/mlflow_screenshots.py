@@ -173,6 +173,18 @@ def find_targets(url: str, experiment_name: str, pipeline_name: str) -> Targets:
     )
 
 
+def find_targets_or_explain(url: str, experiment_name: str, pipeline_name: str) -> Targets:
+    """find_targets, a failing MLflow call (a store the server cannot read, say) as one line."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return find_targets(url, experiment_name, pipeline_name)
+    except (MlflowException, requests.exceptions.RequestException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ScreenshotError(f"reading the runs through {url} failed: {first}") from None
+
+
 def first_png(client, run_id: str, path: str | None = None, depth: int = 3) -> str | None:
     """The first `.png` artifact of a run, breadth first, not inside a model directory (weights, not figures)."""
     entries = client.list_artifacts(run_id, path)
@@ -309,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mlflow-screenshots-") as tmp:
             proc, url = start_server(args.backend_store_uri, artifacts, Path(tmp) / "server.log")
             try:
-                targets = find_targets(url, args.experiment, args.pipeline_name)
+                targets = find_targets_or_explain(url, args.experiment, args.pipeline_name)
                 with Page(chromium, WIDTH, HEIGHT) as page:
                     shots = take_shots(page, url, targets, out)
             finally:
