@@ -79,11 +79,18 @@ class Page:
         self._buffer = b""
         self._next_id = 0
         self._session: str | None = None
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True, session=False)["sessionId"]
-        self.send("Page.enable")
-        self.send("Runtime.enable")
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        try:
+            target = self.send("Target.createTarget", url="about:blank")["targetId"]
+            attached = self.send("Target.attachToTarget", targetId=target, flatten=True, session=False)
+            self._session = attached["sessionId"]
+            self.send("Page.enable")
+            self.send("Runtime.enable")
+            self.send(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+            )
+        except BaseException:
+            self.close()  # a failed start leaves no browser process or profile behind
+            raise
 
     # --- the protocol ---
     def send(self, method: str, *, session: bool = True, **params) -> dict:
@@ -91,7 +98,10 @@ class Page:
         message = {"id": self._next_id, "method": method, "params": params}
         if session and self._session:
             message["sessionId"] = self._session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise BrowserError(f"chromium exited ({self._stderr_tail()})") from None
         deadline = time.monotonic() + self.timeout_s
         while True:
             reply = self._read(deadline)

@@ -4,15 +4,15 @@
         [--artifacts-destination outputs/mlartifacts] [--out outputs/screenshots]
 
 Starts a real `mlflow server` on 127.0.0.1 (a free port) over the store `rlhf run` wrote, finds the runs through
-MlflowClient (the latest parent run: no `mlflow.parentRunId` tag, nested stage runs under it; its PPO child: tag
-`rlhf.stage` = ppo), and photographs the UI with headless Chromium (Debian's package; `bash scripts/setup.sh
-screenshots`):
+MlflowClient (the latest parent run: no `mlflow.parentRunId` tag, nested stage runs under it, tagged `rlhf.pipeline`
+or named after the pipeline; its PPO child: tag `rlhf.stage` = ppo), and photographs the UI with headless
+Chromium (Debian's package; `bash scripts/setup.sh screenshots`):
 
     01-runs.png            the experiment's runs view, the parent row expanded to its nested stage runs
     02-ppo-charts.png      the PPO run's metric charts (Model metrics tab)
     03-figure.png          a logged figure: a PNG artifact previewed in its run's Artifacts tab
     04-registered-models.png  the registry's model list
-    05-model-version.png   the version of the pipeline run's policy (else first registered model)
+    05-model-version.png   the pipeline run's registered version, a policy first (else the newest version)
 
 Each shot waits for the content it is about (the nested rows, a drawn chart trace, the decoded image, the model
 name), not for a fixed time. Prints the PNG paths; any failure is one line on stderr and exit status 2.
@@ -144,7 +144,12 @@ def find_targets(url: str, experiment_name: str, pipeline_name: str) -> Targets:
         if parent:
             children.setdefault(parent, []).append(run)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_id in children]
-    named = [r for r in parents if (r.info.run_name or "").startswith(pipeline_name)]
+    # `rlhf run` tags its parent run with the pipeline's name and names it `<pipeline> <run id>`
+    named = [
+        r
+        for r in parents
+        if r.data.tags.get("rlhf.pipeline") == pipeline_name or (r.info.run_name or "").startswith(pipeline_name)
+    ]
     if not (named or parents):
         raise ScreenshotError(
             f"experiment {experiment_name!r} has no parent run with nested stage runs (a store from before nested runs?)"
