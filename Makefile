@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make run` (whole pipeline, embedded default) and `make test`.
-.PHONY: setup run test test-fast lint compile bench images images-gpu compile-local test-images
+.PHONY: setup run test test-fast lint compile bench images images-gpu compile-local test-images screenshots
 
 setup:
 	bash scripts/setup.sh
@@ -39,3 +39,10 @@ compile-local: images
 # The tests that run the images, failing (not skipping) when the images are missing.
 test-images: images
 	RLHF_REQUIRE_IMAGES=1 .venv/bin/python -m pytest -q tests/deploy/test_images_run.py tests/deploy/test_docker_runner.py
+
+# The MLflow UI of the last `make run` (outputs/mlflow.db) as PNGs in outputs/screenshots/: headless Chromium from
+# Debian's packages against a real `mlflow server` on 127.0.0.1 (docs/pipeline.md "Screenshots").
+screenshots: setup
+	bash scripts/setup.sh screenshots
+	.venv/bin/python scripts/mlflow_screenshots.py --backend-store-uri sqlite:///outputs/mlflow.db \
+		--artifacts-destination outputs/mlartifacts --out outputs/screenshots

@@ -3,8 +3,20 @@
 # pyproject.toml or constraints.txt changed. Works on a fresh machine (Python >= 3.11 and pip needed).
 #   scripts/setup.sh          the venv
 #   scripts/setup.sh images   podman and the tools images/build.sh local needs, from the machine's apt sources
+#   scripts/setup.sh screenshots   headless Chromium (Debian's package) for scripts/mlflow_screenshots.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = screenshots ]; then
+  # Debian's chromium (a browser build of its own cannot be downloaded here); fonts so the UI's text renders.
+  tools="chromium fonts-dejavu-core"
+  missing=$(for t in $tools; do dpkg-query -W -f='${Status}' "$t" 2> /dev/null | grep -q "ok installed" || echo "$t"; done)
+  [ -z "$missing" ] && exit 0
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  # shellcheck disable=SC2086  # word splitting of the package list is intended
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing > /dev/null \
+    || { echo "setup: could not install $missing (apt-get, as root)" >&2; exit 1; }
+  exit 0
+fi
 if [ "${1:-}" = images ]; then
   # podman (4.3 on bookworm) with runc (crun 1.8 fails on hybrid cgroups), buildah/skopeo, mmdebstrap for a
   # base image without a registry, uidmap for user namespaces. See ../shared/containers.md.
