@@ -128,12 +128,23 @@ def ensure_embedded_model(alias: str = EMBEDDED_MODEL) -> Path:
             gguf = embedded_gguf_path(alias, work_dir=tmp)
             converted = tmp / "model"
             _convert_gguf(gguf, converted, EMBEDDED_MODELS[alias].extra_eos_tokens)
+            _modes_per_umask(converted)
             if target.exists():
                 shutil.rmtree(target)
             converted.rename(target)  # atomic: a half-written cache entry is never visible
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # the assembled GGUF too
     return target
+
+
+def _modes_per_umask(root: Path) -> None:
+    """The cache entry gets the modes the umask gives (0755/0644 by default): safetensors writes 0640 and mkdtemp
+    0700, which locks out every other uid reading a shared cache (an image's user, a pod on a shared volume)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _convert_gguf(gguf: Path, out: Path, extra_eos_tokens: tuple[str, ...] = ()) -> None:

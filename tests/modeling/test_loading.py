@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,24 @@ def test_embedded_gemma_loads_and_generates():
         own = model(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, r.response_start - 1 : -1]
     want = own.float().log_softmax(-1).gather(-1, r.response_ids[..., None])[..., 0]
     torch.testing.assert_close(ours[r.response_mask.bool()], want[r.response_mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_a_converted_cache_entry_gets_the_umask_modes_not_mkdtemp_and_safetensors_ones(tmp_path):
+    """Another uid (an image's user 10001, a pod on a shared volume) must read the converted model: mkdtemp makes
+    0700 dirs and safetensors writes 0640 files."""
+    import os
+    import stat
+    import tempfile
+
+    entry = Path(tempfile.mkdtemp(dir=tmp_path))
+    (entry / "sub").mkdir(mode=0o700)
+    (entry / "model.safetensors").write_bytes(b"x")
+    os.chmod(entry / "model.safetensors", 0o640)
+    old = os.umask(0o022)
+    try:
+        loading._modes_per_umask(entry)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
+    assert stat.S_IMODE((entry / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((entry / "model.safetensors").stat().st_mode) == 0o644
