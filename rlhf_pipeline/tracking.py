@@ -6,6 +6,13 @@
   a run id, end_run()), so a process started later -- a worker rank, a child process, the next stage in the pod --
   would no longer see it: `stage_run` keeps a copy in `$RLHF_MLFLOW_RUN_ID` while the run is active (the active
   run's id, injected or not) and restores the environment it found when the run ends.
+- Structure: one parent run per pipeline run, one nested run per stage (`run_under`). `rlhf run` creates the
+  parent (`start_pipeline_run`, named `rlhf-pipeline <run id>`) and hands its id to every step in
+  `$RLHF_MLFLOW_PARENT_RUN_ID`. On Kubeflow, an injected `$MLFLOW_RUN_ID` that is itself a nested run (the task's
+  run, which the 2.17 plugin creates under its pipeline run) is the stage's run; an injected top-level run is the
+  parent, and the stage opens a child of it. A standalone `rlhf <stage>` run is a top-level run.
+- Also per stage run: system metrics (`system/...`, MLflow's sampler thread; it stops by itself when the server is
+  gone), the data split it read as an MLflow dataset input (`log_input`, digest = the parquet's sha256).
 - Fail fast: a configured but unreachable tracking server stops the stage within seconds, before training.
 - Off the critical path: MLflow's own HTTP limits are bounded (`BOUNDED_HTTP`, unless the environment sets them),
   and metrics are buffered: a failed log keeps them, a warning line says so, and the next log after
@@ -43,6 +50,23 @@ from rlhf_pipeline.stages import registered_name
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # what Kubeflow's MLflow plugin injects (and MLflow removes again)
 RUN_ID_COPY_ENV = "RLHF_MLFLOW_RUN_ID"  # our copy, which MLflow leaves alone
+PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"  # the pipeline run's parent run (`rlhf run` sets it for every step)
+PARENT_TAG = "mlflow.parentRunId"  # what makes a run nested (the UI draws the tree from it)
+PIPELINE_NAME = "rlhf-pipeline"
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # "false" turns the system metrics off
+# The experiment page: MLflow 3 opens an experiment without a kind on its GenAI (traces) page; this kind opens the
+# runs table. The note is the experiment's description in the UI.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "RLHF pipeline (StackLLaMA-style): Stack Exchange preference pairs -> SFT (LoRA) -> reward model (+ judge) "
+        "-> PPO and/or DPO -> evaluation against SFT.\n\n"
+        "Each pipeline run is a parent run named `rlhf-pipeline <run id>`, with one nested run per stage "
+        "(prepare-data, sft, reward, judge, ppo/dpo, evaluate). The run report (`report/report.md`, "
+        "`report/report.html`) is an artifact of the parent run; the data splits are the stage runs' dataset "
+        "inputs; the models are registered as `<prefix>-sft`, `<prefix>-reward`, `<prefix>-policy`."
+    ),
+}
 REACHABILITY_TIMEOUT_S = 5.0
 # MLflow's defaults (120 s timeout, 7 retries, backoff 2) stall a stage for ~9 minutes on a dead server.
 BOUNDED_HTTP = {
@@ -62,7 +86,8 @@ def bound_http_requests() -> None:
 
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
-    for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    # (and the system-metrics sampler's start/stop lines, on every stage)
+    for logger in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics"):
         logging.getLogger(logger).setLevel(logging.WARNING)
 
 
@@ -222,6 +247,13 @@ class StageRun:
 
         mlflow.log_table(data, artifact_file)
 
+    def log_input(self, data_dir: str | Path | None, subset: str, context: str) -> None:
+        """`<data_dir>/<subset>.parquet` as a dataset input of this run (context "training" or "evaluation"); a
+        split that is not there (an H4 input without it, a standalone test) is skipped."""
+        path = Path(data_dir or "") / f"{subset}.parquet"
+        if data_dir and path.is_file():
+            log_dataset(path, subset, context)
+
     def register(
         self,
         local_dir: str | Path,
@@ -278,6 +310,79 @@ def tqdm_write(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# MLflow stores a dataset digest in 36 characters: the sha256's first 32 hex digits; the whole one is a tag.
+DIGEST_CHARS = 32
+
+
+def log_dataset(path: Path, name: str, context: str) -> None:
+    """One parquet split as an MLflow dataset input of the active run: its schema and row count, the file as the
+    source, its sha256 as the digest (what ties a model to the exact bytes it was trained or evaluated on)."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    sha = file_sha256(path)
+    # MLflow warns that a local path "can be interpreted in multiple ways" (both are its local-file source) and that
+    # integer columns cannot hold missing values (ours hold none): neither says anything about this data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            pd.read_parquet(path),
+            source=str(path.resolve()),
+            name=name,
+            digest=sha[:DIGEST_CHARS],
+        )
+        mlflow.log_input(dataset, context=context, tags={"sha256": sha})
+
+
+def numeric_leaves(data: Any, prefix: str) -> dict[str, float]:
+    """The numbers of a nested dict as `prefix/a/b` -> float (booleans and everything else left out)."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(numeric_leaves(value, f"{prefix}/{key}"))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out[prefix] = float(data)
+    return out
+
+
+def tracking_configured() -> bool:
+    """Whether this process was told where to track (a stage without tracking flags, prepare-data, tracks only
+    then, rather than leave a ./mlflow.db wherever it runs)."""
+    return any(os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", RUN_ID_ENV, RUN_ID_COPY_ENV))
+
+
+@contextmanager
+def data_run(cfg: StageConfig) -> Iterator[StageRun | None]:
+    """prepare-data's run (None when `tracking_configured()` is false): opened before the work, so an unreachable
+    server fails in seconds; `log_prepared_data` fills it once the splits are written."""
+    if not tracking_configured():
+        yield None
+        return
+    with stage_run(cfg, "prepare_data") as run:
+        yield run
+
+
+def log_prepared_data(run: StageRun | None, output_dir: str | Path, summary: dict[str, Any]) -> None:
+    """The stats.json counts as `data/...` metrics and every split written as a dataset input (context "output":
+    this run wrote it; the stages that read a split log it again with "training" or "evaluation")."""
+    if run is None:
+        return
+    counts = {k: v for k, v in summary.items() if k not in ("config", "inputs")}
+    run.log_metrics(numeric_leaves(counts, "data"))
+    run.flush(required=True)
+    for split in sorted(Path(output_dir).glob("*.parquet")):
+        log_dataset(split, split.stem, "output")
+
+
 def injected_run_id() -> str | None:
     """The MLflow run this process belongs to, if someone else created it: `$MLFLOW_RUN_ID` (Kubeflow), else the
     copy `$RLHF_MLFLOW_RUN_ID` (kept by a parent's `stage_run`, or passed to a TrainJob's pods)."""
@@ -285,13 +390,10 @@ def injected_run_id() -> str | None:
 
 
 @contextmanager
-def _run_id_in_environment(run_id: str, injected: bool) -> Iterator[None]:
-    """While the run is active: its id in `$RLHF_MLFLOW_RUN_ID` (child processes attach to it); afterwards: the
-    environment as it was, with an injected `$MLFLOW_RUN_ID` put back after end_run() removed it."""
+def _saved_run_environment() -> Iterator[None]:
+    """Afterwards, `$MLFLOW_RUN_ID` and `$RLHF_MLFLOW_RUN_ID` as they were (an injected `$MLFLOW_RUN_ID` put back
+    after MLflow's end_run() removed it), whatever the run set in between."""
     saved = {name: os.environ.get(name) for name in (RUN_ID_ENV, RUN_ID_COPY_ENV)}
-    os.environ[RUN_ID_COPY_ENV] = run_id
-    if injected:
-        os.environ[RUN_ID_ENV] = run_id
     try:
         yield
     finally:
@@ -326,16 +428,17 @@ def _existing_run(client, run_id: str | None):
 
 @contextmanager
 def stage_run(
-    cfg: TrackingOptions,
+    cfg: StageConfig,
     stage: str,
     *,
     data_dir: str | Path | None = None,
     base_model: str | None = None,
     resume_run_id: str | None = None,
 ) -> Iterator[StageRun]:
-    """Start (or attach to) the MLflow run for `stage`; fails fast if the tracking server is unreachable.
+    """Start (or attach to) the MLflow run for `stage` (`run_plan`); fails fast if the tracking server is unreachable.
+    `cfg`: the stage's config, its TrackingOptions fields (defaults where it has none, as prepare-data).
     `resume_run_id`: the run a previous attempt of this stage run created (re-attached when the store has it)."""
-    uri = resolve_tracking_uri(cfg.tracking_uri)
+    uri = resolve_tracking_uri(_setting(cfg, "tracking_uri"))
     check_tracking_server(uri)
     bound_http_requests()
     try:
@@ -359,6 +462,96 @@ def _from_tracking(exc: BaseException) -> bool:
     return isinstance(exc, requests.exceptions.RequestException)
 
 
+def _setting(cfg, name: str):
+    """A TrackingOptions field of `cfg`, or its default for a config without tracking fields (prepare-data)."""
+    return getattr(cfg, name, TrackingOptions.model_fields[name].default)
+
+
+def default_run_name(cfg, stage: str) -> str:
+    """`--run-name`, else the step's name: the judge is the reward stage on the judge subset."""
+    if _setting(cfg, "run_name"):
+        return _setting(cfg, "run_name")
+    return "judge" if stage == "reward" and getattr(cfg, "subset", None) == "judge" else stage
+
+
+def system_metrics_enabled() -> bool:
+    """On unless `$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` says false (psutil is a dependency)."""
+    return os.environ.get(SYSTEM_METRICS_ENV, "true").strip().lower() not in ("false", "0", "no")
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment `name` (created when missing, concurrently safe), with the description and the runs-table kind
+    unless it already has its own."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):  # keep local artifacts next to the database, not in the cwd
+            db_path = Path(uri.removeprefix("sqlite:///")).resolve()  # relative to the cwd, as SQLAlchemy reads it
+            artifact_location = (db_path.parent / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+            experiment = mlflow.get_experiment_by_name(name)
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:  # an experiment made before these tags, or by hand: fill in, never overwrite
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+@dataclass
+class RunPlan:
+    """Which MLflow run a stage process logs to: `attach` to an existing run, or a new one (under `parent`)."""
+
+    attach: str | None = None
+    parent: str | None = None
+    experiment_id: str | None = None
+
+
+def run_plan(store, uri: str, resume_run_id: str | None) -> tuple[RunPlan, Any]:
+    """The run this stage process uses, and the existing run it re-attaches to (None for a new run):
+    - `$MLFLOW_RUN_ID` (Kubeflow): a nested run (the task's run) is attached to; a top-level run is the parent;
+    - `$RLHF_MLFLOW_RUN_ID` alone: the run of the stage this process belongs to (a worker rank, a TrainJob pod);
+    - `resume_run_id` (the first attempt's run, training/claim.py): re-attached when the store has it;
+    - `$RLHF_MLFLOW_PARENT_RUN_ID` (`rlhf run`): a new nested run under it, in its experiment;
+    - else a new top-level run."""
+    injected = os.environ.get(RUN_ID_ENV)
+    if injected:
+        run = _existing_run(store, injected)
+        if run is None:
+            raise UserError(f"MLFLOW_RUN_ID={injected}: no such run in {uri}")
+        if PARENT_TAG in run.data.tags or "rlhf.stage" in run.data.tags:  # a task's run, or one of our stage runs
+            return RunPlan(attach=injected), run
+        return _child_of(store, run, resume_run_id)
+    own = os.environ.get(RUN_ID_COPY_ENV)
+    if own:
+        run = _existing_run(store, own)
+        if run is None:
+            raise UserError(f"{RUN_ID_COPY_ENV}={own}: no such run in {uri}")
+        return RunPlan(attach=own), run
+    previous = _existing_run(store, resume_run_id)  # None: a fresh attempt, or the run lives in another store
+    if previous is not None:
+        return RunPlan(attach=resume_run_id), previous
+    parent_id = os.environ.get(PARENT_RUN_ENV)
+    if parent_id:
+        parent = _existing_run(store, parent_id)
+        if parent is None:
+            raise UserError(f"{PARENT_RUN_ENV}={parent_id}: no such run in {uri}")
+        return _child_of(store, parent, None)
+    return RunPlan(), None
+
+
+def _child_of(store, parent, resume_run_id: str | None) -> tuple[RunPlan, Any]:
+    """A new nested run under `parent`, or the first attempt's child of that same parent (a retry)."""
+    previous = _existing_run(store, resume_run_id)
+    if previous is not None and previous.data.tags.get(PARENT_TAG) == parent.info.run_id:
+        return RunPlan(attach=resume_run_id), previous
+    return RunPlan(parent=parent.info.run_id, experiment_id=parent.info.experiment_id), None
+
+
 @contextmanager
 def _stage_run(cfg, stage, uri, data_dir, base_model, resume_run_id) -> Iterator[StageRun]:
     import mlflow
@@ -367,63 +560,137 @@ def _stage_run(cfg, stage, uri, data_dir, base_model, resume_run_id) -> Iterator
     mlflow.set_tracking_uri(uri)
     store = MlflowClient(tracking_uri=uri)
 
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if experiment_id:
-        try:
-            store.get_experiment(experiment_id)
-        except tracking_failure_types():
-            raise UserError(f"MLFLOW_EXPERIMENT_ID={experiment_id}: no such experiment in {uri}") from None
-    else:
-        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-        if experiment is None:
-            artifact_location = None
-            if uri.startswith("sqlite:///"):  # keep local artifacts next to the database, not in the cwd
-                db_path = Path(uri.removeprefix("sqlite:///")).resolve()  # relative to the cwd, as SQLAlchemy reads it
-                artifact_location = (db_path.parent / "mlartifacts").as_uri()
-            try:
-                experiment_id = mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_location)
-            except mlflow.exceptions.MlflowException:  # created concurrently by another stage
-                experiment_id = mlflow.get_experiment_by_name(cfg.experiment_name).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-
     lineage = {
         "data_hash": data_hash(data_dir) if data_dir else "unknown",
-        "base_model": base_model or "unknown",
+        "base_model": redact(base_model or "unknown"),  # tags too: a model URL may carry a password
         "git_commit": git_commit(),
         "config_hash": cfg.config_hash(),
         "stage": stage,
     }
-    kfp_run_id = cfg.kfp_run_id or os.environ.get("KFP_RUN_ID")
+    kfp_run_id = _setting(cfg, "kfp_run_id") or os.environ.get("KFP_RUN_ID")
     if kfp_run_id:
         lineage["kfp_run_id"] = kfp_run_id
 
-    run_id = injected_run_id()
-    if run_id:  # Kubeflow created the run for this task: attach to it
-        existing = _existing_run(store, run_id)
-        if existing is None:
-            raise UserError(f"MLFLOW_RUN_ID={run_id}: no such run in {uri}")
-        active = mlflow.start_run(run_id=run_id)
-    else:
-        existing = _existing_run(store, resume_run_id)  # None: a fresh attempt, or the run lives in another store
-        if existing is not None:
-            active = mlflow.start_run(run_id=resume_run_id)
+    plan, existing = run_plan(store, uri, resume_run_id)
+    experiment_id = plan.experiment_id or os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if plan.attach is None and experiment_id is None:
+        experiment_id = ensure_experiment(_setting(cfg, "experiment_name"), uri)
+    elif plan.attach is None and plan.parent is None:
+        try:
+            store.get_experiment(experiment_id)
+        except tracking_failure_types():
+            raise UserError(f"MLFLOW_EXPERIMENT_ID={experiment_id}: no such experiment in {uri}") from None
+
+    with _saved_run_environment():
+        os.environ.pop(RUN_ID_ENV, None)  # start_run() would resume the run it names instead of the planned one
+        tags = {f"rlhf.{k}": v for k, v in lineage.items()}  # at creation: a child process sees a stage run
+        system_metrics = system_metrics_enabled()
+        if plan.attach is not None:
+            active = mlflow.start_run(run_id=plan.attach, tags=tags, log_system_metrics=system_metrics)
         else:
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or stage)
-    with _run_id_in_environment(active.info.run_id, injected=bool(run_id)), active as run:
-        mlflow.set_tags({f"rlhf.{k}": v for k, v in lineage.items()})
-        params = _flat_params(stage, cfg.to_flat_dict())
-        held = existing.data.params if existing is not None else {}
-        # MLflow refuses to change a param: a retry keeps the first attempt's (identity fields cannot differ)
-        mlflow.log_params({k: v for k, v in params.items() if k not in held})
-        yield StageRun(
-            stage=stage,
-            run_id=run.info.run_id,
-            prefix=cfg.registered_model_prefix,
-            register_enabled=cfg.register_model,
-            lineage=lineage,
-            logged_steps=_already_logged(store, existing) if existing is not None else {},
+            active = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=default_run_name(cfg, stage),
+                parent_run_id=plan.parent,
+                tags=tags,
+                log_system_metrics=system_metrics,
+            )
+        # processes started during the run (worker ranks, children) attach to it, under both names
+        os.environ[RUN_ID_COPY_ENV] = os.environ[RUN_ID_ENV] = active.info.run_id
+        with active as run:
+            params = _flat_params(stage, cfg.to_flat_dict())
+            held = existing.data.params if existing is not None else {}
+            # MLflow refuses to change a param: a retry keeps the first attempt's (identity fields cannot differ)
+            mlflow.log_params({k: v for k, v in params.items() if k not in held})
+            yield StageRun(
+                stage=stage,
+                run_id=run.info.run_id,
+                prefix=_setting(cfg, "registered_model_prefix"),
+                register_enabled=_setting(cfg, "register_model"),
+                lineage=lineage,
+                logged_steps=_already_logged(store, existing) if existing is not None else {},
+            )
+
+
+@dataclass
+class PipelineRun:
+    """The parent run of one pipeline run (`rlhf run`); the stage runs nest under it."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
+
+    def ui_url(self) -> str:
+        """The parent run's page in the MLflow UI: the tracking server's own, else a local `mlflow ui` (port 5000)."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        base = "http://127.0.0.1:5000"
+        if is_http_url(self.uri):
+            parts = urlsplit(self.uri)
+            base = urlunsplit(
+                (
+                    parts.scheme,
+                    parts.hostname + (f":{parts.port}" if parts.port else ""),
+                    parts.path.rstrip("/"),
+                    "",
+                    "",
+                )
+            )
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def pipeline_run_name(kfp_run_id: str) -> str:
+    """`rlhf-pipeline <run id>`; kfp.local's ids already start with the pipeline's name, which is not repeated."""
+    return f"{PIPELINE_NAME} {kfp_run_id.removeprefix(PIPELINE_NAME + '-')}"
+
+
+def start_pipeline_run(
+    tracking_uri: str, experiment_name: str, run_name: str, params: dict[str, Any] | None = None
+) -> PipelineRun:
+    """Create the parent run (status RUNNING) in `experiment_name`; its id goes to the steps in `$PARENT_RUN_ENV`.
+    Nothing is made active in this process: the steps are other processes."""
+    import mlflow
+
+    c = client(tracking_uri)
+    uri = c.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = ensure_experiment(experiment_name, uri)
+        run = c.create_run(
+            experiment_id, run_name=run_name, tags={"rlhf.pipeline": PIPELINE_NAME, "rlhf.git_commit": git_commit()}
         )
+        for key, value in _flat_params("pipeline", params or {}).items():
+            c.log_param(run.info.run_id, key, value)
+    except tracking_failure_types() as exc:
+        raise UserError(f"MLflow tracking {redact(uri)}: {first_line(exc)}") from None
+    return PipelineRun(uri=uri, experiment_id=experiment_id, run_id=run.info.run_id)
+
+
+def finish_pipeline_run(
+    run: PipelineRun,
+    *,
+    succeeded: bool,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    artifacts: list[Path] = (),
+) -> None:
+    """End the parent run (FINISHED or FAILED), renamed once the pipeline's run id is known, with `artifacts` (the
+    report) under `report/`. Best effort on failure: a tracking error here is one warning line, the pipeline's own
+    outcome is what the caller reports."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=run.uri, registry_uri=run.uri)
+    try:
+        for path in artifacts:
+            if Path(path).is_file():
+                c.log_artifact(run.run_id, str(path), "report")
+        for key, value in (tags or {}).items():
+            c.set_tag(run.run_id, key, value)
+        if run_name:
+            c.update_run(run.run_id, name=run_name)
+        c.set_terminated(run.run_id, "FINISHED" if succeeded else "FAILED")
+    except tracking_failure_types() as exc:
+        tqdm_write(f"MLflow: closing the pipeline run {run.run_id} failed ({first_line(exc)})")
 
 
 def client(tracking_uri: str | None = None):

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline import tracking
 from rlhf_pipeline.data.config import PrepareDataConfig
 from rlhf_pipeline.data.inputs import (
     POSTS_XML,
@@ -46,7 +47,15 @@ from rlhf_pipeline.results import StageResult
 
 
 def run_prepare_data(cfg: PrepareDataConfig) -> StageResult:
-    """Run the stage; its metrics are the stats summary that is also written to <output>/stats.json."""
+    """Run the stage; its metrics are the stats summary that is also written to <output>/stats.json. Tracked in
+    MLflow (the counts as `data/` metrics, every split as a dataset input) when a tracking URI or run is set."""
+    with tracking.data_run(cfg) as run:
+        result = _prepare_data(cfg)
+        tracking.log_prepared_data(run, result.output, result.metrics)
+    return result
+
+
+def _prepare_data(cfg: PrepareDataConfig) -> StageResult:
     inputs = discover_inputs(cfg.input, cfg.site)
     output_dir = Path(cfg.output)
     if output_dir.exists() and not output_dir.is_dir():

@@ -175,6 +175,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run,
         tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp,
     ):
+        run.log_input(cfg.data, "evaluation", "evaluation")
         check_policy_versions(specs, cfg.policy_model_uri)  # before any generation: tag only the producing run's
         refs = [resolve_policy(name, spec, Path(tmp)) for name, spec in specs.items()]
         if cfg.policy_model_uri and refs:

@@ -10,6 +10,10 @@ Every step runs the same component code as on Kubeflow, each in its own Python p
     logs/<run>.log            everything the steps printed
     report.md, report.html    the final report of the latest run
 
+MLflow: one parent run per `rlhf run` (`rlhf-pipeline <kfp run id>`, created before the first step, its id passed to
+every step in `$RLHF_MLFLOW_PARENT_RUN_ID` with the store in `$MLFLOW_TRACKING_URI`), each step's run nested under it,
+the report logged to it at the end, and its page in the MLflow UI printed.
+
 This module drives kfp.local and sets up the steps' environment; the configuration is run_config.py, the
 progress on the console run_console.py, the final summary run_summary.py, the flags cli/run.py.
 """
@@ -26,6 +30,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline import tracking
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.loading import EMBEDDED_MODEL
 from rlhf_pipeline.orchestration.run_config import LocalRunConfig, validate_stage_options
@@ -34,12 +39,13 @@ from rlhf_pipeline.orchestration.run_summary import collect_summary
 
 
 @contextmanager
-def step_environment(cfg: LocalRunConfig) -> Iterator[None]:
-    """Environment of the step processes: no inherited MLflow run/experiment, quiet libraries."""
+def step_environment(cfg: LocalRunConfig, parent_run_id: str | None = None) -> Iterator[None]:
+    """Environment of the step processes: no inherited MLflow run/experiment, this run's store and parent run,
+    quiet libraries."""
     saved = dict(os.environ)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI"):
+    for var in ("MLFLOW_RUN_ID", "RLHF_MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
-    for var, value in step_variables(cfg).items():
+    for var, value in step_variables(cfg, parent_run_id).items():
         os.environ.setdefault(var, value)
     os.environ["PYTHONUNBUFFERED"] = "1"
     try:
@@ -49,15 +55,19 @@ def step_environment(cfg: LocalRunConfig) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def step_variables(cfg: LocalRunConfig) -> dict[str, str]:
-    """What the steps' environment adds: quiet libraries, unbuffered output, the thread count (also passed into
-    the containers of `--runner docker`, which inherit nothing from this process)."""
+def step_variables(cfg: LocalRunConfig, parent_run_id: str | None = None) -> dict[str, str]:
+    """What the steps' environment adds: quiet libraries, unbuffered output, the thread count, the MLflow parent
+    run and its store (prepare-data has no tracking parameter: it reads them here) -- also passed into the
+    containers of `--runner docker`, which inherit nothing from this process."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONWARNINGS": "ignore",
         "PYTHONUNBUFFERED": "1",
     }
+    if parent_run_id:
+        env[tracking.PARENT_RUN_ENV] = parent_run_id
+        env["MLFLOW_TRACKING_URI"] = cfg.tracking()
     if cfg.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.num_threads)
     return env
@@ -118,15 +128,59 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False, console=None) -> di
     if cfg.model == EMBEDDED_MODEL:
         ensure_model_cache(console, timer)
 
-    failure = run_pipeline(cfg, work_root, pipeline_root, timer, log_path, verbose, console)
+    parent = start_parent_run(cfg, inp)
+    try:
+        failure = run_pipeline(cfg, work_root, pipeline_root, timer, log_path, verbose, console, parent.run_id)
+    except BaseException:  # interrupted: the parent run must not stay RUNNING
+        finish_parent_run(parent, latest_run_dir(work_root), succeeded=False)
+        raise
     total = time.monotonic() - t0
+    run_dir = latest_run_dir(work_root)
     if failure:
+        finish_parent_run(parent, run_dir, succeeded=False)
         raise step_failure(failure, timer, log_path, console)
 
-    runs = sorted(work_root.iterdir(), key=lambda p: p.stat().st_mtime)
-    if runs:
-        (runs[-1] / FINISHED_MARK).touch()
-    return collect_summary(cfg, out, runs[-1] if runs else None, pipeline_root, timer, total, log_path)
+    if run_dir is not None:
+        (run_dir / FINISHED_MARK).touch()
+    summary = collect_summary(cfg, out, run_dir, pipeline_root, timer, total, log_path)
+    report = [Path(summary[k]) for k in ("report_md", "report_html") if summary.get(k)]
+    if (out / "frontier.png").is_file() and report:  # report.md embeds it
+        report.append(out / "frontier.png")
+    finish_parent_run(parent, run_dir, succeeded=True, artifacts=report)
+    summary["mlflow_run_url"] = parent.ui_url()
+    summary["mlflow_parent_run_id"] = parent.run_id
+    return summary
+
+
+def latest_run_dir(work_root: Path) -> Path | None:
+    """This run's work dir (kfp.local names it after the run's id): the newest one."""
+    runs = sorted((p for p in work_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def start_parent_run(cfg: LocalRunConfig, inp: Path) -> tracking.PipelineRun:
+    """The MLflow parent run of this pipeline run, named by time until kfp.local has given the run its id."""
+    return tracking.start_pipeline_run(
+        cfg.tracking(),
+        cfg.experiment_name,
+        f"{tracking.PIPELINE_NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        {"alignment": cfg.alignment, "model": cfg.model, "input": str(inp), "runner": cfg.runner},
+    )
+
+
+def finish_parent_run(
+    parent: tracking.PipelineRun, run_dir: Path | None, *, succeeded: bool, artifacts: list[Path] = ()
+) -> None:
+    """Close the parent run, named `rlhf-pipeline <kfp run id>` (the work dir's name: what the stage runs and the
+    registered versions carry as kfp_run_id)."""
+    kfp_run_id = run_dir.name if run_dir is not None else None
+    tracking.finish_pipeline_run(
+        parent,
+        succeeded=succeeded,
+        run_name=tracking.pipeline_run_name(kfp_run_id) if kfp_run_id else None,
+        tags={"rlhf.kfp_run_id": kfp_run_id} if kfp_run_id else None,
+        artifacts=artifacts,
+    )
 
 
 FINISHED_MARK = ".finished"  # written into a run's work dir once the whole pipeline succeeded
@@ -162,7 +216,14 @@ def ensure_model_cache(console, timer: StepTimer) -> None:
 
 
 def run_pipeline(
-    cfg: LocalRunConfig, work_root: Path, pipeline_root: Path, timer: StepTimer, log_path: Path, verbose: bool, console
+    cfg: LocalRunConfig,
+    work_root: Path,
+    pipeline_root: Path,
+    timer: StepTimer,
+    log_path: Path,
+    verbose: bool,
+    console,
+    parent_run_id: str | None = None,
 ) -> str | None:
     """The kfp.local run itself, its output teed into the log and the timer; the failure message, if any."""
     from kfp import local
@@ -171,11 +232,11 @@ def run_pipeline(
     if cfg.runner == "docker":  # every step in its own image (orchestration/docker_runner.py)
         from rlhf_pipeline.orchestration.docker_runner import docker_runner
 
-        runner = docker_runner(pipeline_root, cfg.input_path(), step_variables(cfg), cfg.tracking())
+        runner = docker_runner(pipeline_root, cfg.input_path(), step_variables(cfg, parent_run_id), cfg.tracking())
     else:
         runner = nullcontext(local.SubprocessRunner(use_venv=False))
     args = pipeline_arguments(cfg, work_root)
-    with step_environment(cfg), warnings.catch_warnings(), runner as kfp_runner:
+    with step_environment(cfg, parent_run_id), warnings.catch_warnings(), runner as kfp_runner:
         from pipelines.rlhf_pipeline import build_pipeline  # after the runner: it points at the local images
 
         pipeline = build_pipeline(None)

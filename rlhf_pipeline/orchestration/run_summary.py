@@ -171,9 +171,25 @@ def print_summary(summary: dict[str, Any], console) -> None:
             )
             t.add_row(v["name"], v["version"], ",".join(v["aliases"]), lineage)
         console.print(t)
-    uri = summary["tracking_uri"]
-    console.print(f"MLflow UI:  [bold]mlflow ui --backend-store-uri {uri}[/]")
+    for label, text in mlflow_ui_lines(summary):
+        console.print(f"{label:<11} [bold]{text}[/]")
     if summary.get("report_md"):
         console.print(f"Report:     {summary['report_md']}  ({summary.get('report_html', '')})")
     console.print(f"Outputs:    {summary['work_dir']}")
     console.print(f"Log:        {summary['log']}")
+
+
+def mlflow_ui_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where to look in MLflow: the parent run's page and, for a local store, the command that serves it (this
+    interpreter's `-m mlflow`: the venv's `mlflow` script is not on PATH unless the venv is activated)."""
+    import shlex
+    import sys
+
+    lines = []
+    uri = summary["tracking_uri"]
+    if not uri.startswith(("http://", "https://")):
+        command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", "5000"]
+        lines.append(("MLflow UI:", shlex.join(command)))
+    if summary.get("mlflow_run_url"):
+        lines.append(("MLflow run:", summary["mlflow_run_url"]))
+    return lines

@@ -108,6 +108,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
         tracked_run(cfg, "ppo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run,
         PreemptionGuard() as guard,
     ):
+        run.log_input(cfg.data, "rl", "training")
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
         base = load_causal_lm(

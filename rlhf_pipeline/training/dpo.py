@@ -185,6 +185,7 @@ def run_dpo(cfg: DPOConfig, *, on_step=None) -> StageResult:
     accelerator = build_accelerator(cfg)
 
     with tracked_run(cfg, "dpo", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        run.log_input(cfg.data, "reward", "training")
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_pairs, dropped = tokenize_preference_pairs(tokenizer, train_rows, cfg.prompt_template, cfg.max_length)

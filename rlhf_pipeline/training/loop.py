@@ -210,6 +210,9 @@ class _NoTracking:
         self.run_id = run_id
         self.registered: list = []  # per instance: nothing a rank appends here leaks into another run
 
+    def log_input(self, data_dir, subset: str, context: str) -> None:
+        pass
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
 

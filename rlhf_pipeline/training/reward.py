@@ -152,6 +152,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
     with loop.tracked_run(cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        run.log_input(cfg.data, cfg.subset, "training")
         rows = read_subset(cfg.data, cfg.subset)
         train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction)
         loop.set_seed(cfg.seed)  # also makes the fresh score head's initialisation reproducible
@@ -287,6 +288,7 @@ def evaluate_reward_model(cfg: RewardConfig) -> StageResult:
     eval_cfg = cfg.model_copy(update={"run_name": cfg.run_name or "reward-evaluate"})
     with loop.tracked_run(eval_cfg, "reward", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
         rows, subset = _eval_rows(cfg)
+        run.log_input(cfg.data, subset, "evaluation")
         rows = limit(rows, cfg.max_eval_samples, cfg.seed)
         local = _local_reward_model(cfg.model, Path(cfg.output) / "downloaded-model")
         model, tokenizer = load_reward_model(cfg.model_copy(update={"model": local}), str(accelerator.device))

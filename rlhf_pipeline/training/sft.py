@@ -115,6 +115,7 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
     accelerator = loop.build_accelerator(cfg)
     # Enter the MLflow run first: an unreachable tracking server must fail before any model is loaded.
     with loop.tracked_run(cfg, "sft", accelerator, data_dir=cfg.data, base_model=cfg.model) as run:
+        run.log_input(cfg.data, "finetune", "training")
         rows = read_subset(cfg.data, "finetune")
         train_rows, eval_rows = split_by_question(rows, cfg.eval_fraction)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

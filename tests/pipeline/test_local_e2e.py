@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_pipeline import tracking
 from rlhf_pipeline.orchestration import local_run, run_config
 
 pytestmark = pytest.mark.slow
@@ -126,12 +127,23 @@ def test_kubeflow_metrics_were_logged(ppo_run):
 def test_mlflow_runs_hold_metrics(ppo_run):
     from mlflow.tracking import MlflowClient
 
-    cfg, _, _ = ppo_run
+    cfg, _, summary = ppo_run
     client = MlflowClient(tracking_uri=cfg.tracking())
     exp = client.get_experiment_by_name(cfg.experiment_name)
     runs = client.search_runs([exp.experiment_id])
+    # one parent run for the pipeline run, every step's run nested under it (prepare-data's too), the report on it
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name == tracking.pipeline_run_name(summary["run"]) and parent.info.status == "FINISHED"
+    assert summary["mlflow_run_url"].endswith(f"/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1
+    assert sorted(r.info.run_name for r in children) == ["evaluate", "judge", "ppo", "prepare_data", "reward", "sft"]
     by_stage = {r.data.tags.get("rlhf.stage"): r for r in runs}
-    assert {"sft", "reward", "ppo", "evaluate"} <= set(by_stage)
+    assert {"prepare_data", "sft", "reward", "ppo", "evaluate"} <= set(by_stage)
+    assert by_stage["prepare_data"].data.metrics["data/pairs_per_subset/finetune"] == 48
+    inputs = {d.dataset.name for d in client.get_run(by_stage["sft"].info.run_id).inputs.dataset_inputs}
+    assert inputs == {"finetune"}
     assert any(k.startswith("sft/") for k in by_stage["sft"].data.metrics)
     assert "rm/accuracy" in by_stage["reward"].data.metrics
     assert any(k.startswith("ppo/") for k in by_stage["ppo"].data.metrics)

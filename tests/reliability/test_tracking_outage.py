@@ -111,3 +111,36 @@ def test_a_long_outage_stops_the_stage_with_one_line(server, monkeypatch):
                 run.log_metrics({"sft/loss": float(step)}, step=step)
                 time.sleep(0.2)
     assert time.monotonic() - began < 60
+
+
+def _sampler_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]
+
+
+def test_the_system_metrics_sampler_neither_hangs_nor_crashes_a_stage_in_an_outage(server, monkeypatch, capsys):
+    """Stage runs sample system metrics (MLflow's sampler thread): with the server killed mid-run the sampler
+    stops by itself within seconds, the stage's own metrics are still buffered and sent, the run ends normally."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 0.0)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = TrackingOptions(tracking_uri=server.uri, experiment_name="outage")
+    with stage_run(cfg, "sft") as run:
+        run.log_metrics({"sft/loss": 1.0}, step=1)
+        time.sleep(1.0)  # a few samples (MLflow batches them: they reach the server at the latest when the run ends)
+        assert _sampler_threads()
+        server.kill()
+        run.log_metrics({"sft/loss": 2.0}, step=2)
+        deadline = time.monotonic() + 30
+        while _sampler_threads():  # it gives up on a dead server (one warning line), it does not spin or raise
+            assert time.monotonic() < deadline, "the sampler thread outlived the server by 30 s"
+            time.sleep(0.2)
+        server.start()
+        run.log_metrics({"sft/loss": 3.0}, step=3)
+        assert run.pending == []
+    history = MlflowClient(tracking_uri=server.uri).get_metric_history(run.run_id, "sft/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    finished = MlflowClient(tracking_uri=server.uri).get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and "system/cpu_utilization_percentage" in finished.data.metrics

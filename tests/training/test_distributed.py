@@ -115,10 +115,12 @@ def test_sft_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path
     )
     from mlflow.tracking import MlflowClient
 
-    # The run Kubeflow's MLflow plugin would have created for the task, injected as MLFLOW_RUN_ID.
+    # The run Kubeflow's MLflow plugin would have created for the task (nested under its pipeline run), injected as
+    # MLFLOW_RUN_ID.
     client = MlflowClient(mlflow_sqlite)
     experiment = client.create_experiment("kfp")
-    injected = client.create_run(experiment).info.run_id
+    pipeline = client.create_run(experiment).info.run_id
+    injected = client.create_run(experiment, tags={"mlflow.parentRunId": pipeline}).info.run_id
     proc = launch("sft", args, mlflow_sqlite, env={"MLFLOW_RUN_ID": injected, "MLFLOW_EXPERIMENT_ID": experiment})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -129,7 +131,8 @@ def test_sft_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
 
     client, runs = mlflow_runs(mlflow_sqlite)
-    assert [r.info.run_id for r in runs] == [injected]  # tracked by the main process only, in the injected run
+    # tracked by the main process only, in the injected run
+    assert [r.info.run_id for r in runs if r.info.run_id != pipeline] == [injected]
     assert [r["run_id"] for r in saved["registered"]] == [injected]
     assert len(client.get_metric_history(injected, "sft/loss")) == 4
     assert [str(v.version) for v in client.search_model_versions("name='rlhf-sft'")] == ["1"]
@@ -144,7 +147,8 @@ def test_the_injected_run_id_reaches_child_processes_and_the_next_stage(mlflow_s
 
     client = MlflowClient(mlflow_sqlite)
     experiment = client.create_experiment("kfp")
-    injected = client.create_run(experiment).info.run_id
+    pipeline = client.create_run(experiment).info.run_id  # the task's run is nested under it, as the plugin does
+    injected = client.create_run(experiment, tags={"mlflow.parentRunId": pipeline}).info.run_id
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
     monkeypatch.setenv("MLFLOW_RUN_ID", injected)
     monkeypatch.delenv(RUN_ID_COPY_ENV, raising=False)
