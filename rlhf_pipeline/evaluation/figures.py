@@ -24,6 +24,7 @@ def reward_distributions_figure(scores: dict[str, dict[str, list[float] | None]]
     same bins for every model so the bars compare. `scores`: model -> {"proxy": [...], "judge": [...] or None}."""
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     scorers = [s for s in ("proxy", "judge") if any(v.get(s) for v in scores.values())]
     fig = Figure(figsize=(5.5 * len(scorers), 3.6), layout="constrained")
@@ -36,6 +37,7 @@ def reward_distributions_figure(scores: dict[str, dict[str, list[float] | None]]
         ax.set_title(f"{scorer} reward per answer")
         ax.set_xlabel("normalized reward")
         ax.set_ylabel("answers")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
         ax.legend(fontsize="small")
     fig.suptitle("Reward distributions: SFT vs policies")
     return fig

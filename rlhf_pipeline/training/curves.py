@@ -38,6 +38,7 @@ STAGE_CURVES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 def curves_figure(title: str, panels: list[tuple[str, dict[str, Series]]]) -> Figure:
     """One axes per panel (in a grid of up to 3 columns), one line per metric (x = step), its key as the label."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
@@ -49,6 +50,7 @@ def curves_figure(title: str, panels: list[tuple[str, dict[str, Series]]]) -> Fi
             ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
         ax.set_title(panel_title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(panels) :]:
