@@ -37,6 +37,7 @@ def report(
         num_samples: Sample generations shown in the report.
         alias: Alias pointed at the policy version (`rlhf promote` gates it later).
     """
+    from rlhf_pipeline.ops.gates import verdict
     from rlhf_pipeline.orchestration import report as rep
 
     rep.run_report_step(
@@ -54,4 +55,5 @@ def report(
         kfp_run_id=kfp_run_id,
         num_samples=num_samples,
         alias=alias,
+        check_gates=verdict,
     )

@@ -43,7 +43,9 @@ class LazyGroup(click.Group):
 
         stage = STAGES.get(name.replace("-", "_"))
         if stage is not None and stage.command == name:
-            return stage_command(name, stage.config_class(), stage.run_function(), help=stage.help)
+            # a stage that registers no model (evaluate, prepare-data) offers no --register-model
+            omit = () if stage.registers else ("register_model",)
+            return stage_command(name, stage.config_class(), stage.run_function(), help=stage.help, omit=omit)
         if name not in TOOL_COMMANDS:
             return None
         target, _ = TOOL_COMMANDS[name]

@@ -93,7 +93,20 @@ def run_command(
         return 0
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
     summary = run_local(cfg, verbose=verbose, console=console)
+    summary["gates"] = challenger_gates(cfg, summary)
     print_summary(summary, console)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def challenger_gates(cfg, summary: dict) -> dict | None:
+    """The promotion gates' verdict (`rlhf promote` with the default gates, nothing changed) on the version the
+    run pointed `challenger` at; None when the run registered none."""
+    from rlhf_pipeline import tracking
+    from rlhf_pipeline.ops.gates import verdict
+
+    found = [v for v in summary.get("registered", []) if "challenger" in v.get("aliases", [])]
+    if not found:
+        return None
+    return verdict(tracking.client(cfg.tracking()), found[-1]["name"], found[-1]["version"])

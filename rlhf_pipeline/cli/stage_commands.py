@@ -80,13 +80,16 @@ def _help_text(field: Any) -> str:
     return f"{field.description or ''} [default: {default}]"
 
 
-def config_options(config_cls: type[StageConfig]) -> list[click.Option]:
-    """One click option per config field; defaults stay None so only flags actually given override.
+def config_options(config_cls: type[StageConfig], omit: tuple[str, ...] = ()) -> list[click.Option]:
+    """One click option per config field (but the `omit` ones); defaults stay None so only flags actually given
+    override.
 
     Required fields are shown as [required] but not enforced by click: a recipe (`--config`) may supply them, and
     StageConfig.load reports a missing one in one line naming the flag."""
     options = []
     for name, field in config_cls.model_fields.items():
+        if name in omit:
+            continue
         ann = _unwrap_optional(field.annotation)
         help_ = _help_text(field)
         if ann is bool:
@@ -119,8 +122,10 @@ def stage_command(
     run: Callable[[Any], Any],
     help: str,
     extra_options: list[click.Option] | None = None,
+    omit: tuple[str, ...] = (),
 ) -> click.Command:
-    """A click command whose options are `config_cls`'s fields, plus --config and --print-config.
+    """A click command whose options are `config_cls`'s fields (less `omit`: fields that mean nothing for this
+    command), plus --config and --print-config.
 
     `run(config)` does the work; if it returns a dict, it is printed as JSON on stdout (the stage summary).
     """
@@ -160,7 +165,7 @@ def stage_command(
         click.Option(
             ["--print-config"], is_flag=True, default=False, help="Print the resolved configuration and exit."
         ),
-        *config_options(config_cls),
+        *config_options(config_cls, omit),
         *(extra_options or []),
     ]
     return click.Command(name, callback=callback, params=params, help=help, context_settings={"max_content_width": 110})

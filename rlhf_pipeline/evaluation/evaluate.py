@@ -13,7 +13,8 @@ judge win-rate with its 95 % Wilson interval (ties half) and length-controlled; 
 Policies named `<family>:<tag>` (e.g. `ppo:step-10`) are checkpoints: frontier points, never the challenger.
 The challenger is the policy (no ':') with the highest judge win-rate vs SFT (proxy win-rate without a judge),
 the lower KL on a tie. Writes `<output>/metrics.json`, `generations.jsonl`, `report.md` and `frontier.png`, logs
-`eval/<name>/...` and `eval/best_of_n/<n>/...` to MLflow with a side-by-side table and the plot, and tags each
+`eval/models/<column>` (step = model index, SFT 0) and `eval/best_of_n/<column>` (step = n) to MLflow, with a
+side-by-side table, the frontier, the reward distributions and the comparison figure, and tags each
 registered policy version with the gate values `rlhf promote` reads (`eval/reward_mean`, `eval/win_rate`,
 `eval/kl`, `eval/judge_win_rate`, and `rm/accuracy` from the reward model's metrics.json).
 """
@@ -155,6 +156,28 @@ def choose_challenger(models: dict[str, dict[str, Any]]) -> str | None:
     return max(candidates, key=lambda name: (models[name][key], -models[name]["kl"]))
 
 
+def log_compared_metrics(run, models: dict[str, dict[str, Any]], best_of_n: list[dict[str, float]]) -> None:
+    """MLflow metrics that compare: `eval/models/<column>` with step = the model's index (0 = SFT; the index ->
+    name map is `eval/models.json`), so SFT and every policy are points of ONE chart per column; best-of-n as
+    `eval/best_of_n/<column>` with step = n (a curve). metrics.json keeps the flat `eval/<model>/<column>` names."""
+    run.log_dict({str(i): name for i, name in enumerate(models)}, "eval/models.json")
+    for index, m in enumerate(models.values()):
+        run.log_metrics({f"eval/models/{k}": v for k, v in m.items() if v is not None}, step=index)
+    for r in best_of_n:
+        run.log_metrics({f"eval/best_of_n/{k}": v for k, v in r.items() if k != "n"}, step=int(r["n"]))
+
+
+def log_figures(models: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
+    """The two figures of the stage's run: every model's reward distributions and the side-by-side bars."""
+    import mlflow
+
+    from rlhf_pipeline.evaluation.figures import comparison_figure, reward_distributions_figure
+
+    scores = {name: {"proxy": r["scores"], "judge": r["judge"]} for name, r in results.items()}
+    mlflow.log_figure(reward_distributions_figure(scores), "eval/reward_distributions.png")
+    mlflow.log_figure(comparison_figure(models), "eval/comparison.png")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import tempfile
 
@@ -257,9 +280,11 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
         mlflow.log_artifact(str(out / "frontier.png"), "eval")  # the stage's run is the active one
 
+        log_figures(summary_models, results)
+
         flat = {f"eval/{name}/{k}": v for name, m in summary_models.items() for k, v in m.items() if v is not None}
         flat.update({f"eval/best_of_n/{int(r['n'])}/{k}": v for r in best_of_n for k, v in r.items() if k != "n"})
-        run.log_metrics(flat)
+        log_compared_metrics(run, summary_models, best_of_n)
         table: dict[str, list] = {"question": questions}
         for name, r in results.items():
             table[f"{name}_response"] = r["responses"]

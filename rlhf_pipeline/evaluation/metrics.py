@@ -39,6 +39,7 @@ def summarize(r: dict, sft: dict) -> dict[str, float | None]:
                                           interval (by the chain rule its mean is the sequence KL)
       kl_seq, kl_seq_low, kl_seq_high     mean of summed token log-ratios (the sampled estimator; needs sampling)
       response_length                     answer tokens, mean
+      n, judge_wins / _ties / _losses     questions, and the judge's per-question outcomes vs SFT (counts)
     """
     from rlhf_pipeline.evaluation.statistics import length_controlled, mean_ci, outcomes, win_rate_ci
 
@@ -55,15 +56,20 @@ def summarize(r: dict, sft: dict) -> dict[str, float | None]:
         "kl_seq_high": kl_seq.high,
         "kl_logratio": kl_seq.value,  # the earlier name of kl_seq
         "response_length": sum(r["lengths"]) / n,
+        "n": n,
     }
     if r.get("judge") is not None:
         judged = win_rate_ci(r["judge"], sft["judge"])
+        per_question = outcomes(r["judge"], sft["judge"])
         diff = [a - b for a, b in zip(r["lengths"], sft["lengths"])]
         out.update(
             judge_reward_mean=sum(r["judge"]) / n,
             judge_win_rate=judged.value,
             judge_win_low=judged.low,
             judge_win_high=judged.high,
-            judge_win_rate_lc=length_controlled(outcomes(r["judge"], sft["judge"]), diff),
+            judge_win_rate_lc=length_controlled(per_question, diff),
+            judge_wins=per_question.count(1.0),
+            judge_ties=per_question.count(0.5),
+            judge_losses=per_question.count(0.0),
         )
     return out

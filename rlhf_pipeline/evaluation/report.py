@@ -18,6 +18,28 @@ def _judge_cell(m: dict) -> str:
     return f"{m['judge_win_rate']:.3f} [{m['judge_win_low']:.3f}, {m['judge_win_high']:.3f}]"
 
 
+def did_it_help(models: dict[str, dict[str, Any]], challenger: str | None) -> list[str]:
+    """The opening lines: each policy next to SFT by the judge (the proxy without one): win-rate with its 95 %
+    interval, n questions and wins / ties / losses."""
+    lines = []
+    for name, m in models.items():
+        if name == "sft":
+            continue
+        mark = " (challenger)" if name == challenger else ""
+        if "judge_win_rate" in m:
+            lines.append(
+                f"- **{inline(name)}**{mark} vs SFT, judged on {m['n']} questions: win-rate {_judge_cell(m)}, "
+                f"{m['judge_wins']} wins / {m['judge_ties']} ties / {m['judge_losses']} losses "
+                f"(proxy win-rate {m['win_rate']:.3f}, KL {m['kl']:.3f})"
+            )
+        else:
+            lines.append(
+                f"- **{inline(name)}**{mark} vs SFT on {m['n']} questions: proxy win-rate {m['win_rate']:.3f} "
+                f"(no judge), KL {m['kl']:.3f}"
+            )
+    return ["## Did it help?", "", *lines, ""] if lines else []
+
+
 def report_markdown(
     models: dict[str, dict[str, Any]],
     questions: list[str],
@@ -33,6 +55,7 @@ def report_markdown(
     lines = [
         "# Evaluation: SFT vs aligned policies",
         "",
+        *did_it_help(models, challenger),
         f"{len(questions)} held-out questions, {decoding} decoding, at most {cfg.max_new_tokens} new tokens. "
         "Proxy = the reward model PPO optimized"
         + (f" (pairwise accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else "")

@@ -118,3 +118,29 @@ def evaluate_gates(client, candidate, champion, gates: Gates) -> list[GateResult
                 )
             )
     return results
+
+
+def dry_run(client, name: str, version: str, gates_path: str | Path = DEFAULT_GATES) -> list[GateResult]:
+    """What `rlhf promote` would decide for version `version` of `name` now (against the current `champion`
+    alias, if any), changing nothing: the verdict the run summary and the report print."""
+    from mlflow.exceptions import MlflowException
+
+    candidate = client.get_model_version(name, str(version))
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:  # no champion yet
+        champion = None
+    if champion is not None and str(champion.version) == str(candidate.version):
+        champion = None  # already the champion: nothing to beat
+    return evaluate_gates(client, candidate, champion, Gates.load(gates_path))
+
+
+def verdict(client, name: str, version: str, gates_path: str | Path = DEFAULT_GATES) -> dict:
+    """dry_run as plain data (summary.json, the report): the version, the gates file and one row per gate
+    (gate, value, op, threshold, passed, source)."""
+    rows = [
+        {"gate": r.gate, "value": r.value, "op": r.op, "threshold": r.threshold, "passed": r.passed, "source": r.source}
+        for r in dry_run(client, name, version, gates_path)
+    ]
+    shown = f"ops/{DEFAULT_GATES.name}" if Path(gates_path) == DEFAULT_GATES else str(gates_path)
+    return {"model": name, "version": str(version), "gates_file": shown, "results": rows}

@@ -11,6 +11,7 @@ from typing import Any
 from rlhf_pipeline import tracking
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.evaluation.markdown_safe import inline
+from rlhf_pipeline.orchestration.headline import gate_line, headline_rows
 from rlhf_pipeline.orchestration.mlflow_filter import equals
 
 CHALLENGER = "challenger"
@@ -96,12 +97,15 @@ def render_markdown(
     versions: list[dict[str, Any]],
     generations: list[dict[str, Any]],
     extra: str = "",
+    gates: dict[str, Any] | None = None,
+    challenger: str | None = None,
 ) -> str:
     lines = [
         f"# {title}",
         "",
         f"Alignment: **{alignment}**",
         "",
+        *did_it_help(metrics, gates, challenger),
         "## Headline metrics",
         "",
         "| metric | value |",
@@ -141,6 +145,29 @@ def render_markdown(
     if extra.strip():
         lines += ["", "## Evaluation report", "", extra.strip()]
     return "\n".join(lines) + "\n"
+
+
+def did_it_help(metrics: dict[str, float], gates: dict[str, Any] | None, challenger: str | None) -> list[str]:
+    """The report's opening section: each policy next to SFT (n, judge win-rate [95% CI], wins/ties/losses) and
+    the promotion gates' verdict on the challenger version."""
+    rows = headline_rows(metrics)
+    if not rows and gates is None:
+        return []
+    lines = ["## Did it help?", ""]
+    if rows:
+        lines += [
+            "| policy | n | win-rate vs SFT [95% CI] | wins / ties / losses | proxy win-rate | KL to SFT |",
+            "|---|---|---|---|---|---|",
+        ]
+    for r in rows:
+        ci = f" [{r['low']:.3f}, {r['high']:.3f}]" if r["low"] is not None else ""
+        wtl = f"{r['wins']:.0f} / {r['ties']:.0f} / {r['losses']:.0f}" if r["wins"] is not None else "-"
+        name = inline(r["model"]) + (" (challenger)" if r["model"] == challenger else "")
+        lines.append(
+            f"| {name} | {r['n']} | {r['win_rate']:.3f}{ci} ({'judge' if r['judged'] else 'proxy'}) | {wtl} "
+            f"| {_fmt(r['proxy_win_rate'])} | {_fmt(r['kl'])} |"
+        )
+    return [*lines, *([""] if rows else []), gate_line(gates), ""]
 
 
 def markdown_to_html(md: str, title: str) -> str:
@@ -218,8 +245,11 @@ def run_report_step(
     kfp_run_id: str,
     num_samples: int,
     alias: str,
+    check_gates: Any = None,
 ) -> dict[str, Any]:
-    """The report component's body (see components/report.py)."""
+    """The report component's body (see components/report.py). `check_gates(client, name, version)`: the promotion
+    gates' verdict on the challenger version (ops/gates.dry_run, passed in by the component: ops sits above
+    this layer), shown at the top of the report."""
     metrics: dict[str, float] = {}
     for art in models.values():
         step_file = Path(art.path) / "step.json"
@@ -265,10 +295,19 @@ def run_report_step(
     gen_rows = read_generations(Path(generations.path) / "generations.jsonl", num_samples)
     extra = Path(eval_report.path).read_text(encoding="utf-8") if Path(eval_report.path).is_file() else ""
     title = f"RLHF pipeline report ({alignment})"
+    gates = check_gates(client, policy_version.name, policy_version.version) if check_gates else None
+    challenger = (getattr(eval_report, "metadata", None) or {}).get("challenger")
     md = render_markdown(
-        title=title, alignment=alignment, metrics=metrics, versions=versions, generations=gen_rows, extra=extra
+        title=title,
+        alignment=alignment,
+        metrics=metrics,
+        versions=versions,
+        generations=gen_rows,
+        extra=extra,
+        gates=gates,
+        challenger=challenger,
     )
     Path(report_md.path).write_text(md, encoding="utf-8")
     Path(report_html.path).write_text(markdown_to_html(md, title), encoding="utf-8")
     report_md.metadata["challenger"] = f"{policy_version.name}/{policy_version.version}"
-    return {"metrics": metrics, "versions": versions, "challenger": report_md.metadata["challenger"]}
+    return {"metrics": metrics, "versions": versions, "challenger": report_md.metadata["challenger"], "gates": gates}

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf_pipeline.orchestration.headline import evaluated_models, gate_line, headline_rows
 from rlhf_pipeline.orchestration.mlflow_filter import equals
 from rlhf_pipeline.orchestration.run_config import LocalRunConfig
 from rlhf_pipeline.orchestration.run_console import StepTimer
@@ -30,10 +31,13 @@ def collect_summary(
     from rlhf_pipeline.orchestration import steps
 
     metrics: dict[str, dict[str, Any]] = {}
+    challenger = None
     if run_dir is not None:
         for step in ("sft", "reward", "judge", *cfg.alignments(), "evaluate"):
             raw = steps.read_metrics(run_dir / step)
             metrics[step] = steps.namespaced(steps.STEP_STAGES.get(step, step), steps.flat_metrics(raw))
+            if step == "evaluate" and raw is not None:
+                challenger = raw.metrics.get("challenger")
         if (run_dir / "evaluate" / "frontier.png").is_file():  # next to report.md, which embeds it
             shutil.copy2(run_dir / "evaluate" / "frontier.png", out / "frontier.png")
     report_md = _latest("*/report*/report_md", pipeline_root)
@@ -55,6 +59,7 @@ def collect_summary(
         "step_seconds": timings,
         "step_cpu_seconds": cpu,
         "metrics": metrics,
+        "challenger": challenger,
         "registered": versions,
         "tracking_uri": redact(cfg.tracking()),  # printed and written to summary.json: no password
         "work_dir": str(run_dir) if run_dir else None,
@@ -109,12 +114,33 @@ POLICY_COLUMNS = [
 ]
 
 
+def print_headline(summary: dict[str, Any], console) -> None:
+    """'Did it help?': each policy next to SFT (judge win-rate [CI], n, wins/ties/losses) and the gate verdict."""
+    from rich.table import Table
+
+    rows = headline_rows(summary["metrics"].get("evaluate", {}))
+    if not rows:
+        return
+    t = Table(title="Did it help? Policy vs SFT on held-out questions", show_header=True)
+    for col in ("policy", "n", "win-rate vs SFT [95% CI]", "wins / ties / losses", "proxy win-rate", "KL"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        mark = " (challenger)" if r["model"] == summary.get("challenger") else ""
+        ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
+        rate = f"{r['win_rate']:.2f}{ci} {'judge' if r['judged'] else 'proxy'}"
+        wtl = f"{r['wins']:.0f} / {r['ties']:.0f} / {r['losses']:.0f}" if r["wins"] is not None else "n/a"
+        proxy = f"{r['proxy_win_rate']:.2f}" if r["proxy_win_rate"] is not None else "n/a"
+        kl = f"{r['kl']:.3f}" if r["kl"] is not None else "n/a"
+        t.add_row(r["model"] + mark, str(r["n"]), rate, wtl, proxy, kl)
+    console.print(t)
+    console.print(gate_line(summary.get("gates")).replace("`", ""))
+
+
 def print_policy_table(evaluated: dict[str, float], console) -> None:
     """Every evaluated model side by side (the judge's columns first)."""
     from rich.table import Table
 
-    names = sorted({k.split("/")[1] for k in evaluated if k.startswith("eval/") and k.count("/") == 2})
-    names = [n for n in names if n != "best_of_n"]
+    names = evaluated_models(evaluated)
     if not names:
         return
     t = Table(title="Evaluation vs SFT", show_header=True)
@@ -136,6 +162,8 @@ def print_policy_table(evaluated: dict[str, float], console) -> None:
 
 def print_summary(summary: dict[str, Any], console) -> None:
     from rich.table import Table
+
+    print_headline(summary, console)
 
     t = Table(title="Step times", show_header=True)
     t.add_column("step")

@@ -58,7 +58,12 @@ class PPOConfig(TrainingOptions, GenerationOptions):
         description="Load the reward model as a frozen second adapter on the policy's base when its "
         "adapter was trained on the same SFT model (one copy of the weights); else load it separately.",
     )
-    log_generations_every: int = Field(10, gt=0, description="Log a table of sample generations every N steps.")
+    log_generations_every: int = Field(
+        10,
+        gt=0,
+        description="Every N steps (and on the first) append the step's samples to the one MLflow table "
+        "generations/samples.json (step, question, model, response, reward).",
+    )
 
     @model_validator(mode="after")
     def _check(self):

@@ -74,14 +74,24 @@ def sample_rollout(model, tokenizer, prompt_ids: list[list[int]], step: int, cfg
     return rollout, decode_responses(tokenizer, rollout)
 
 
+GENERATIONS_TABLE = "generations/samples.json"
+
+
 def log_generations(
     run, step: int, questions: list[str], responses: list[str], scores, *, every: int, first: bool
 ) -> None:
-    """The step's (question, response, reward) table as the artifact generations/step_NNNNN.json, every `every`
-    steps and on the first step a call runs."""
+    """The step's samples appended to ONE long table, GENERATIONS_TABLE (columns step, question, model, response,
+    reward; MLflow's log_table appends to an existing artifact_file), every `every` steps and on the first step a
+    call runs: the MLflow UI's evaluation view filters and compares it by step."""
     if (step + 1) % every != 0 and not first:
         return
     run.log_table(
-        {"step": [step + 1] * len(responses), "question": questions, "response": responses, "reward": scores.tolist()},
-        artifact_file=f"generations/step_{step + 1:05d}.json",
+        {
+            "step": [step + 1] * len(responses),
+            "question": questions,
+            "model": ["ppo"] * len(responses),
+            "response": responses,
+            "reward": [float(x) for x in scores.tolist()],
+        },
+        artifact_file=GENERATIONS_TABLE,
     )

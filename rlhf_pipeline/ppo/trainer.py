@@ -254,6 +254,10 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
         )
 
 
+# ppo_update's statistics that compare the updated policy/critic with the rollout's: 0 before the first step
+RATIO_STATS = ("approx_kl", "clipfrac", "vf_clipfrac")
+
+
 def ppo_update(
     model,
     optimizer,
@@ -274,13 +278,17 @@ def ppo_update(
 
     A minibatch whose loss or gradients are not finite is skipped (counted; the optimizer never sees it), so a
     NaN never reaches the weights. An epoch whose mean approx-KL passes `early_stop_kl` ends the update.
+
+    approx_kl, clipfrac and vf_clipfrac are returned as means over the minibatches that ran after the update's
+    first optimizer step only: before it the policy and critic ARE the rollout's (ratio 1, values unclipped), so
+    those minibatches add exact zeros. With one epoch of one minibatch the keys are absent, not logged as 0.
     """
     mask = rollout.response_mask.float()
     world = accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
     stat_names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "vf_clipfrac")
     stats: dict[str, list[float]] = {k: [] for k in stat_names}
-    skipped, epochs_done = 0, 0
+    skipped, epochs_done, optimizer_steps = 0, 0, 0
     model.train()  # dropout is off (disable_dropout); train() only enables gradient checkpointing when configured
     chunk = cfg.rollout_chunk() if hasattr(cfg, "rollout_chunk") else cfg.mini_batch_size
     for _ in range(cfg.ppo_epochs):
@@ -341,14 +349,18 @@ def ppo_update(
             values = tuple(totals)
             if world > 1:  # the minibatch's statistics over all processes (the early stop decides the same)
                 values = mean_scalars_over_processes(accelerator, values)
+            values = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in values]
             for key, value in zip(stat_names, values):
-                stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-            epoch_kl.append(stats["approx_kl"][-1])
+                if optimizer_steps > 0 or key not in RATIO_STATS:
+                    stats[key].append(value)
+            optimizer_steps += 1
+            epoch_kl.append(values[stat_names.index("approx_kl")])
         epochs_done += 1
         if cfg.early_stop_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_kl:
             break
     model.eval()
-    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    # the losses are NaN when every minibatch was skipped; the ratio statistics are absent when none could be non-zero
+    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items() if v or k not in RATIO_STATS}
     if world > 1:  # the critic's explained variance over the global batch
         old_values, returns, mask = (gather_rows(accelerator, t) for t in (old_values, returns, mask))
     out.update(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from rlhf_pipeline.modeling.lineage import record_lineage
 from rlhf_pipeline.results import RegisteredVersion, StageResult
+from rlhf_pipeline.training.curves import log_training_curves
 from rlhf_pipeline.training.loop import on_main_then_wait, write_metrics
 
 
@@ -31,6 +32,7 @@ def finish_stage(
     written, nothing registered)."""
 
     def on_main() -> StageResult:
+        log_training_curves(run, stage)  # <stage>/curves.png, from the run's metric history
         adapter_dir, merged_dir = save()
         record_lineage(adapter_dir, merged_dir)  # the base's content hash: later stages decide "same base" from it
         entry = run.register(

@@ -109,6 +109,12 @@ def test_evaluate_sft_against_policies(
     ppo_judge = [judge_of[("ppo", q)] for q in dict.fromkeys(line["question"] for line in lines)]
     assert models["ppo"]["judge_reward_mean"] == pytest.approx(sum(ppo_judge) / 4)
     assert [judge_of[k] for k in judge_of] != [line["reward"] for line in lines]  # the judge is not the proxy
+    # wins / ties / losses by the judge, per question, against SFT's answer to the same question
+    asked = list(dict.fromkeys(line["question"] for line in lines))
+    pairs = [(judge_of[("ppo", q)], judge_of[("sft", q)]) for q in asked]
+    counted = (sum(p > s for p, s in pairs), sum(p == s for p, s in pairs), sum(p < s for p, s in pairs))
+    assert (models["ppo"]["judge_wins"], models["ppo"]["judge_ties"], models["ppo"]["judge_losses"]) == counted
+    assert models["ppo"]["n"] == 4 and models["same"]["judge_ties"] == 4
 
     # best-of-n from 4 SFT samples: n = 1 is SFT sampled (KL 0), KL grows with n and stays under the bound
     bon = metrics["best_of_n"]
@@ -120,6 +126,10 @@ def test_evaluate_sft_against_policies(
 
     assert len(lines) == 4 * 4 and {line["model"] for line in lines} == set(models)
     report = (out / "report.md").read_text()
+    assert report.splitlines()[2] == "## Did it help?"  # the headline first: each policy vs SFT
+    wins, ties, losses = counted
+    assert f"judged on 4 questions: win-rate {models['ppo']['judge_win_rate']:.3f} [" in report
+    assert f"{wins} wins / {ties} ties / {losses} losses" in report
     assert "| ppo |" in report and "## Sample generations" in report and "![KL frontier](frontier.png)" in report
     assert f"{models['ppo']['judge_win_rate']:.3f} [{models['ppo']['judge_win_low']:.3f}," in report
 
@@ -132,10 +142,19 @@ def test_evaluate_sft_against_policies(
         assert float(tags["rm/accuracy"]) == 0.75 and "eval/win_rate" in tags
         assert float(tags["eval/judge_win_rate"]) == pytest.approx(models["ppo"]["judge_win_rate"])
     runs = mlflow.search_runs(experiment_names=["rlhf-pipeline"], filter_string="tags.`rlhf.stage` = 'evaluate'")
-    assert runs.iloc[0]["metrics.eval/ppo/kl"] == pytest.approx(models["ppo"]["kl"])
-    assert runs.iloc[0]["metrics.eval/best_of_n/4/kl"] == pytest.approx(bon[2]["kl"])
-    artifacts = [f.path for f in client.list_artifacts(runs.iloc[0]["run_id"], "eval")]
-    assert "eval/frontier.png" in artifacts
+    run_id = runs.iloc[0]["run_id"]
+    # one MLflow metric per column, a step per model (the index -> name map logged next to it): SFT and the
+    # policies are points of the same chart
+    index = mlflow.artifacts.load_dict(f"runs:/{run_id}/eval/models.json")
+    assert list(index.values()) == list(models) and index["0"] == "sft"
+    kl_points = {m.step: m.value for m in client.get_metric_history(run_id, "eval/models/kl")}
+    assert kl_points == {int(i): pytest.approx(models[name]["kl"]) for i, name in index.items()}
+    bon_kl = {m.step: m.value for m in client.get_metric_history(run_id, "eval/best_of_n/kl")}
+    assert bon_kl == {1: pytest.approx(bon[0]["kl"]), 2: pytest.approx(bon[1]["kl"]), 4: pytest.approx(bon[2]["kl"])}
+    assert "metrics.eval/ppo/kl" not in runs.columns  # no one-bar chart per (model, column)
+    artifacts = [f.path for f in client.list_artifacts(run_id, "eval")]
+    for png in ("eval/frontier.png", "eval/reward_distributions.png", "eval/comparison.png"):
+        assert png in artifacts, artifacts
 
 
 def test_pipeline_wiring_bare_policy_dir_and_sft_model_field(tiny_model_dir, changed_policy_dir):

@@ -100,7 +100,13 @@ def test_every_stage_wrote_its_artifacts(ppo_run):
         assert (Path(step_info["output_dir"]) / "merged" / "config.json").is_file(), step
     assert (root / "evaluate" / "generations" / "generations.jsonl").is_file()
     assert (root / "evaluate" / "report").is_file()
-    assert "Sample generations" in (root / "report" / "report_md").read_text()
+    report = (root / "report" / "report_md").read_text()
+    assert "Sample generations" in report
+    # it opens with the answer to "did it help?": the policy vs SFT and the gates' verdict on the challenger
+    assert report.index("## Did it help?") < report.index("## Headline metrics")
+    assert (
+        "| ppo (challenger) | 4 |" in report and "(`rlhf promote`, ops/default_gates.yaml) on rlhf-policy v" in report
+    )
     assert (root / "report" / "report_html").read_text().startswith("<!doctype html>")
     assert Path(summary["report_md"]).is_file() and Path(summary["report_html"]).is_file()
 
@@ -148,6 +154,18 @@ def test_mlflow_runs_hold_metrics(ppo_run):
     assert "rm/accuracy" in by_stage["reward"].data.metrics
     assert any(k.startswith("ppo/") for k in by_stage["ppo"].data.metrics)
     assert any(k.startswith("eval/") for k in by_stage["evaluate"].data.metrics)
+    # one PPO epoch of one minibatch: the ratio statistics are zeros by construction, so not logged
+    assert "ppo/policy_loss" in by_stage["ppo"].data.metrics and "ppo/clipfrac" not in by_stage["ppo"].data.metrics
+    figures = {
+        "sft": ["sft/curves.png"],
+        "reward": ["reward/curves.png"],
+        "ppo": ["ppo/curves.png"],
+        "evaluate": ["eval/comparison.png", "eval/frontier.png", "eval/reward_distributions.png"],
+    }
+    for stage, pngs in figures.items():
+        folder = pngs[0].split("/")[0]
+        logged = [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, folder)]
+        assert set(pngs) <= set(logged), (stage, logged)
 
 
 def test_registered_versions_carry_lineage(ppo_run, beer_posts):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ops.gates import verdict
 from rlhf_pipeline.orchestration import report as rep
 from rlhf_pipeline.orchestration import steps
 from rlhf_pipeline.results import RegisteredVersion, StageResult
@@ -104,13 +105,17 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
         kfp_run_id="run-7",
         num_samples=2,
         alias="challenger",
+        check_gates=verdict,
     )
     assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == pol_v.version
     assert result["challenger"] == f"rlhf-policy/{pol_v.version}"
+    # the gates' verdict on the challenger version (it carries no gate tags here: every gate fails closed)
+    assert [r["passed"] for r in result["gates"]["results"]] == [False] * 4
     assert summary.metadata == {"rm/accuracy": 0.75, "eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}
     text = Path(md.path).read_text()
     assert "| rm/accuracy | 0.75 |" in text and "Which beer 1?" in text and "Which beer 2?" not in text
     assert "Evaluation text" in text and "challenger" in text
+    assert f"ops/default_gates.yaml) on rlhf-policy v{pol_v.version}: FAIL: rm/accuracy missing" in text
     assert "**ppo** (reward 0.4, kl 0.3)" in text and "An ale." in text
     page = Path(html.path).read_text()
     assert page.startswith("<!doctype html>") and "<table>" in page

@@ -593,8 +593,44 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
     assert (registered.name, registered.uri) == ("rlhf-policy", f"models:/rlhf-policy/{registered.version}")
     version = client.get_model_version("rlhf-policy", registered.version)
     assert version.tags["algorithm"] == "ppo" and version.tags["stage"] == "ppo"
-    tables = [a.path for a in client.list_artifacts(run.info.run_id, "generations")]
-    assert len(tables) >= 3  # steps 1, 5, 10, 15
+    # the samples of steps 1, 5, 10, 15 (log_generations_every=5) in ONE long table, in step order
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/generations/samples.json")
+    assert table["columns"] == ["step", "question", "model", "response", "reward"]
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["step"] for r in rows] == [s for s in (1, 5, 10, 15) for _ in range(cfg.batch_size)]
+    assert {r["model"] for r in rows} == {"ppo"} and all(isinstance(r["reward"], float) for r in rows)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "generations")] == ["generations/samples.json"]
+    # 4 epochs x 2 minibatches: the update's ratio statistics are measured, and non-zero, at every step
+    for key in ("ppo/approx_kl", "ppo/clipfrac"):
+        assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
+    assert "ppo/curves.png" in [a.path for a in client.list_artifacts(run.info.run_id, "ppo")]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_ratio_statistics_are_logged_only_when_the_update_can_move_them(
+    peaky_model_dir, data_dir, tmp_path, mlflow_sqlite, epochs
+):
+    """One epoch of one minibatch: the only minibatch is the one before any optimizer step, where ratio = 1 and
+    the values are the old ones, so approx_kl, clipfrac and vf_clipfrac are 0 by construction: not logged. A
+    second epoch measures them after the first step: non-zero."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = ppo_cfg(
+        peaky_model_dir, data_dir, tmp_path / "ppo", steps=2, batch_size=8, mini_batch_size=8, ppo_epochs=epochs
+    )
+    result = run_ppo(cfg, reward_fn=target_share)
+    run_id = json.loads((tmp_path / "ppo" / "run.json").read_text())["mlflow_run_id"]
+    logged = MlflowClient().get_run(run_id).data.metrics
+    assert "ppo/policy_loss" in logged and "ppo/value_loss" in logged
+    ratio_keys = ("approx_kl", "clipfrac", "vf_clipfrac")
+    if epochs == 1:
+        assert not any(f"ppo/{k}" in logged for k in ratio_keys), sorted(logged)
+        assert not any(k in h for h in result.history for k in ratio_keys)
+    else:
+        assert all(h["approx_kl"] > 0 and h["clipfrac"] > 0 for h in result.history), [
+            {k: h.get(k) for k in ("reward_mean", *ratio_keys)} for h in result.history
+        ]
+        assert logged["ppo/approx_kl"] == result.history[-1]["approx_kl"]
 
 
 class Interrupted(Exception):

@@ -147,6 +147,7 @@ def test_reward_trains_registers_and_evaluates(tiny_model_dir, tmp_path, mlflow_
     run_id = registered.run_id
     for name in ("rm/loss", "rm/accuracy", "rm/margin", "rm/reward_mean", "rm/reward_std", "rm/pairs_per_s"):
         assert client.get_metric_history(run_id, name), name
+    assert "reward/curves.png" in [a.path for a in client.list_artifacts(run_id, "reward")]  # the training curves
 
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     assert merged.config.num_labels == 1 and merged.config.pad_token_id == EOS

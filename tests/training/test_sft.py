@@ -155,6 +155,7 @@ def test_sft_learns_and_writes_contract_outputs(expressive_tiny_model, tmp_path,
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 2.0
     for name in ("sft/lr", "sft/tokens_per_s", "sft/eval_loss", "sft/eval_perplexity"):
         assert client.get_metric_history(run_id, name), name
+    assert "sft/curves.png" in [a.path for a in client.list_artifacts(run_id, "sft")]  # the training curves
 
     # LoRA weights moved, frozen base weights did not
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
