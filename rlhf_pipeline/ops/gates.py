@@ -24,6 +24,13 @@ class Gates(BaseModel):
     rm_accuracy_min: float = Field(ge=0, le=1, description="Minimum reward-model accuracy (tag/metric rm/accuracy).")
     kl_max: float = Field(ge=0, description="Maximum KL(policy || SFT) (tag/metric eval/kl).")
     win_rate_min: float = Field(ge=0, le=1, description="Minimum win-rate against SFT (tag/metric eval/win_rate).")
+    judge_win_rate_min: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Minimum win-rate against SFT by the independent judge (tag/metric eval/judge_win_rate): the "
+        "proxy win-rate alone is the reward model PPO optimized grading itself. None: no judge gate.",
+    )
     reward_margin: float = Field(
         0.0, ge=0, description="eval/reward_mean may be at most this much below the champion's."
     )
@@ -79,6 +86,7 @@ def evaluate_gates(client, candidate, champion, gates: Gates) -> list[GateResult
         ("rm/accuracy", ">=", gates.rm_accuracy_min),
         ("eval/kl", "<=", gates.kl_max),
         ("eval/win_rate", ">=", gates.win_rate_min),
+        *([("eval/judge_win_rate", ">=", gates.judge_win_rate_min)] if gates.judge_win_rate_min is not None else []),
     ):
         value, source = gate_value(client, candidate, name)
         passed = value is not None and (value >= threshold if op == ">=" else value <= threshold)

@@ -14,8 +14,20 @@ from rlhf_pipeline.ops import promote as promote_mod
 
 from .conftest import register_version, snapshot
 
-GOOD = {"rm/accuracy": 0.72, "eval/kl": 4.0, "eval/win_rate": 0.61, "eval/reward_mean": 1.5}
-CHAMP = {"rm/accuracy": 0.70, "eval/kl": 3.0, "eval/win_rate": 0.58, "eval/reward_mean": 1.2}
+GOOD = {
+    "rm/accuracy": 0.72,
+    "eval/kl": 4.0,
+    "eval/win_rate": 0.61,
+    "eval/judge_win_rate": 0.58,
+    "eval/reward_mean": 1.5,
+}
+CHAMP = {
+    "rm/accuracy": 0.70,
+    "eval/kl": 3.0,
+    "eval/win_rate": 0.58,
+    "eval/judge_win_rate": 0.56,
+    "eval/reward_mean": 1.2,
+}
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -42,8 +54,10 @@ def test_pass_moves_champion_and_records_decision(client, model_name, with_champ
     code, out, err = run_cli(capsys, "--model-name", model_name)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert [line.split()[0] for line in lines[:4]] == ["rm/accuracy", "eval/kl", "eval/win_rate", "eval/reward_mean"]
-    assert all(line.rstrip().split("(")[0].split()[-1] == "pass" for line in lines[:4])
+    gates = ["rm/accuracy", "eval/kl", "eval/win_rate", "eval/judge_win_rate", "eval/reward_mean"]
+    assert [line.split()[0] for line in lines[:5]] == gates
+    assert all(line.rstrip().split("(")[0].split()[-1] == "pass" for line in lines[:5])
+    assert "0.5800 >= 0.5500" in lines[3]
     assert "0.7200 >= 0.6000" in lines[0] and "4.0000 <= 10.0000" in lines[1]
     assert lines[-1].startswith(f"verdict: PROMOTED {model_name} version {v2}")
 
@@ -65,6 +79,7 @@ def test_pass_moves_champion_and_records_decision(client, model_name, with_champ
         ("rm/accuracy", 0.59),  # below rm_accuracy_min 0.60
         ("eval/kl", 10.5),  # above kl_max 10
         ("eval/win_rate", 0.50),  # below win_rate_min 0.55
+        ("eval/judge_win_rate", 0.54),  # below judge_win_rate_min 0.55: the proxy alone does not promote
         ("eval/reward_mean", 1.19),  # below the champion's 1.2
         ("eval/win_rate", "n/a"),  # not a number: fails closed
     ],
@@ -99,7 +114,7 @@ def test_values_fall_back_to_source_run_metrics(client, model_name, tmp_path, ca
     v1 = register_version(client, model_name, metrics=GOOD, tmp_path=tmp_path)  # no tags at all
     code, out, err = run_cli(capsys, "--model-name", model_name, "--candidate", v1)
     assert code == 0, err
-    assert out.count("(run metric") == 4
+    assert out.count("(run metric") == 5
 
 
 def test_first_promotion_without_champion_passes_reward_gate(client, model_name, tmp_path, capsys):
