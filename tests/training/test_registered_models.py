@@ -17,6 +17,7 @@ import torch
 from sft_reward_helpers import make_data_dir
 
 from rlhf_pipeline.data.prompts import DEFAULT_TEMPLATE, format_example
+from rlhf_pipeline.evaluation.models import resolve_judge, resolve_policy
 from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
 from rlhf_pipeline.modeling.mlflow_model import export_merged, model_reference, register_stage_model
 from rlhf_pipeline.results import StageResult
@@ -150,6 +151,9 @@ def test_sft_and_policy_versions_load_with_mlflow_and_match_our_loading(tiny_mod
     assert (exported / "config.json").is_file() and (exported / "model.safetensors").is_file()
     assert not (exported / "adapter_config.json").exists()
     torch.testing.assert_close(_ours(exported), ours, atol=1e-5, rtol=1e-4)
+    ref = resolve_policy("dpo", "models:/reg-policy/1", tmp_path / "evaluate")  # what `rlhf evaluate` loads
+    assert ref.registered_uri == "models:/reg-policy/1"
+    torch.testing.assert_close(_ours(ref.path), ours, atol=1e-5, rtol=1e-4)
 
 
 def test_reward_version_gives_our_scorers_rewards(reward_model_dir, tmp_path, server):
@@ -182,8 +186,8 @@ def test_reward_version_gives_our_scorers_rewards(reward_model_dir, tmp_path, se
     batched = [row["score"] for row in pipe(texts, batch_size=2, function_to_apply="none")]
     torch.testing.assert_close(torch.tensor(batched), ours, atol=1e-5, rtol=1e-4)
 
-    # the judge / --evaluate-only path: the version exported back to a directory our scorer loads
-    exported = export_merged(entry["uri"], tmp_path / "export")
+    # the judge path (`rlhf evaluate --judge-model models:/...`): a directory our scorer loads
+    exported = resolve_judge(entry["uri"], tmp_path / "export")
     again = RewardModelScorer.load(exported, template=DEFAULT_TEMPLATE, device="cpu").raw_scores(questions, answers)
     torch.testing.assert_close(again, ours, atol=1e-5, rtol=1e-4)
 
