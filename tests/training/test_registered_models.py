@@ -203,3 +203,42 @@ def test_model_reference_names_the_registered_version_of_a_stage_output(tmp_path
     assert model_reference("smollm2-135m-instruct") == "smollm2-135m-instruct"
     StageResult.of("sft", "trained", out, {}).write()  # registration was off: nothing to name
     assert model_reference(str(out / "merged")) == str(out / "merged")
+
+
+def _adapter_output(base_dir: Path, out: Path) -> Path:
+    """A stage-shaped output on `base_dir`: adapter/ (random LoRA) and merged/ (with the tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(5)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out / "merged")
+    return out
+
+
+def test_an_adapter_whose_base_is_gone_follows_its_parent_or_fails_in_one_line(tiny_model_dir, tmp_path):
+    from rlhf_pipeline.errors import UserError
+    from rlhf_pipeline.modeling.mlflow_model import save_mlflow_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = _adapter_output(base, tmp_path / "out")
+    named, unnamed = tmp_path / "named", tmp_path / "unnamed"
+    parent = str(tmp_path / "base-elsewhere")  # where the base will be: the name a stage input recorded
+    kind = dict(task="text-generation", weights="adapter")
+    assert save_mlflow_model(out / "adapter", out / "merged", named, parent=parent, **kind) == "adapter"
+    save_mlflow_model(out / "adapter", out / "merged", unnamed, **kind)
+    shutil.move(base, parent)
+
+    exported = export_merged(str(named), tmp_path / "export")  # a local MLflow model dir loads as a URI does
+    torch.testing.assert_close(_ours(exported), _ours(out / "merged"), atol=1e-5, rtol=1e-4)
+    with pytest.raises(UserError, match=r"base directory is gone and no rlhf.parent_model names it"):
+        export_merged(str(unnamed), tmp_path / "export-unnamed")
