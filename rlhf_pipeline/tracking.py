@@ -263,7 +263,9 @@ class StageRun:
         artifact_path: str = "model",
     ) -> dict[str, Any] | None:
         """Upload `local_dir` as run artifacts and register it as a new version of the stage's registered model
-        (`stages.registered_name`: `<prefix>-sft`, `<prefix>-reward`, `<prefix>-policy`) unless `name` is given."""
+        (`stages.registered_name`: `<prefix>-sft`, `<prefix>-reward`, `<prefix>-policy`) unless `name` is given.
+        The training stages pass an MLflow model directory (modeling/mlflow_model.register_stage_model), so the
+        version loads with `mlflow.transformers.load_model`; this layer only uploads and registers."""
         if not self.register_enabled:
             return None
         import mlflow

@@ -40,6 +40,7 @@ from rlhf_pipeline.evaluation.models import (
     tag_model_version,
 )
 from rlhf_pipeline.evaluation.report import report_markdown
+from rlhf_pipeline.modeling.mlflow_model import model_reference
 from rlhf_pipeline.modeling.options import GenerationOptions, ModelOptions
 from rlhf_pipeline.results import StageResult
 from rlhf_pipeline.tracking import TrackingOptions
@@ -195,7 +196,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     out.mkdir(parents=True, exist_ok=True)
 
     with (
-        stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=cfg.sft_model or cfg.model) as run,
+        stage_run(cfg, "evaluate", data_dir=cfg.data, base_model=model_reference(cfg.sft_model or cfg.model)) as run,
         tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp,
     ):
         run.log_input(cfg.data, "evaluation", "evaluation")

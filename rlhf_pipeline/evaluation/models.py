@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.modeling.mlflow_model import export_merged
 from rlhf_pipeline.results import METRICS_FILE, StageResult
 
 
@@ -18,14 +19,8 @@ class ModelRef:
 
 def resolve_policy(name: str, spec: str, download_dir: Path) -> ModelRef:
     """A stage output dir (uses merged/, and its metrics.json registration), a model dir, or a models:/ URI."""
-    if spec.startswith("models:/"):
-        import mlflow
-
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / name))
-        except Exception as exc:  # MlflowException and friends: one line for the user
-            raise UserError(f"cannot download policy {name}={spec}: {str(exc).splitlines()[0]}") from None
-        return ModelRef(name, local, spec)
+    if spec.startswith("models:/"):  # an MLflow model (adapter + base, or merged): merged weights to load
+        return ModelRef(name, str(export_merged(spec, download_dir / name, f"policy {name}={spec}")), spec)
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise UserError(f"policy {name}: {spec} not found (expected a stage output dir, a model dir or models:/ URI)")
@@ -55,15 +50,10 @@ def tag_model_version(uri: str, tags: dict[str, float]) -> None:
 
 def resolve_judge(spec: str, download_dir: Path) -> str:
     """The judge's reward-model dir: a `rlhf reward --subset judge` output dir or a model dir as given, or a
-    `models:/<prefix>-judge/<N>` URI downloaded into `download_dir`."""
+    `models:/<prefix>-judge/<N>` URI exported into `download_dir`."""
     if not spec.startswith("models:/"):
         return spec
-    import mlflow
-
-    try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_dir / "judge"))
-    except Exception as exc:  # MlflowException and friends: one line for the user
-        raise UserError(f"cannot download the judge model {spec}: {str(exc).splitlines()[0]}") from None
+    return str(export_merged(spec, download_dir / "judge", f"the judge model {spec}"))
 
 
 def kept_checkpoints(stage_dir: str | Path) -> list[tuple[int, Path]]:

@@ -230,8 +230,11 @@ class _NoTracking:
 def tracked_run(cfg: Any, stage: str, accelerator, **lineage):
     """`tracking.stage_run` on the main process (fails fast on an unreachable server), a no-op elsewhere; with
     several processes the main process's run id is broadcast to the others (`run.run_id` on every rank)."""
+    from rlhf_pipeline.modeling.mlflow_model import model_reference
     from rlhf_pipeline.tracking import stage_run
 
+    if "base_model" in lineage:  # an input a previous stage registered is named by its version, not a local path
+        lineage["base_model"] = model_reference(lineage["base_model"])
     if accelerator.is_main_process:
         training = not getattr(cfg, "evaluate_only", False)
         previous = output_claim.previous_run_id(cfg.output) if training else None

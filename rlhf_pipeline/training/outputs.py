@@ -1,6 +1,6 @@
 """What a finished training stage leaves behind, written once however many processes trained it: `adapter/` and
-`merged/`, one registered model version, and its `StageResult` as `<output>/metrics.json` (written last: its
-presence marks the run finished)."""
+`merged/`, one registered model version (an MLflow model: modeling/mlflow_model.py), and its `StageResult` as
+`<output>/metrics.json` (written last: its presence marks the run finished)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhf_pipeline.modeling.lineage import record_lineage
+from rlhf_pipeline.modeling.mlflow_model import Task, register_stage_model
 from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.training.curves import log_training_curves
 from rlhf_pipeline.training.loop import on_main_then_wait, write_metrics
@@ -22,21 +23,30 @@ def finish_stage(
     metrics: dict[str, Any],
     save: Callable[[], tuple[Path, Path]],
     *,
-    register: Literal["merged", "adapter"] = "merged",
+    register: Literal["merged", "adapter"] = "adapter",
+    task: Task = "text-generation",
     artifact_path: str = "model",
     tags: dict[str, str] | None = None,
     name: str | None = None,
 ) -> StageResult:
-    """On the main process: `save()` -> (adapter_dir, merged_dir), register one of them (as the run's artifacts under
-    `artifact_path`; as `name`, default the stage's registered name), log and write the result; the other processes wait and return the same metrics (nothing
-    written, nothing registered)."""
+    """On the main process: `save()` -> (adapter_dir, merged_dir), register the `register` weights as an MLflow
+    model of `task` (the run's artifacts under `artifact_path`; as `name`, default the stage's registered name),
+    log and write the result; the other processes wait and return the same metrics (nothing written, nothing
+    registered)."""
 
     def on_main() -> StageResult:
         log_training_curves(run, stage)  # <stage>/curves.png, from the run's metric history
         adapter_dir, merged_dir = save()
         record_lineage(adapter_dir, merged_dir)  # the base's content hash: later stages decide "same base" from it
-        entry = run.register(
-            merged_dir if register == "merged" else adapter_dir, name=name, artifact_path=artifact_path, tags=tags
+        entry = register_stage_model(
+            run,
+            adapter_dir,
+            merged_dir,
+            task=task,
+            weights=register,
+            name=name,
+            tags=tags,
+            artifact_path=artifact_path,
         )
         result = StageResult.of(
             stage,

@@ -60,8 +60,10 @@ class RewardConfig(LoopOptions):
         "(questions no other stage sees: an independent judge for `rlhf evaluate --judge-model`, registered as "
         "<prefix>-judge).",
     )
-    register_weights: Literal["merged", "adapter"] = Field(
-        "merged", description="What to register in MLflow: the merged full model, or only adapter + score head."
+    register_weights: Literal["merged"] = Field(
+        "merged",
+        description="What the registered MLflow model holds: the merged full model (MLflow's transformers flavor "
+        "cannot rebuild a 1-label score head on a causal-LM base from an adapter).",
     )
     shared_prefix: bool = Field(
         True,
@@ -245,6 +247,7 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
             metrics,
             lambda: save_adapter_and_merged(model, tokenizer, cfg.output),
             register=cfg.register_weights,
+            task="text-classification",
             artifact_path=cfg.register_weights,
             tags={"rm/accuracy": f"{after['accuracy']:.4f}"} if "accuracy" in after else {},
             name=f"{cfg.registered_model_prefix}-judge" if cfg.subset == "judge" else None,
@@ -257,15 +260,11 @@ def run_reward(cfg: RewardConfig, *, on_step=None) -> StageResult:
 
 
 def _local_reward_model(model: str, download_to: Path) -> str:
-    """A directory holding config.json for `model`: a models:/ or runs:/ URI is downloaded from MLflow first."""
-    if model.startswith(("models:/", "runs:/")):
-        import mlflow
-        from mlflow.exceptions import MlflowException
+    """A directory holding config.json for `model`: a models:/ or runs:/ URI is exported from MLflow first."""
+    if model.startswith(("models:/", "runs:/")):  # an MLflow model (or an older plain directory): merged weights
+        from rlhf_pipeline.modeling.mlflow_model import export_merged
 
-        try:
-            model = mlflow.artifacts.download_artifacts(model, dst_path=str(download_to))
-        except MlflowException as exc:
-            raise UserError(f"cannot download {model}: {str(exc).splitlines()[0]}") from None
+        model = str(export_merged(model, download_to))
     path = Path(model)
     if (path / "merged" / "config.json").is_file():  # a reward stage output directory
         return str(path / "merged")

@@ -40,7 +40,9 @@ class SFTConfig(LoopOptions):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of questions held out for eval loss/perplexity.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     register_weights: Literal["merged", "adapter"] = Field(
-        "merged", description="What to register in MLflow: the merged full model, or only the LoRA adapter."
+        "adapter",
+        description="What the registered MLflow model holds: the LoRA adapter with a reference to its base "
+        "(MBs), or the merged full model.",
     )
 
 

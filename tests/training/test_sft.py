@@ -240,7 +240,9 @@ def test_sft_registers_through_a_real_mlflow_server(tiny_model_dir, tmp_path, ml
             f"models:/server-test-sft/{version.version}", dst_path=str(tmp_path / "download")
         )
     )
-    assert (local / "config.json").is_file() and (local / "model.safetensors").is_file()
+    # an MLflow model: the LoRA adapter and tokenizer, with a reference to the base (no full weights)
+    assert (local / "MLmodel").is_file() and (local / "peft" / "adapter_model.safetensors").is_file()
+    assert not list(local.rglob("model.safetensors"))
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(tiny_model_dir, tmp_path):
