@@ -48,7 +48,7 @@ def test_params_are_typed_by_the_pipeline_definition():
         ("sft_config=[1]", "expected a JSON struct"),
         ("sft_config={bad", "expected a JSON struct"),
         ("report_samples=true", "number_integer"),
-        ("alignment=rlaif", "ppo or dpo"),
+        ("alignment=rlaif", "ppo, dpo, both"),
     ],
 )
 def test_bad_params(pair, message):
@@ -74,7 +74,7 @@ def test_without_definitions_values_are_json_or_strings():
     }
     with pytest.raises(UserError, match="NAME=VALUE"):
         parse_params(["=3"])
-    with pytest.raises(UserError, match="ppo or dpo"):
+    with pytest.raises(UserError, match="ppo, dpo, both"):
         parse_params(["alignment=rlaif"])
 
 
