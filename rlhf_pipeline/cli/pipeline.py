@@ -46,6 +46,20 @@ import click
     "images/images.yaml]; a digest is kept where --registry/--tag do not change its image.",
 )
 @click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Default of a run parameter in the compiled YAML (repeatable, wins over --params-file), e.g. "
+    "--param ppo_steps=50; checked like `rlhf submit --param`.",
+)
+@click.option(
+    "--params-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="YAML/JSON mapping of run parameter defaults; every stage's options are checked before anything is written.",
+)
+@click.option(
     "--check",
     is_flag=True,
     default=False,
@@ -58,20 +72,28 @@ def compile_command(
     registry: str | None,
     tag: str | None,
     images_file: str | None,
+    params: tuple[str, ...],
+    params_file: str | None,
     check: bool,
 ) -> int:
     """Compile the Kubeflow pipeline to YAML with the real KFP compiler."""
     from rlhf_pipeline.orchestration.compile import compile_to, default_output, is_stale, summary, uses_trainjob
 
     out = Path(output) if output else default_output()
-    images = {"registry": registry, "tag": tag, "images_file": images_file}
+    options = {
+        "registry": registry,
+        "tag": tag,
+        "images_file": images_file,
+        "params": params,
+        "params_file": params_file,
+    }
     if check:
-        if is_stale(out, settings_path, trainjob, **images):
+        if is_stale(out, settings_path, trainjob, **options):
             click.echo(f"{out} is stale: run `rlhf compile` and commit it", err=True)
             return 1
         click.echo(f"{out} is up to date")
         return 0
-    path = compile_to(out, settings_path, trainjob, **images)
+    path = compile_to(out, settings_path, trainjob, **options)
     info = summary(path)
     mode = "TrainJob launchers" if uses_trainjob(settings_path, trainjob) else "in-pod training"
     click.echo(f"wrote {path} ({len(info['tasks'])} tasks, {mode})")

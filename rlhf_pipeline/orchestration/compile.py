@@ -51,8 +51,11 @@ def compile_to(
     registry: str | None = None,
     tag: str | None = None,
     images_file: str | None = None,
+    params: tuple[str, ...] = (),
+    params_file: str | None = None,
 ) -> Path:
-    """Compile to `output`; nothing is written when the result would carry a credential (see `refuse_credentials`)."""
+    """Compile to `output`, with the run defaults `params` (NAME=VALUE, over a `params_file`'s) when given; nothing
+    is written when a stage option is bad or the result would carry a credential (see `refuse_credentials`)."""
     from pipelines.rlhf_pipeline import compile_pipeline
 
     images = image_refs(registry, tag, images_file)  # a bad registry or tag fails before the settings are read
@@ -62,8 +65,24 @@ def compile_to(
         raise UserError(f"--output {out} is a directory; give a file name (e.g. {out}/rlhf_pipeline.yaml)")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         draft = compile_pipeline(Path(tmp) / out.name, settings, images)
+        if params or params_file:
+            set_defaults(draft, params, params_file)
         refuse_credentials(read_spec(draft))
         return Path(shutil.move(draft, out))
+
+
+def set_defaults(path: Path, params: tuple[str, ...], params_file: str | None) -> None:
+    """Make `params` (over the `params_file`'s) the compiled pipeline's defaults (what the run form opens with),
+    after checking their names and types against the pipeline and building every stage's config from them."""
+    from rlhf_pipeline.orchestration.pipeline_params import check_run_arguments, parse_params, read_params_file
+
+    docs = read_spec(path)
+    known = docs[0]["root"]["inputDefinitions"]["parameters"]
+    args = parse_params(params, known, base=read_params_file(params_file) if params_file else {})
+    check_run_arguments(args, known)
+    for name, value in args.items():
+        known[name]["defaultValue"] = value
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
 
 
 def refuse_credentials(docs: list[Any]) -> None:
@@ -85,11 +104,11 @@ def read_spec(path: str | Path) -> list[Any]:
         raise UserError(f"compiled pipeline not found: {path}") from None
 
 
-def is_stale(committed: str | Path, settings_path: str | None = None, trainjob: bool = False, **images: Any) -> bool:
-    """True when compiling now (with the same options: settings, trainjob, `images` as for `compile_to`) gives a
-    different spec than the committed file."""
+def is_stale(committed: str | Path, settings_path: str | None = None, trainjob: bool = False, **options: Any) -> bool:
+    """True when compiling now (with the same settings, trainjob and `options` of `compile_to`) gives a different
+    spec than the committed file."""
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = compile_to(Path(tmp) / "pipeline.yaml", settings_path, trainjob, **images)
+        fresh = compile_to(Path(tmp) / "pipeline.yaml", settings_path, trainjob, **options)
         return read_spec(fresh) != read_spec(committed)
 
 

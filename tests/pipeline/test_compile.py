@@ -509,3 +509,31 @@ def test_committed_yaml_pulls_from_the_production_registry():
     images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
     assert images and all(i.startswith(registry + "/rlhf-") for i in images), images
     assert not registry.startswith(("localhost", "127.", "host.containers.internal"))
+
+
+def test_params_become_the_compiled_defaults(tmp_path):
+    params = tmp_path / "run.yaml"
+    params.write_text("alignment: dpo\ndpo_max_steps: 300\nsft_config: {lora_r: 16}\n")
+    spec, _ = compile_cli(tmp_path, "--params-file", str(params), "--param", "dpo_max_steps=400")
+    defaults = {name: p["defaultValue"] for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["alignment"] == "dpo" and defaults["dpo_max_steps"] == 400  # --param wins over the file
+    assert defaults["sft_config"] == {"lora_r": 16} and defaults["ppo_steps"] == 20.0  # the rest untouched
+
+
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ('sft_config={"max_seq_length": 1024}', "sft_config: unknown option max_seq_length"),
+        ("evaluate_max_questions=0", "evaluate_max_questions: Input should be greater than 0 (got 0)"),
+        ("no_such=1", "not a pipeline parameter"),
+    ],
+)
+def test_a_bad_param_default_is_refused_and_nothing_written(tmp_path, param, message):
+    import subprocess
+
+    out = tmp_path / "out.yaml"
+    proc = subprocess.run([RLHF, "compile", "-o", str(out), "--param", param], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf compile: error:") and message in lines[0], proc.stderr
+    assert not out.exists()
