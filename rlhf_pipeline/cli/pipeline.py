@@ -31,27 +31,74 @@ import click
     help="Training steps launch Kubeflow Trainer TrainJobs (same as settings `distributed: trainjob`).",
 )
 @click.option(
+    "--registry",
+    default=None,
+    metavar="HOST[:PORT][/PATH]",
+    help="Registry the step images are pulled from: every image becomes REGISTRY/rlhf-<step>:TAG "
+    "[default: images.yaml's].",
+)
+@click.option("--tag", default=None, help="Image tag of every step [default: images.yaml's].")
+@click.option(
+    "--images-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="images.yaml to read names, registry, tag and digests from [default: $RLHF_IMAGES_FILE, else "
+    "images/images.yaml]; a digest is kept where --registry/--tag do not change its image.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Default of a run parameter in the compiled YAML (repeatable, wins over --params-file), e.g. "
+    "--param ppo_steps=50; checked like `rlhf submit --param`.",
+)
+@click.option(
+    "--params-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="YAML/JSON mapping of run parameter defaults; every stage's options are checked before anything is written.",
+)
+@click.option(
     "--check",
     is_flag=True,
     default=False,
     help="Do not write: exit 1 if the output file differs from a fresh compile (CI staleness check).",
 )
-def compile_command(output: str | None, settings_path: str | None, trainjob: bool, check: bool) -> int:
+def compile_command(
+    output: str | None,
+    settings_path: str | None,
+    trainjob: bool,
+    registry: str | None,
+    tag: str | None,
+    images_file: str | None,
+    params: tuple[str, ...],
+    params_file: str | None,
+    check: bool,
+) -> int:
     """Compile the Kubeflow pipeline to YAML with the real KFP compiler."""
     from rlhf_pipeline.orchestration.compile import compile_to, default_output, is_stale, summary, uses_trainjob
 
     out = Path(output) if output else default_output()
+    options = {
+        "registry": registry,
+        "tag": tag,
+        "images_file": images_file,
+        "params": params,
+        "params_file": params_file,
+    }
     if check:
-        if is_stale(out, settings_path, trainjob):
+        if is_stale(out, settings_path, trainjob, **options):
             click.echo(f"{out} is stale: run `rlhf compile` and commit it", err=True)
             return 1
         click.echo(f"{out} is up to date")
         return 0
-    path = compile_to(out, settings_path, trainjob)
+    path = compile_to(out, settings_path, trainjob, **options)
     info = summary(path)
     mode = "TrainJob launchers" if uses_trainjob(settings_path, trainjob) else "in-pod training"
     click.echo(f"wrote {path} ({len(info['tasks'])} tasks, {mode})")
     click.echo("tasks: " + ", ".join(dict.fromkeys(info["tasks"])))
+    click.echo("images: " + ", ".join(info["images"]))
     return 0
 
 
@@ -67,8 +114,14 @@ def compile_command(output: str | None, settings_path: str | None, trainjob: boo
     "params",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Pipeline argument (repeatable); JSON for objects/lists/numbers, e.g. "
-    "--param alignment=dpo --param 'sft_config={\"max_steps\": 500}'.",
+    help="Pipeline argument (repeatable, wins over --params-file); JSON for objects/lists/numbers, e.g. "
+    "--param alignment=dpo --param sft_max_steps=500 --param 'sft_config={\"lora_r\": 16}'.",
+)
+@click.option(
+    "--params-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="YAML/JSON mapping of pipeline arguments. Every stage's options are checked before anything is uploaded.",
 )
 @click.option(
     "--package",
@@ -92,6 +145,7 @@ def submit_command(
     host: str,
     experiment: str,
     params: tuple[str, ...],
+    params_file: str | None,
     package: str | None,
     settings_path: str | None,
     trainjob: bool,
@@ -106,6 +160,7 @@ def submit_command(
     result = submit_pipeline(
         host=host,
         params=params,
+        params_file=params_file,
         package=package,
         settings_path=settings_path,
         trainjob=trainjob,

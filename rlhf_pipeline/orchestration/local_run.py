@@ -235,7 +235,9 @@ def run_pipeline(
         runner = docker_runner(pipeline_root, cfg.input_path(), step_variables(cfg, parent_run_id), cfg.tracking())
     else:
         runner = nullcontext(local.SubprocessRunner(use_venv=False))
-    args = pipeline_arguments(cfg, work_root)
+    from rlhf_pipeline.orchestration.stage_parameters import split_typed
+
+    args = split_typed(pipeline_arguments(cfg, work_root))  # typed parameters (sft_max_steps...) from the sections
     with step_environment(cfg, parent_run_id), warnings.catch_warnings(), runner as kfp_runner:
         from pipelines.rlhf_pipeline import build_pipeline  # after the runner: it points at the local images
 

@@ -18,6 +18,7 @@ from typing import TextIO
 
 # task name prefix (kfp names tasks after components) -> label shown in progress and the summary
 TASK_LABELS = {
+    "validate-config": "validate config",
     "prepare-data": "prepare data",
     "sft": "SFT",
     "reward": "reward model",

@@ -24,7 +24,7 @@ from rlhf_pipeline.orchestration.kfp_client import (
     refuse_credential_params,
     upload,
 )
-from rlhf_pipeline.orchestration.pipeline_params import parse_params
+from rlhf_pipeline.orchestration.pipeline_params import check_run_arguments, parse_params, read_params_file
 
 
 def submit(
@@ -83,6 +83,7 @@ def submit_pipeline(
     host: str,
     params: tuple[str, ...],
     package: str | None,
+    params_file: str | None = None,
     settings_path: str | None,
     trainjob: bool,
     pipeline_name: str,
@@ -91,18 +92,22 @@ def submit_pipeline(
     experiment: str,
     namespace: str | None,
 ) -> dict[str, Any]:
-    """`rlhf submit`: fail fast on the host, compile unless given a `package`, check `params` against the
-    pipeline's parameters, upload and start the run."""
+    """`rlhf submit`: fail fast on the host, compile unless given a `package`, check `params` (over the
+    `params_file`'s) against the pipeline's parameters and build every stage's config from them, upload and start
+    the run."""
     from rlhf_pipeline.orchestration.compile import compile_to, read_spec
 
+    from_file = read_params_file(params_file) if params_file else {}
     refuse_credential_params(dict(p.partition("=")[::2] for p in params))  # before any request or compile
+    refuse_credential_params(from_file)
     check_reachable(host)  # before compiling: an unreachable host should cost seconds, not a compile
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(package) if package else compile_to(Path(tmp) / "rlhf_pipeline.yaml", settings_path, trainjob)
         spec = read_spec(path)[0]
         known = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
-        args = parse_params(params, known)
+        args = parse_params(params, known, base=from_file)
         refuse_credential_params(args)
+        check_run_arguments(args, known)  # a bad stage option fails here, not in the run's first step
         alignment = args.get("alignment", known.get("alignment", {}).get("defaultValue", "ppo"))
         return submit(
             host=host,

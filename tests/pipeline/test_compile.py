@@ -28,6 +28,7 @@ def test_every_stage_is_a_task_with_a_display_name(default_spec):
     spec, _, _ = default_spec
     names = {name: task["taskInfo"]["name"] for name, (task, _) in all_tasks(spec).items()}
     assert names == {
+        "validate-config": "Validate configuration",
         "prepare-data": "Prepare data",
         "sft": "Supervised fine-tuning",
         "reward": "Reward model (train + evaluate)",
@@ -327,6 +328,9 @@ def test_images_come_from_images_yaml(default_spec):
 
     spec, _, _ = default_spec
     for task, component in (
+        ("validate-config", "ops"),
+        ("unknown-alignment", "ops"),
+        ("judge", "reward"),
         ("sft", "sft"),
         ("prepare-data", "prepare_data"),
         ("ppo", "ppo"),
@@ -338,3 +342,198 @@ def test_images_come_from_images_yaml(default_spec):
         _, ex = executor_of(spec, task)
         assert ex["container"]["image"] == image_for(component)
     assert json.dumps(spec).count("pip install") == 0  # images carry the project: no install at run time
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the Kubeflow UI gets: pullable images, typed parameters with real defaults, every step after validation
+# --------------------------------------------------------------------------------------------------------------
+
+# Every parameter of the pipeline: (KFP type, default as the compiled YAML holds it; numbers are doubles there).
+EXPECTED_PARAMETERS = {
+    "alignment": ("STRING", "ppo"),
+    "input_data": ("STRING", "/mnt/rlhf-cache/datasets/beer.stackexchange.com/Posts.xml"),
+    "base_model": ("STRING", "smollm2-135m-instruct"),
+    "prepare_data_config": ("STRUCT", {}),
+    "sft_config": ("STRUCT", {}),
+    "reward_config": ("STRUCT", {}),
+    "ppo_config": ("STRUCT", {}),
+    "dpo_config": ("STRUCT", {}),
+    "evaluate_config": ("STRUCT", {}),
+    "judge_config": ("STRUCT", {}),
+    "sft_max_steps": ("NUMBER_INTEGER", 0.0),
+    "sft_seq_length": ("NUMBER_INTEGER", 512.0),
+    "reward_max_steps": ("NUMBER_INTEGER", 0.0),
+    "judge_max_steps": ("NUMBER_INTEGER", 0.0),
+    "ppo_steps": ("NUMBER_INTEGER", 20.0),
+    "ppo_batch_size": ("NUMBER_INTEGER", 8.0),
+    "dpo_max_steps": ("NUMBER_INTEGER", 0.0),
+    "evaluate_max_questions": ("NUMBER_INTEGER", 32.0),
+    "mlflow_tracking_uri": ("STRING", "$MLFLOW_TRACKING_URI"),
+    "experiment_name": ("STRING", "rlhf-pipeline"),
+    "registered_model_prefix": ("STRING", "rlhf"),
+    "work_root": ("STRING", "/mnt/rlhf-cache/runs"),
+    "report_samples": ("NUMBER_INTEGER", 4.0),
+    "gpu_node_selector": ("STRUCT", {"nvidia.com/gpu.present": "true"}),
+    "gpu_tolerations": ("LIST", [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+}
+# task -> the image it must pull (without registry and tag)
+EXPECTED_IMAGES = {
+    "validate-config": "rlhf-ops",
+    "prepare-data": "rlhf-prepare-data",
+    "sft": "rlhf-sft",
+    "reward": "rlhf-reward",
+    "judge": "rlhf-reward",
+    "ppo": "rlhf-ppo",
+    "ppo-2": "rlhf-ppo",
+    "dpo": "rlhf-dpo",
+    "dpo-2": "rlhf-dpo",
+    "evaluate": "rlhf-evaluate",
+    "evaluate-2": "rlhf-evaluate",
+    "evaluate-3": "rlhf-evaluate",
+    "report": "rlhf-report",
+    "report-2": "rlhf-report",
+    "report-3": "rlhf-report",
+    "unknown-alignment": "rlhf-ops",
+}
+
+
+def compile_cli(tmp_path, *args) -> tuple[dict, str]:
+    import subprocess
+
+    import yaml
+
+    out = tmp_path / "pipeline.yaml"
+    proc = subprocess.run([RLHF, "compile", "-o", str(out), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return next(yaml.safe_load_all(out.read_text())), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def retargeted(tmp_path_factory):
+    """`rlhf compile --registry example.org/rlhf --tag 1.2.3`, as a user runs it."""
+    return compile_cli(tmp_path_factory.mktemp("retarget"), "--registry", "example.org/rlhf", "--tag", "1.2.3")
+
+
+def test_registry_and_tag_retarget_every_image(retargeted):
+    spec, stdout = retargeted
+    tasks = all_tasks(spec)
+    assert set(tasks) == set(EXPECTED_IMAGES)
+    for task, name in EXPECTED_IMAGES.items():
+        assert executor_of(spec, task)[1]["container"]["image"] == f"example.org/rlhf/{name}:1.2.3", task
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images == {f"example.org/rlhf/{name}:1.2.3" for name in EXPECTED_IMAGES.values()}
+    assert "images: example.org/rlhf/rlhf-dpo:1.2.3, " in stdout
+
+
+def test_every_parameter_has_its_type_and_a_default_the_run_form_accepts(retargeted, default_spec):
+    for spec in (retargeted[0], default_spec[0]):
+        params = spec["root"]["inputDefinitions"]["parameters"]
+        assert {name: (p["parameterType"], p["defaultValue"]) for name, p in params.items()} == EXPECTED_PARAMETERS
+        assert all(p["defaultValue"] != "" for p in params.values())  # the form treats "" as missing
+
+
+def test_every_step_runs_after_the_validation(default_spec):
+    spec, _, _ = default_spec
+    tasks = all_tasks(spec)
+    assert tasks["prepare-data"][0]["dependentTasks"] == ["validate-config"]
+    # the training steps take their options from the validation's outputs (so they cannot start before it)
+    for name in TRAINING_TASKS + ["evaluate", "evaluate-2", "evaluate-3"]:
+        config = tasks[name][0]["inputs"]["parameters"]["config"]
+        # at the top level a task output; inside a condition the same output passed in as `pipelinechannel--...`
+        source = config.get("taskOutputParameter", {}).get("producerTask") or config["componentInputParameter"]
+        assert source in ("validate-config", f"pipelinechannel--validate-config-{name.split('-')[0]}_config"), name
+    assert "validate-config" in tasks["sft"][0]["dependentTasks"]
+
+
+def test_trainjob_launchers_get_the_retargeted_images(tmp_path):
+    spec, _ = compile_cli(tmp_path, "--trainjob", "--registry", "registry.example.com:5000/ml", "--tag", "v9")
+    for name, (task, comp) in all_tasks(spec).items():
+        if comp["executorLabel"].startswith("exec-trainjob"):
+            stage = task["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+            image = task["inputs"]["parameters"]["image"]["runtimeValue"]["constant"]
+            assert image == f"registry.example.com:5000/ml/rlhf-{stage}:v9", name
+            label = comp["executorLabel"]
+            assert spec["deploymentSpec"]["executors"][label]["container"]["image"] == (
+                "registry.example.com:5000/ml/rlhf-ops:v9"
+            )
+
+
+def test_digests_from_an_images_file_are_kept_where_the_image_is_the_same(tmp_path):
+    import yaml
+
+    digest = "sha256:" + "ab" * 32
+    data = yaml.safe_load((__import__("components.images").images.REPO_IMAGES_FILE).read_text())
+    data.update(registry="registry.example.com/team", tag="v2")
+    for entry in data["images"].values():
+        entry["digest"] = digest
+    images_file = tmp_path / "images.yaml"
+    images_file.write_text(yaml.safe_dump(data))
+    spec, _ = compile_cli(tmp_path, "--images-file", str(images_file))
+    _, ex = executor_of(spec, "sft")
+    assert ex["container"]["image"] == f"registry.example.com/team/rlhf-sft:v2@{digest}"
+    # another tag is another image: its digest is not known, so the reference is by tag
+    spec, _ = compile_cli(tmp_path, "--images-file", str(images_file), "--tag", "v3")
+    assert executor_of(spec, "sft")[1]["container"]["image"] == "registry.example.com/team/rlhf-sft:v3"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--registry", "https://example.org/rlhf"], "is not a valid image registry"),
+        (["--registry", "Example.org/RLHF"], "is not a valid image registry"),
+        (["--registry", "example.org//rlhf"], "is not a valid image registry"),
+        (["--tag", "1.2.3/x"], "is not a valid image tag"),
+        (["--images-file", "/nonexistent/images.yaml"], "not found"),
+    ],
+)
+def test_bad_image_options_are_one_line_errors(tmp_path, args, message):
+    import subprocess
+
+    out = tmp_path / "out.yaml"
+    proc = subprocess.run([RLHF, "compile", "-o", str(out), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf compile: error:") and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_committed_yaml_pulls_from_the_production_registry():
+    """The golden YAML pulls from images.yaml's registry, never a local one."""
+    import yaml
+
+    from components.images import load_images
+    from pipelines.rlhf_pipeline import COMPILED
+
+    registry = load_images()["registry"]
+    spec = next(yaml.safe_load_all(COMPILED.read_text()))
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images and all(i.startswith(registry + "/rlhf-") for i in images), images
+    assert not registry.startswith(("localhost", "127.", "host.containers.internal"))
+
+
+def test_params_become_the_compiled_defaults(tmp_path):
+    params = tmp_path / "run.yaml"
+    params.write_text("alignment: dpo\ndpo_max_steps: 300\nsft_config: {lora_r: 16}\n")
+    spec, _ = compile_cli(tmp_path, "--params-file", str(params), "--param", "dpo_max_steps=400")
+    defaults = {name: p["defaultValue"] for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["alignment"] == "dpo" and defaults["dpo_max_steps"] == 400  # --param wins over the file
+    assert defaults["sft_config"] == {"lora_r": 16} and defaults["ppo_steps"] == 20.0  # the rest untouched
+
+
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ('sft_config={"max_seq_length": 1024}', "sft_config: unknown option max_seq_length"),
+        ("evaluate_max_questions=0", "evaluate_max_questions: Input should be greater than 0 (got 0)"),
+        ("no_such=1", "not a pipeline parameter"),
+    ],
+)
+def test_a_bad_param_default_is_refused_and_nothing_written(tmp_path, param, message):
+    import subprocess
+
+    out = tmp_path / "out.yaml"
+    proc = subprocess.run([RLHF, "compile", "-o", str(out), "--param", param], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf compile: error:") and message in lines[0], proc.stderr
+    assert not out.exists()

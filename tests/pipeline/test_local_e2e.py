@@ -72,15 +72,12 @@ def ppo_run(tmp_path_factory, tiny_model_dir, beer_posts):
 
 def test_every_step_ran_and_was_timed(ppo_run):
     _, _, summary = ppo_run
-    assert list(summary["step_seconds"]) == [
-        "prepare data",
-        "SFT",
-        "judge",
-        "reward model",
-        "PPO",
-        "evaluate",
-        "report",
-    ]
+    steps = list(summary["step_seconds"])
+    # kfp.local runs independent tasks (the judge; the reward model and PPO) in either order; the dependencies are fixed
+    expected = ["validate config", "prepare data", "SFT", "judge", "reward model", "PPO", "evaluate", "report"]
+    assert sorted(steps) == sorted(expected)
+    assert steps[:3] == ["validate config", "prepare data", "SFT"] and steps[-2:] == ["evaluate", "report"]
+    assert steps.index("reward model") < steps.index("PPO")
     assert all(s > 0 for s in summary["step_seconds"].values())
 
 
@@ -197,8 +194,9 @@ def test_dpo_branch(tmp_path, tiny_model_dir, beer_posts):
     summary = local_run.run_local(cfg)
     steps = list(summary["step_seconds"])
     # kfp.local runs independent tasks (the judge, the reward model) in either order; the dependencies are fixed
-    assert sorted(steps) == sorted(["prepare data", "SFT", "judge", "reward model", "DPO", "evaluate", "report"])
-    assert steps[0] == "prepare data" and steps[-2:] == ["evaluate", "report"]
+    expected = ["validate config", "prepare data", "SFT", "judge", "reward model", "DPO", "evaluate", "report"]
+    assert sorted(steps) == sorted(expected)
+    assert steps[:2] == ["validate config", "prepare data"] and steps[-2:] == ["evaluate", "report"]
     assert steps.index("SFT") < steps.index("DPO") and steps.index("reward model") < steps.index("DPO")
     policy = MlflowClient(tracking_uri=cfg.tracking()).get_model_version_by_alias("rlhf-policy", "challenger")
     assert policy.tags.get("algorithm") == "dpo" and policy.tags["kfp_run_id"] == summary["run"]

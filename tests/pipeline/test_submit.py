@@ -48,7 +48,7 @@ def test_params_are_typed_by_the_pipeline_definition():
         ("sft_config=[1]", "expected a JSON struct"),
         ("sft_config={bad", "expected a JSON struct"),
         ("report_samples=true", "number_integer"),
-        ("alignment=rlaif", "ppo or dpo"),
+        ("alignment=rlaif", "ppo, dpo, both"),
     ],
 )
 def test_bad_params(pair, message):
@@ -74,7 +74,7 @@ def test_without_definitions_values_are_json_or_strings():
     }
     with pytest.raises(UserError, match="NAME=VALUE"):
         parse_params(["=3"])
-    with pytest.raises(UserError, match="ppo or dpo"):
+    with pytest.raises(UserError, match="ppo, dpo, both"):
         parse_params(["alignment=rlaif"])
 
 
@@ -195,3 +195,77 @@ def test_server_errors_become_one_line(package):
             params={},
             client=Denied(),
         )
+
+
+@pytest.fixture
+def kfp_api():
+    """A stand-in Kubeflow Pipelines API on 127.0.0.1 that answers its health check and records every request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rlhf_pipeline.orchestration.kfp_client import HEALTHZ
+
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            requests.append(f"{self.command} {self.path}")
+            self.send_response(200 if self.path == HEALTHZ else 500)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--param", 'sft_config={"max_seq_length": 1024}'], "sft_config: unknown option max_seq_length"),
+        (["--param", "ppo_steps=-1"], "ppo_steps: Input should be greater than 0 (got -1)"),
+        (["--params-file", "PARAMS"], "evaluate_config: unknown option max_question"),
+        (["--param", "sft_max_steps=1.5"], "--param sft_max_steps: expected a JSON number_integer"),
+    ],
+)
+def test_a_bad_stage_option_is_refused_before_anything_is_uploaded(kfp_api, tmp_path, args, message):
+    from pipelines.rlhf_pipeline import COMPILED
+
+    host, requests = kfp_api
+    params = tmp_path / "params.yaml"
+    params.write_text("alignment: dpo\nevaluate_config: {max_question: 3}\n")
+    args = [str(params) if a == "PARAMS" else a for a in args]
+    proc = subprocess.run(
+        [RLHF, "submit", "--host", host, "--package", str(COMPILED), *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf submit: error:") and message in lines[0], proc.stderr
+    from rlhf_pipeline.orchestration.kfp_client import HEALTHZ
+
+    assert set(requests) <= {f"GET {HEALTHZ}"}  # the health check at most: nothing uploaded, no run
+
+
+def test_params_file_values_are_typed_and_param_wins_over_them(tmp_path):
+    from rlhf_pipeline.orchestration.pipeline_params import check_run_arguments, read_params_file
+
+    params = tmp_path / "params.yaml"
+    params.write_text("alignment: dpo\nsft_max_steps: 40\nsft_config: {lora_r: 16}\n")
+    known = {**KNOWN, "sft_max_steps": {"parameterType": "NUMBER_INTEGER", "defaultValue": 0.0}}
+    args = parse_params(["sft_max_steps=50"], known, base=read_params_file(params))
+    assert args == {"alignment": "dpo", "sft_max_steps": 50, "sft_config": {"lora_r": 16}}
+    # sft_seq_length is not in `known` here: its pipeline default (512) applies, as in the run
+    assert check_run_arguments(args, known)["sft"] == {"lora_r": 16, "max_steps": 50, "seq_length": 512}
+    params.write_text("report_samples: many\n")
+    with pytest.raises(UserError, match="report_samples: expected a JSON number_integer"):
+        parse_params([], KNOWN, base=read_params_file(params))
+    params.write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        read_params_file(params)
