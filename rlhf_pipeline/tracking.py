@@ -81,11 +81,13 @@ RETRY_EVERY_S = 10.0
 
 def bound_http_requests() -> None:
     """MLflow's HTTP timeout and retries bounded, unless the environment already chose them; the SQLite store's
-    table-creation chatter silenced (it would precede a one-line error)."""
+    table-creation chatter silenced (it would precede a one-line error); and MLflow's "View run at" lines kept off
+    stdout, which holds the stage's JSON summary (`rlhf sft ... | jq` must parse)."""
     import logging
 
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # (and the system-metrics sampler's start/stop lines, on every stage)
     for logger in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics"):
         logging.getLogger(logger).setLevel(logging.WARNING)

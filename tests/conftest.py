@@ -18,6 +18,16 @@ SHARED = Path(os.environ.get("RLHF_SHARED_DIR") or REPO.parent / "shared")
 BEER_POSTS = SHARED / "data" / "stackexchange" / "beer.stackexchange.com" / "Posts.xml"
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test leaves os.environ as it found it: code under test sets variables (MLflow's HTTP bounds, a
+    tracking URI for the steps) that would otherwise reach every later test, and make its result depend on order."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def beer_posts() -> Path:
     if not BEER_POSTS.is_file():

@@ -81,3 +81,23 @@ def test_prepare_data_without_a_tracking_target_writes_no_store(tmp_path, beer_p
     run_prepare_data(PrepareDataConfig(input=str(beer_posts), output=str(tmp_path / "data"), rl_max_pairs=4))
     assert (tmp_path / "data" / "rl.parquet").is_file()
     assert not list(tmp_path.glob("mlflow.db*")) and not (tmp_path / "mlartifacts").exists()
+
+
+def test_stdout_holds_only_the_json_summary_when_tracking_to_a_server(
+    tmp_path, beer_posts, mlflow_server, capsys, monkeypatch
+):
+    """MLflow writes "View run ... at: URL" to stdout when a run against a server ends: a stage's stdout is its
+    JSON summary, which a script pipes into jq."""
+    import pytest
+
+    from rlhf_pipeline.cli import main
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["prepare-data", "--input", str(beer_posts), "--output", str(tmp_path / "out"), "--finetune-max-pairs", "8"]
+        )
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["stage"] == "prepare_data"  # nothing before or after the JSON
