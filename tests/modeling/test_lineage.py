@@ -126,7 +126,7 @@ def test_finish_stage_records_lineage(tiny_model_dir, tmp_path):
     (out / "adapter" / "lineage.json").unlink()
     (out / "merged" / "lineage.json").unlink()
     assert trained_on(out / "adapter", tiny_model_dir) is None
-    run = SimpleNamespace(register=lambda *a, **k: None, log_dict=lambda *a, **k: None)
+    run = SimpleNamespace(register_enabled=False, register=lambda *a, **k: None, log_dict=lambda *a, **k: None)
     accelerator = SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
     finish_stage(accelerator, run, "reward", str(out), {}, lambda: (out / "adapter", out / "merged"))
     assert trained_on(out / "adapter", tiny_model_dir) is True

@@ -110,7 +110,7 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == pol_v.version
     assert result["challenger"] == f"rlhf-policy/{pol_v.version}"
     # the gates' verdict on the challenger version (it carries no gate tags here: every gate fails closed)
-    assert [r["passed"] for r in result["gates"]["results"]] == [False] * 4
+    assert [r["passed"] for r in result["gates"]["results"]] == [False] * 5
     assert summary.metadata == {"rm/accuracy": 0.75, "eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}
     text = Path(md.path).read_text()
     assert "| rm/accuracy | 0.75 |" in text and "Which beer 1?" in text and "Which beer 2?" not in text

@@ -15,7 +15,7 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.results import RegisteredVersion, StageResult
 from rlhf_pipeline.tracking import SOURCE_RUN_TAG, check_policy_versions
 
-GOOD = {"rm/accuracy": 0.72, "eval/kl": 4.0, "eval/win_rate": 0.61, "eval/reward_mean": 1.5}
+GOOD = {"rm/accuracy": 0.72, "eval/kl": 4.0, "eval/win_rate": 0.61, "eval/judge_win_rate": 0.6, "eval/reward_mean": 1.5}
 
 
 @pytest.fixture()

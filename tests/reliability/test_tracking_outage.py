@@ -133,9 +133,9 @@ def test_the_system_metrics_sampler_neither_hangs_nor_crashes_a_stage_in_an_outa
         assert _sampler_threads()
         server.kill()
         run.log_metrics({"sft/loss": 2.0}, step=2)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # seconds on a loaded 2-core machine: bounded retries, then it stops
         while _sampler_threads():  # it gives up on a dead server (one warning line), it does not spin or raise
-            assert time.monotonic() < deadline, "the sampler thread outlived the server by 30 s"
+            assert time.monotonic() < deadline, "the sampler thread outlived the server by 90 s"
             time.sleep(0.2)
         server.start()
         run.log_metrics({"sft/loss": 3.0}, step=3)
