@@ -30,7 +30,9 @@ def best_of_n_curve(
     sft_judge: Sequence[float] | None,
 ) -> list[dict[str, float]]:
     """One row per n: proxy[q][i], judge[q][i], lengths[q][i] are sample i of question q; sft_judge[q] is the judge
-    score of SFT's evaluated answer to q (the win-rate's opponent)."""
+    score of SFT's evaluated answer to q (the win-rate's opponent). `judge_reward_gain` is the judge reward minus
+    SFT's on these questions: best-of-n may run on fewer questions than the policies (`best_of_n_questions`), whose
+    means are then not comparable, while paired gains are."""
     num_samples = len(proxy[0])
     rows = []
     for n in sizes(num_samples):
@@ -47,7 +49,9 @@ def best_of_n_curve(
                     for w, j in zip(weights, judge[q])
                 )
         row = {"n": float(n), **{k: v / len(proxy) for k, v in totals.items()}, "kl_bound": best_of_n_bound(n)}
-        if judge is None:
+        if judge is None or sft_judge is None:
             del row["judge_reward_mean"], row["judge_win_rate"]
+        else:  # against SFT on the SAME questions: comparable with a policy's gain on every question
+            row["judge_reward_gain"] = row["judge_reward_mean"] - sum(sft_judge) / len(sft_judge)
         rows.append(row)
     return rows

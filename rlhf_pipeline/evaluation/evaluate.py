@@ -274,7 +274,8 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
         summary_models = {name: summarize(r, results[SFT]) for name, r in results.items()}
         challenger = choose_challenger(summary_models)
-        y_keys = ("judge_reward_mean", "judge_win_rate") if judge else ("reward_mean", "win_rate")
+        # paired against SFT on the same questions: best-of-n may cover fewer questions than the policies
+        y_keys = ("judge_reward_gain", "judge_win_rate") if judge else ("reward_mean", "win_rate")
         matched = {y: matched_kl(summary_models, y) for y in y_keys}
         plot(summary_models, best_of_n, out / "frontier.png", y_keys)
         import mlflow

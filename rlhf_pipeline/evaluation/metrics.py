@@ -34,6 +34,7 @@ def summarize(r: dict, sft: dict) -> dict[str, float | None]:
     `log_ratios`; `judge` is None without a judge model):
       reward_mean / win_rate              the proxy reward model's (normalized) score, win-rate vs SFT (ties 0.5)
       judge_reward_mean / judge_win_rate  the same by the independent judge, with the Wilson 95 % interval
+      judge_reward_gain                   judge reward minus SFT's on the same questions (the frontier's y)
       judge_win_rate_lc                   length-controlled judge win-rate (logistic fit on the length difference)
       kl, kl_low, kl_high                 mean over answers of the summed per-position KL(pi || pi_SFT) and its t
                                           interval (by the chain rule its mean is the sequence KL)
@@ -64,6 +65,7 @@ def summarize(r: dict, sft: dict) -> dict[str, float | None]:
         diff = [a - b for a, b in zip(r["lengths"], sft["lengths"])]
         out.update(
             judge_reward_mean=sum(r["judge"]) / n,
+            judge_reward_gain=(sum(r["judge"]) - sum(sft["judge"])) / n,
             judge_win_rate=judged.value,
             judge_win_low=judged.low,
             judge_win_high=judged.high,

@@ -92,12 +92,14 @@ def report_markdown(
             + (f", the first {cfg.best_of_n_questions} questions" if getattr(cfg, "best_of_n_questions", None) else "")
             + "; n picked by the proxy; KL estimated from the samples, next to the log n - (n-1)/n bound):",
             "",
-            "| n | proxy reward | judge reward | judge win-rate | KL (estimate) | KL bound | length |",
-            "|---|---|---|---|---|---|---|",
+            "| n | proxy reward | judge reward | judge gain over SFT (same questions) | judge win-rate | KL (estimate) "
+            "| KL bound | length |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in best_of_n:
             lines.append(
                 f"| {int(r['n'])} | {r['reward_mean']:.3f} | {_num(r.get('judge_reward_mean')) if has_judge else '-'} "
+                f"| {_num(r.get('judge_reward_gain')) if has_judge else '-'} "
                 f"| {_num(r.get('judge_win_rate')) if has_judge else '-'} | {r['kl']:.3f} | {r['kl_bound']:.3f} "
                 f"| {r['response_length']:.1f} |"
             )

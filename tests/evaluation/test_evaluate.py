@@ -108,6 +108,8 @@ def test_evaluate_sft_against_policies(
     judge_of = {(line["model"], line["question"]): line["judge"] for line in lines}
     ppo_judge = [judge_of[("ppo", q)] for q in dict.fromkeys(line["question"] for line in lines)]
     assert models["ppo"]["judge_reward_mean"] == pytest.approx(sum(ppo_judge) / 4)
+    sft_judge = [judge_of[("sft", q)] for q in dict.fromkeys(line["question"] for line in lines)]
+    assert models["ppo"]["judge_reward_gain"] == pytest.approx((sum(ppo_judge) - sum(sft_judge)) / 4)
     assert [judge_of[k] for k in judge_of] != [line["reward"] for line in lines]  # the judge is not the proxy
     # wins / ties / losses by the judge, per question, against SFT's answer to the same question
     asked = list(dict.fromkeys(line["question"] for line in lines))

@@ -39,6 +39,7 @@ def test_best_of_n_curve_by_hand(tmp_path):
     assert two["reward_mean"] == pytest.approx(0.75)
     assert two["judge_reward_mean"] == pytest.approx(0.75 * -1 + 0.25 * 2)
     assert two["judge_win_rate"] == pytest.approx(0.25) and two["response_length"] == pytest.approx(12.5)
+    assert two["judge_reward_gain"] == pytest.approx(-0.25 - 0.0)  # minus SFT's judge score on the same question
     assert two["kl"] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
     assert two["kl_bound"] == pytest.approx(math.log(2) - 0.5)
     png = plot(
@@ -72,3 +73,11 @@ def test_a_kept_checkpoint_is_the_policy_at_that_step(tiny_model_dir, ppo_stage_
     assert torch.allclose(got(ids).logits, expected(ids).logits, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.allclose(got(ids).logits, base(ids).logits, atol=1e-3)
+
+
+def test_best_of_n_gain_is_paired_with_sft_on_its_own_questions():
+    """Best-of-n on the first questions only: its mean would mix in how easy those questions are; the gain over
+    SFT's answers to the same questions does not (two questions, SFT scored 3 and -1 there)."""
+    rows = best_of_n_curve(proxy=[[0.0], [0.0]], judge=[[4.0], [0.0]], lengths=[[5], [5]], sft_judge=[3.0, -1.0])
+    assert rows[0]["judge_reward_mean"] == pytest.approx(2.0)
+    assert rows[0]["judge_reward_gain"] == pytest.approx(2.0 - 1.0)

@@ -294,9 +294,10 @@ def test_ppo_two_processes_one_job_and_resume(tiny_model_dir, reward_model_dir, 
     assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "ppo/reward_mean")] == [1, 2, 3, 4]
     tables = [a.path for a in client.list_artifacts(runs[0].info.run_id, "generations")]
-    assert len(tables) == 3  # the first step, 2 and 4, each with the whole global batch
+    assert tables == ["generations/samples.json"]  # one long table: step, question, model, response, reward
     table = json.loads(Path(client.download_artifacts(runs[0].info.run_id, tables[0], str(tmp_path))).read_text())
-    assert len(table["data"]) == 4
+    steps = [row[table["columns"].index("step")] for row in table["data"]]
+    assert steps == [1] * 4 + [2] * 4 + [4] * 4  # the first step, 2 and 4, each with the whole global batch
     assert [str(v.version) for v in client.search_model_versions("name='rlhf-policy'")] == ["1"]
     straight_weights = rank_weights(straight_dumps, "ppo")
     assert_ranks_identical(straight_weights)
