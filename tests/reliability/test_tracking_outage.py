@@ -120,26 +120,32 @@ def _sampler_threads() -> list:
 
 
 def test_the_system_metrics_sampler_neither_hangs_nor_crashes_a_stage_in_an_outage(server, monkeypatch, capsys):
-    """Stage runs sample system metrics (MLflow's sampler thread): with the server killed mid-run the sampler
-    stops by itself within seconds, the stage's own metrics are still buffered and sent, the run ends normally."""
+    """Stage runs sample system metrics (MLflow's sampler thread): with the server killed mid-run the sampler's
+    failures stay in its own thread (warnings, no exception in the stage), the stage's own metrics are buffered and
+    sent when the server is back, the run ends normally and in bounded time, and no sampler outlives it."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setattr(tracking, "RETRY_EVERY_S", 0.0)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     cfg = TrackingOptions(tracking_uri=server.uri, experiment_name="outage")
+    others = set(_sampler_threads())  # samplers of earlier tests' runs in this process are not this run's
+    ours = lambda: [t for t in _sampler_threads() if t not in others]  # noqa: E731
     with stage_run(cfg, "sft") as run:
         run.log_metrics({"sft/loss": 1.0}, step=1)
         time.sleep(1.0)  # a few samples (MLflow batches them: they reach the server at the latest when the run ends)
-        assert _sampler_threads()
+        assert ours()
         server.kill()
         run.log_metrics({"sft/loss": 2.0}, step=2)
-        deadline = time.monotonic() + 90  # seconds on a loaded 2-core machine: bounded retries, then it stops
-        while _sampler_threads():  # it gives up on a dead server (one warning line), it does not spin or raise
-            assert time.monotonic() < deadline, "the sampler thread outlived the server by 90 s"
-            time.sleep(0.2)
+        time.sleep(3.0)  # the sampler meets the dead server: its errors must not reach the stage
         server.start()
         run.log_metrics({"sft/loss": 3.0}, step=3)
         assert run.pending == []
+        ending = time.monotonic()
+    assert time.monotonic() - ending < 60  # ending the run (the sampler stopped, its last batch sent) does not hang
+    deadline = time.monotonic() + 30
+    while ours():
+        assert time.monotonic() < deadline, "a system-metrics sampler outlived its run by 30 s"
+        time.sleep(0.2)
     history = MlflowClient(tracking_uri=server.uri).get_metric_history(run.run_id, "sft/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
     finished = MlflowClient(tracking_uri=server.uri).get_run(run.run_id)
