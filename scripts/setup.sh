@@ -6,27 +6,24 @@
 #   scripts/setup.sh screenshots   headless Chromium (Debian's package) for scripts/mlflow_screenshots.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = screenshots ]; then
-  # Debian's chromium (a browser build of its own cannot be downloaded here); fonts so the UI's text renders.
-  tools="chromium fonts-dejavu-core"
-  missing=$(for t in $tools; do dpkg-query -W -f='${Status}' "$t" 2> /dev/null | grep -q "ok installed" || echo "$t"; done)
-  [ -z "$missing" ] && exit 0
+apt_install() {  # the Debian packages given that are not installed yet, from the machine's apt sources
+  missing=$(for t in "$@"; do dpkg-query -W -f='${Status}' "$t" 2> /dev/null | grep -q "ok installed" || echo "$t"; done)
+  [ -z "$missing" ] && return 0
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   # shellcheck disable=SC2086  # word splitting of the package list is intended
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing > /dev/null \
     || { echo "setup: could not install $missing (apt-get, as root)" >&2; exit 1; }
+}
+if [ "${1:-}" = screenshots ]; then
+  # Debian's chromium (a browser build of its own cannot be downloaded here); fonts so the UI's text renders.
+  apt_install chromium fonts-dejavu-core
   exit 0
 fi
 if [ "${1:-}" = images ]; then
   # podman (4.3 on bookworm) with runc (crun 1.8 fails on hybrid cgroups), buildah/skopeo, mmdebstrap for a
   # base image without a registry, uidmap for user namespaces. See ../shared/containers.md.
-  tools="podman buildah skopeo mmdebstrap runc uidmap conmon netavark aardvark-dns catatonit containernetworking-plugins"
-  missing=$(for t in $tools; do dpkg-query -W -f='${Status}' "$t" 2> /dev/null | grep -q "ok installed" || echo "$t"; done)
-  [ -z "$missing" ] && exit 0
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  # shellcheck disable=SC2086  # word splitting of the package list is intended
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing > /dev/null \
-    || { echo "setup: could not install $missing (apt-get, as root)" >&2; exit 1; }
+  apt_install podman buildah skopeo mmdebstrap runc uidmap conmon netavark aardvark-dns catatonit \
+    containernetworking-plugins
   exit 0
 fi
 PY=${PYTHON:-python3}
