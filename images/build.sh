@@ -163,10 +163,22 @@ cmd_push() {
 
 DEBIAN_BASE=localhost/rlhf-debian-base
 
+# A build from empty storage peaks at ~6.3 GiB on the disk (2.3 GiB of images once done: a layer's container and
+# its committed copy coexist while podman commits it); layers already in the storage are reused, not rewritten.
+# Checked up front: a full disk otherwise surfaces minutes later as podman's "no space left on device".
+check_free_disk() {
+  local need_mb=$((${RLHF_IMAGES_MIN_FREE_GB:-7} * 1024)) free_mb have_mb
+  free_mb=$(df -Pm "$RLHF_IMAGES_WORKDIR" | awk 'NR == 2 {print $4}')
+  have_mb=$(du -sm "$RLHF_IMAGES_WORKDIR/storage" 2> /dev/null | cut -f1)
+  [ $((free_mb + ${have_mb:-0})) -ge "$need_mb" ] \
+    || die "$RLHF_IMAGES_WORKDIR: ${free_mb} MiB free, a build from empty storage needs ~$need_mb MiB (free some disk, point RLHF_IMAGES_WORKDIR elsewhere, or set RLHF_IMAGES_MIN_FREE_GB)"
+}
+
 local_setup() {  # podman env, build context (HEAD + the extracted requirements), common podman build args
   # shellcheck source=images/podman-env.sh
   . "$here/podman-env.sh"
   command -v podman > /dev/null || die "podman is not installed (scripts/setup.sh images installs it)"
+  check_free_disk
   ctx="$RLHF_IMAGES_WORKDIR/context"
   rm -rf "$ctx" && mkdir -p "$ctx"
   git -C "$root" archive --format=tar HEAD | tar -x -C "$ctx"

@@ -440,3 +440,25 @@ def test_default_base_image_is_resolved_on_use(monkeypatch, tmp_path):
         images_mod.DEFAULT_BASE_IMAGE  # noqa: B018
     monkeypatch.setenv(images_mod.IMAGES_FILE_ENV, str(write_images(tmp_path, ops={"name": "rlhf-ops"})))
     assert images_mod.DEFAULT_BASE_IMAGE == "host:5000/team/rlhf-ops:abc123"
+
+
+def test_local_build_refuses_a_disk_too_full_before_building(repo_copy, tmp_path):
+    """Not enough free disk for a build from empty storage: one line naming the free and needed MiB, exit 2, and
+    podman never asked to build (CI once ran out of disk minutes into `podman build`)."""
+    repo, env, log = repo_copy
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    podman = bin_dir / "podman"
+    podman.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    podman.chmod(0o755)
+    env = {
+        **env,
+        "PATH": f"{bin_dir}:{env['PATH']}",
+        "RLHF_IMAGES_WORKDIR": str(tmp_path / "work"),
+        "RLHF_IMAGES_MIN_FREE_GB": str(10**9),  # more than any disk
+    }
+    r = subprocess.run(["bash", str(repo / "images/build.sh"), "local", "t1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2
+    error = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "MiB free" in error[0] and str(10**9 * 1024) in error[0], r.stderr
+    assert not log.exists() or "build" not in log.read_text()
