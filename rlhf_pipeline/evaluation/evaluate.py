@@ -120,14 +120,16 @@ class EvaluateConfig(ModelOptions, TrackingOptions, GenerationOptions):
         return specs
 
 
-def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig, do_sample: bool | None = None):
-    """(response texts, response lengths, rollouts) with the same settings and seed for every model."""
+def generate_answers(
+    model, tokenizer, prompt_ids: list[list[int]], cfg: EvaluateConfig, do_sample: bool | None = None, progress=None
+):
+    """Yields (first row, response texts, response lengths, rollout) per batch of `cfg.batch_size` prompts, with
+    the same settings and seed for every model; `progress` (a tqdm bar) advances by one per batch."""
     import torch
 
     from rlhf_pipeline.modeling.generation import decode_responses, eos_token_ids, sample_responses
 
     torch.manual_seed(cfg.seed)  # same sampling noise for every model
-    texts, lengths, rollouts = [], [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):
         rollout = sample_responses(
             model,
@@ -141,10 +143,9 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: Evaluat
             top_k=cfg.top_k,
             backend=cfg.generation_backend,
         )
-        texts.extend(decode_responses(tokenizer, rollout))
-        lengths.extend(rollout.response_lengths().tolist())
-        rollouts.append(rollout)
-    return texts, lengths, rollouts
+        yield i, decode_responses(tokenizer, rollout), rollout.response_lengths().tolist(), rollout
+        if progress is not None:
+            progress.update(1)
 
 
 def choose_challenger(models: dict[str, dict[str, Any]]) -> str | None:
@@ -181,6 +182,8 @@ def log_figures(models: dict[str, dict[str, Any]], results: dict[str, dict[str, 
 
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import tempfile
+
+    from tqdm.auto import tqdm
 
     from rlhf_pipeline.batching.tokenize import encode_prompts
     from rlhf_pipeline.modeling.loading import load_causal_lm, load_tokenizer
@@ -241,36 +244,54 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             return scorer_.normalize(raw).tolist()
 
         results: dict[str, dict[str, Any]] = {}
-        for ref in [ModelRef(SFT, sft_path, None), *refs]:
+        models = [ModelRef(SFT, sft_path, None), *refs]
+        k = cfg.best_of_n if cfg.best_of_n > 1 else 0
+        m = min(cfg.best_of_n_questions or len(questions), len(questions)) if k else 0
+        batches = -(-len(prompt_ids) // cfg.batch_size) * len(models) + -(-m * k // cfg.batch_size)
+        # one bar over every generation batch (each: generate, KL against SFT, proxy + judge scores): the step's
+        # progress line in `rlhf run` ("evaluate 12/40 · ETA ..."), the model in its postfix
+        progress = tqdm(total=batches, desc="evaluate", unit="batch")
+        for ref in models:
+            progress.set_postfix_str(ref.name)
             model = reference if ref.name == SFT else load(ref.path)
-            texts, lengths, rollouts = generate_answers(model, tokenizer, prompt_ids, cfg)
-            if ref.name == SFT:
-                kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
-            else:
-                kls, log_ratios = kl_to_reference(model, reference, rollouts)
-            results[ref.name] = {
-                "responses": texts,
-                "scores": score(scorer, questions, texts),
-                "judge": score(judge, questions, texts) if judge else None,
-                "lengths": lengths,
-                "kls": kls,
-                "log_ratios": log_ratios,
-                "ref": ref,
-            }
+            r = {k_: [] for k_ in ("responses", "scores", "lengths", "kls", "log_ratios")}
+            r["judge"] = [] if judge else None
+            for first, texts, lengths, rollout in generate_answers(
+                model, tokenizer, prompt_ids, cfg, progress=progress
+            ):
+                qs = questions[first : first + len(texts)]
+                if ref.name == SFT:
+                    kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
+                else:
+                    kls, log_ratios = kl_to_reference(model, reference, [rollout])
+                r["responses"] += texts
+                r["lengths"] += lengths
+                r["kls"] += kls
+                r["log_ratios"] += log_ratios
+                r["scores"] += score(scorer, qs, texts)
+                if judge:
+                    r["judge"] += score(judge, qs, texts)
+            results[ref.name] = {**r, "ref": ref}
             if model is not reference:
                 del model
 
         best_of_n: list[dict[str, float]] = []
-        if cfg.best_of_n > 1:  # N SFT samples per question, drawn once; every n is read off them
-            k, m = cfg.best_of_n, min(cfg.best_of_n_questions or len(questions), len(questions))
+        if k:  # k SFT samples per question, drawn once; every n is read off them
+            progress.set_postfix_str(f"best-of-{k}")
             repeated = [ids for ids in prompt_ids[:m] for _ in range(k)]
-            texts, lengths, _ = generate_answers(reference, tokenizer, repeated, cfg, do_sample=True)
             qs = [q for q in questions[:m] for _ in range(k)]
-            proxy = score(scorer, qs, texts)
-            judged = score(judge, qs, texts) if judge else None
+            proxy, judged, lengths = [], [] if judge else None, []
+            for first, texts, lens, _ in generate_answers(
+                reference, tokenizer, repeated, cfg, do_sample=True, progress=progress
+            ):
+                proxy += score(scorer, qs[first : first + len(texts)], texts)
+                if judge:
+                    judged += score(judge, qs[first : first + len(texts)], texts)
+                lengths += lens
             per_q = lambda xs: [xs[i * k : (i + 1) * k] for i in range(m)]  # noqa: E731
             sft_judge = results[SFT]["judge"][:m] if judge else None
             best_of_n = best_of_n_curve(per_q(proxy), per_q(judged) if judged else None, per_q(lengths), sft_judge)
+        progress.close()
 
         summary_models = {name: summarize(r, results[SFT]) for name, r in results.items()}
         challenger = choose_challenger(summary_models)

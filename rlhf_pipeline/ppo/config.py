@@ -21,6 +21,18 @@ class PPOConfig(TrainingOptions, GenerationOptions):
     steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
     batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
     mini_batch_size: int = Field(8, gt=0, description="Responses per PPO optimizer step.")
+    samples_per_prompt: int = Field(
+        1,
+        gt=0,
+        description="Responses sampled per prompt in a step (batch_size counts responses: batch_size / this "
+        "prompts per step, each answered this many times).",
+    )
+    reward_baseline: Literal["none", "leave_one_out"] = Field(
+        "none",
+        description="leave_one_out: each response's score minus the mean score of the other responses to its prompt "
+        "(RLOO's baseline; needs samples_per_prompt >= 2), so the reward's spread between questions, which no "
+        "answer can change, stays out of the advantages. The logged rewards stay the scores.",
+    )
     rollout_batch_size: int | None = Field(
         None,
         gt=0,
@@ -71,6 +83,12 @@ class PPOConfig(TrainingOptions, GenerationOptions):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is not a multiple of samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if self.reward_baseline == "leave_one_out" and self.samples_per_prompt < 2:
+            raise ValueError("reward_baseline leave_one_out needs samples_per_prompt >= 2 (the other answers)")
         return self
 
     def rollout_chunk(self) -> int:

@@ -27,9 +27,11 @@ def step_prompts(
     step: int, questions: list[str], prompt_ids: list[list[int]], cfg, process_index: int = 0, num_processes: int = 1
 ) -> tuple[list[str], list[list[int]]]:
     """The questions of PPO step `step` and their encoded prompts: this process's share of the step's
-    `cfg.batch_size` prompts (the global batch), contiguous and in rank order, so gathering the processes' shares
-    gives the 1-process batch back."""
-    batch = prompt_indices(step, cfg.batch_size, len(questions), cfg.seed)
+    `cfg.batch_size` rows (the global batch: batch_size / samples_per_prompt prompts, each repeated
+    samples_per_prompt times in a row), contiguous and in rank order, so gathering the processes' shares gives the
+    1-process batch back."""
+    k = getattr(cfg, "samples_per_prompt", 1)  # each prompt k times in a row: a group never spans two processes
+    batch = [i for i in prompt_indices(step, cfg.batch_size // k, len(questions), cfg.seed) for _ in range(k)]
     share = len(batch) // num_processes
     batch = batch[process_index * share : (process_index + 1) * share]
     return [questions[i] for i in batch], [prompt_ids[i] for i in batch]

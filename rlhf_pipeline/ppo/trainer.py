@@ -7,7 +7,8 @@ One model in memory: the SFT weights with a trainable LoRA adapter are the polic
 adapter disabled are the frozen reference; a value head on the policy's last hidden states is the critic. The
 algorithm reads top to bottom in this file; each PPO step (numbered as in the code) calls one role module:
   (1) sample a response per prompt          rollout.sample_rollout (KV cache, left-padded; length per step)
-  (2) score it                              rewards.score_responses (normalized reward; clip; no-EOS penalty)
+  (2) score it                              rewards.score_responses (normalized reward; clip; no-EOS penalty);
+                                            optionally minus the prompt's other answers' mean (leave-one-out)
   (3) reference and old log-probs + values  policy: reference_logprobs (adapter off), old_outputs (adapter on)
   (4) per-token KL penalty + final reward   losses.kl_penalty, per_token_rewards; adaptive KL coefficient
   (5) GAE advantages, whitened              losses.gae_advantages, masked_whiten
@@ -64,6 +65,7 @@ from rlhf_pipeline.training.losses import (
     explained_variance,
     gae_advantages,
     kl_penalty,
+    leave_one_out_baseline,
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
@@ -94,6 +96,11 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
         raise UserError(
             f"--batch-size ({cfg.batch_size}) and --mini-batch-size ({cfg.mini_batch_size}) must be multiples of "
             f"the number of processes ({world}): each process samples and trains on an equal share"
+        )
+    if (cfg.batch_size // world) % cfg.samples_per_prompt:
+        raise UserError(
+            f"--batch-size ({cfg.batch_size}) / {world} processes is not a multiple of --samples-per-prompt "
+            f"({cfg.samples_per_prompt}): a prompt's answers must all be sampled on one process"
         )
     # This process's share of every step's batch and minibatch (the whole of them with one process).
     local_cfg = (
@@ -142,7 +149,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
                 step, questions, prompt_ids, cfg, accelerator.process_index, world
             )
 
-            # (1) Sample one response per prompt, of a length drawn per step from (seed, step).
+            # (1) Sample samples_per_prompt responses per prompt, of a length drawn per step from (seed, step).
             with clock("generate"), accelerator.autocast(), process_rng(accelerator, cfg.seed, step):
                 rollout, responses = sample_rollout(model, tokenizer, batch_prompts, step, cfg)
             mask = rollout.response_mask.float()  # [B, R]
@@ -150,6 +157,12 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
             # (2) Score: the reward model at the last real token (normalized); optional clip and no-EOS penalty.
             with clock("score"), accelerator.autocast():
                 raw_scores, scores = score_responses(reward, batch_questions, responses, rollout, cfg)
+            # what the advantages see: the scores, or each minus its prompt's other answers' mean (RLOO's baseline)
+            baselined = (
+                leave_one_out_baseline(scores, cfg.samples_per_prompt)
+                if cfg.reward_baseline == "leave_one_out"
+                else scores
+            )
 
             # (3) Reference log-probs (adapter disabled, no grad), old log-probs + values (adapter on), in chunks of
             # rollout_batch_size rows. With one minibatch per epoch and no chunking the old pass IS the first
@@ -163,7 +176,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None, *, on_step=None) -> StageResult:
 
             # (4) Per-token KL penalty; the score is added at the last real token.
             kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # [B, R]
-            rewards = per_token_rewards(scores, kl, kl_ctl.value, mask)  # [B, R]
+            rewards = per_token_rewards(baselined, kl, kl_ctl.value, mask)  # [B, R]
 
             # (5) GAE advantages, whitened over the real tokens of the whole (global) batch.
             advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)

@@ -100,6 +100,19 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
 # ------------------------------------------------------------------------------------------------------------
 
 
+def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's baseline (Ahmadian et al., 2024): each response's score minus the mean score of the OTHER responses
+    to the same prompt. scores [B] in consecutive groups of `group_size` (B = prompts x group_size) -> [B].
+
+    s_i - (sum_g - s_i) / (k - 1) = (k * s_i - sum_g) / (k - 1): what differs between questions (some questions
+    score higher whatever is answered) cancels, what an answer does better than its siblings stays.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores are not groups of {group_size} >= 2 responses per prompt")
+    groups = scores.reshape(-1, group_size)
+    return ((group_size * groups - groups.sum(-1, keepdim=True)) / (group_size - 1)).reshape(-1)
+
+
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
     """Ziegler et al.'s reward: -kl_coef * KL on every response token, plus the sequence score on the last real one.
 

@@ -19,6 +19,7 @@ from rlhf_pipeline.training.losses import (
     kl_k1,
     kl_k3,
     kl_penalty,
+    leave_one_out_baseline,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -222,3 +223,22 @@ def test_fixed_kl_controller_never_moves():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 1000)
     assert ctl.value == 0.05
+
+
+def test_leave_one_out_baseline_by_hand():
+    # group 1: sum 10 -> (4 s - 10) / 3; group 2: sum 43 -> (4 s - 43) / 3
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 13.0])
+    expected = torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0, -1.0, -1.0, -1.0, 3.0])
+    torch.testing.assert_close(leave_one_out_baseline(scores, 4), expected)
+    # s_i minus the mean of the others, written out for one entry
+    assert leave_one_out_baseline(scores, 4)[7].item() == pytest.approx(13.0 - (10 + 10 + 10) / 3)
+    # what is the same for every answer to a prompt cancels
+    shifted = scores + torch.tensor([5.0] * 4 + [-7.0] * 4)
+    torch.testing.assert_close(leave_one_out_baseline(shifted, 4), expected)
+    torch.testing.assert_close(leave_one_out_baseline(torch.tensor([3.0, 1.0]), 2), torch.tensor([2.0, -2.0]))
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_leave_one_out_baseline_refuses_what_is_not_groups(group):
+    with pytest.raises(ValueError, match="groups"):
+        leave_one_out_baseline(torch.zeros(8), group)

@@ -606,6 +606,63 @@ def test_toy_reward_rises_with_bounded_kl(peaky_model_dir, data_dir, tmp_path, m
     assert "ppo/curves.png" in [a.path for a in client.list_artifacts(run.info.run_id, "ppo")]
 
 
+def question_only_reward(questions, responses, rollout):
+    """A reward no answer can change: it depends on the question alone."""
+    return [float(len(q) % 7) for q in questions]
+
+
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_leave_one_out_baseline_removes_what_only_the_question_decides(tiny_model_dir, data_dir, tmp_path, baseline):
+    """A score that depends on the question only (and no KL penalty): with leave_one_out every advantage is 0, so
+    the policy's LoRA B matrices (initialized at 0) and the value head stay exactly at their start; without the
+    baseline, the between-question spread moves them (the noise the baseline removes from real runs)."""
+    from safetensors.torch import load_file
+
+    cfg = ppo_cfg(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "ppo",
+        steps=1,
+        batch_size=8,
+        mini_batch_size=8,
+        ppo_epochs=1,
+        samples_per_prompt=4,
+        reward_baseline=baseline,
+        init_kl_coef=0.0,
+        adaptive_kl=False,
+    )
+    run_ppo(cfg, reward_fn=question_only_reward)
+    adapter = load_file(tmp_path / "ppo/adapter/adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    value_head = load_file(tmp_path / "ppo/adapter/value_head.safetensors")
+    moved = any(bool(t.abs().max() > 0) for t in lora_b) or any(bool(t.abs().max() > 0) for t in value_head.values())
+    assert lora_b and moved == (baseline == "none")
+
+
+def test_samples_per_prompt_repeats_each_prompt_in_a_row_and_keeps_groups_on_one_process():
+    from types import SimpleNamespace
+
+    from rlhf_pipeline.ppo.rollout import prompt_indices, step_prompts
+
+    questions = [f"q{i}" for i in range(10)]
+    prompt_ids = [[i] for i in range(10)]
+    cfg = SimpleNamespace(batch_size=8, samples_per_prompt=2, seed=3)
+    whole, ids = step_prompts(5, questions, prompt_ids, cfg)
+    assert len(whole) == 8 and len(set(whole)) == 4
+    assert all(whole[i] == whole[i + 1] for i in range(0, 8, 2)) and [q[0] for q in ids] == [int(q[1:]) for q in whole]
+    shares = [step_prompts(5, questions, prompt_ids, cfg, rank, 2)[0] for rank in range(2)]
+    assert shares[0] + shares[1] == whole and not set(shares[0]) & set(shares[1])
+    single = SimpleNamespace(batch_size=4, samples_per_prompt=1, seed=3)
+    assert step_prompts(5, questions, prompt_ids, single)[0] == [questions[i] for i in prompt_indices(5, 4, 10, 3)]
+
+
+def test_samples_per_prompt_options_are_checked(tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        ppo_cfg(tiny_model_dir, data_dir, tmp_path, batch_size=8, mini_batch_size=8, samples_per_prompt=3)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        ppo_cfg(tiny_model_dir, data_dir, tmp_path, reward_baseline="leave_one_out")
+
+
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_ratio_statistics_are_logged_only_when_the_update_can_move_them(
     peaky_model_dir, data_dir, tmp_path, mlflow_sqlite, epochs
