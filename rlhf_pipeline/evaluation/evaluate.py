@@ -245,6 +245,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
         results: dict[str, dict[str, Any]] = {}
         models = [ModelRef(SFT, sft_path, None), *refs]
+        kl_temperature = cfg.temperature if cfg.do_sample else 1.0  # the distributions sampled answers come from
         k = cfg.best_of_n if cfg.best_of_n > 1 else 0
         m = min(cfg.best_of_n_questions or len(questions), len(questions)) if k else 0
         batches = -(-len(prompt_ids) // cfg.batch_size) * len(models) + -(-m * k // cfg.batch_size)
@@ -263,7 +264,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
                 if ref.name == SFT:
                     kls, log_ratios = [0.0] * len(texts), [0.0] * len(texts)
                 else:
-                    kls, log_ratios = kl_to_reference(model, reference, [rollout])
+                    kls, log_ratios = kl_to_reference(model, reference, [rollout], kl_temperature)
                 r["responses"] += texts
                 r["lengths"] += lengths
                 r["kls"] += kls

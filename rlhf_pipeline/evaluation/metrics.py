@@ -6,8 +6,9 @@ from __future__ import annotations
 from rlhf_pipeline.modeling.forward import response_kl
 
 
-def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[float]]:
-    """Per answer, on the policy's own answers: (exact KL, sampled log-ratio).
+def kl_to_reference(policy, reference, rollouts, temperature: float = 1.0) -> tuple[list[float], list[float]]:
+    """Per answer, on the policy's own answers: (exact KL, sampled log-ratio), between the two models'
+    distributions at `temperature` (the sampling temperature: what the answers were drawn from).
 
     exact KL  = sum over answer positions of KL(pi(.|prefix) || pi_ref(.|prefix)), over the whole vocabulary:
                 never negative and valid for greedy answers too.
@@ -17,7 +18,9 @@ def kl_to_reference(policy, reference, rollouts) -> tuple[list[float], list[floa
     """
     exact, log_ratio = [], []
     for r in rollouts:
-        per_position, ratio = response_kl(policy, reference, r.input_ids, r.attention_mask, r.response_start)
+        per_position, ratio = response_kl(
+            policy, reference, r.input_ids, r.attention_mask, r.response_start, temperature=temperature
+        )
         mask = r.response_mask.float()
         exact.extend((per_position * mask).sum(-1).tolist())
         log_ratio.extend((ratio * mask).sum(-1).tolist())

@@ -314,10 +314,12 @@ def response_kl(
     response_start: int,
     *,
     budget: int | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response position [B, R]: (exact KL(pi(.|prefix) || pi_ref(.|prefix)) over the whole vocabulary,
     log pi(y_t) - log pi_ref(y_t)). Both heads run on the same row chunks, so at most two chunks of logits exist
-    at a time rather than two [B, R, V] tensors."""
+    at a time rather than two [B, R, V] tensors. `temperature`: both distributions are softmax(logits / T), the
+    ones answers sampled at T come from and PPO's KL penalty compares at its --temperature."""
     hp, head_p = response_hidden(policy, input_ids, attention_mask, response_start)
     hq, head_q = response_hidden(reference, input_ids, attention_mask, response_start)
     batch, length, width = hp.shape
@@ -328,8 +330,8 @@ def response_kl(
     kls, ratios = [], []
     for start in range(0, hp.shape[0], step):
         rows = slice(start, start + step)
-        logp = head_p(hp[rows]).float().log_softmax(-1)
-        logq = head_q(hq[rows]).float().log_softmax(-1)
+        logp = (head_p(hp[rows]).float() / temperature).log_softmax(-1)
+        logq = (head_q(hq[rows]).float() / temperature).log_softmax(-1)
         kls.append((logp.exp() * (logp - logq)).sum(-1))
         ratios.append((logp.gather(-1, taken[rows]) - logq.gather(-1, taken[rows])).squeeze(-1))
     return torch.cat(kls).view(batch, length), torch.cat(ratios).view(batch, length)

@@ -143,18 +143,22 @@ def test_chunked_head_equals_one_block_values_and_gradients(tok):
         torch.testing.assert_close(g2, g1, atol=2e-5 * scale, rtol=1e-4)
 
 
-def test_response_kl_equals_full_vocabulary_kl(tok):
-    """Evaluation's exact KL in row chunks equals KL of the two models' own log-distributions."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_kl_equals_full_vocabulary_kl(tok, temperature):
+    """Evaluation's exact KL in row chunks equals KL of the two models' own log-distributions at the temperature."""
     policy, reference = _causal_lm(tok, "gemma3_text", seed=0), _causal_lm(tok, "gemma3_text", seed=1)
     seqs = _sequences(tok)
     query, query_mask = pad([p for p, _ in seqs], tok.pad_token_id, "left")
     responses, response_mask = pad([r for _, r in seqs], tok.pad_token_id, "right")
     ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
     start = query.shape[1]
-    kl, ratio = response_kl(policy, reference, ids, mask, start, budget=2 * policy.config.vocab_size)
+    kl, ratio = response_kl(
+        policy, reference, ids, mask, start, budget=2 * policy.config.vocab_size, temperature=temperature
+    )
     with torch.no_grad():
-        logp = policy(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1].float().log_softmax(-1)
-        logq = reference(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1].float().log_softmax(-1)
+        logits_p = policy(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1].float() / temperature
+        logits_q = reference(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1].float() / temperature
+        logp, logq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
     want = (logp.exp() * (logp - logq)).sum(-1)
     real = response_mask.bool()
     torch.testing.assert_close(kl[real], want[real], **TOL)
