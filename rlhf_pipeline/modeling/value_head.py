@@ -15,13 +15,16 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class ValueHead(nn.Module):
     """V(s_t) = w . h_t + b on the last hidden state. Zero-initialized: values start at 0, not at noise."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, trains_backbone: bool = True):
         super().__init__()
+        self.trains_backbone = trains_backbone  # False: the value loss reaches this layer only (input detached)
         self.summary = nn.Linear(hidden_size, 1, dtype=dtype)
         nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
+        if not self.trains_backbone:
+            hidden_states = hidden_states.detach()
         return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
 
     def init_from_score_head(self, score_weight: torch.Tensor, score_bias: torch.Tensor | None = None) -> bool:

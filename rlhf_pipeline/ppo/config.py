@@ -62,6 +62,11 @@ class PPOConfig(TrainingOptions, GenerationOptions):
     cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop the step's epochs when approx-KL exceeds this.")
+    critic_trains_policy: bool = Field(
+        True,
+        description="The value loss also trains the policy's LoRA weights (one shared trunk, as TRL's value-head "
+        "model); off: it trains the value head alone, so the critic's gradient never moves the policy.",
+    )
     value_head_init: Literal["zero", "reward"] = Field(
         "zero", description="Value head start: zeros, or the reward model's score head when the shapes match."
     )

@@ -53,7 +53,11 @@ class PolicyWithValue(nn.Module):
     @classmethod
     def build(cls, base_model, cfg) -> PolicyWithValue:
         policy = trainable_model(base_model, cfg, "CAUSAL_LM")
-        head = ValueHead(base_model.config.hidden_size, dtype=torch.float32)  # fp32 even on a bf16/4-bit base
+        head = ValueHead(  # fp32 even on a bf16/4-bit base
+            base_model.config.hidden_size,
+            dtype=torch.float32,
+            trains_backbone=getattr(cfg, "critic_trains_policy", True),
+        )
         head.to(next(base_model.parameters()).device)
         return cls(policy, head, temperature=getattr(cfg, "temperature", 1.0))
 

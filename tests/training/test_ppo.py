@@ -161,6 +161,28 @@ def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_mo
 # --- the reference model and the sampling distribution -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("critic_trains_policy", [True, False])
+def test_critic_gradient_reaches_the_policy_only_when_asked(tiny_model_dir, tokenizer, critic_trains_policy):
+    """The value loss's gradient: always on the value head; on the policy's LoRA weights only with
+    critic_trains_policy (the shared trunk), never with it off, while the policy loss still reaches them."""
+    model = make_policy(tiny_model_dir, critic_trains_policy=critic_trains_policy)
+    randomize_lora(model)
+    with torch.no_grad():  # a critic that has learned something: a zero head passes no gradient back at all
+        model.value_head.summary.weight.normal_(0.0, 0.1)
+    _, prompt_ids = prompts(tokenizer)
+    rollout = sample_responses(model.policy, prompt_ids, max_new_tokens=5, eos_token_id=EOS, pad_token_id=EOS)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    out = model(*args, with_values=True)
+    ((out.values - 1.0) ** 2).sum().backward()
+    assert float(model.value_head.summary.weight.grad.abs().sum()) > 0
+    reached = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora)
+    assert reached == critic_trains_policy
+    model.zero_grad(set_to_none=True)
+    model(*args, with_values=True).logprobs.sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora)
+
+
 def test_reference_logprobs_equal_the_sft_model(tiny_model_dir, tokenizer):
     from rlhf_pipeline.modeling.loading import load_causal_lm
 
