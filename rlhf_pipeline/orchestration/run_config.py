@@ -125,7 +125,9 @@ def _without_native_bf16(data: dict[str, Any]) -> None:
     for section in STAGE_SECTIONS:
         values = data.get(section)
         if isinstance(values, dict) and (values.get("precision") == "bf16" or values.get("mixed_precision") == "bf16"):
-            values.update(precision="fp32", mixed_precision="no")
+            values["precision"] = "fp32"
+            if "mixed_precision" in values:  # evaluate has no autocast option: nothing to turn off there
+                values["mixed_precision"] = "no"
             changed.append(section)
     if changed:
         print(f"rlhf run: no native bf16 on this machine: {', '.join(changed)} run in fp32", file=sys.stderr)

@@ -46,7 +46,11 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
     for section in ("sft", "reward", "ppo"):
         assert (getattr(cfg, section)["precision"], getattr(cfg, section)["mixed_precision"]) == ("fp32", "no")
     assert cfg.dpo["precision"] == "bf16"
-    assert "no native bf16 on this machine: sft, reward, judge, ppo, dpo run in fp32" in capsys.readouterr().err
+    assert cfg.evaluate["precision"] == "fp32" and "mixed_precision" not in cfg.evaluate
+    run_config.validate_stage_options(cfg)  # every section still builds its stage's config
+    assert (
+        "no native bf16 on this machine: sft, reward, judge, ppo, dpo, evaluate run in fp32" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
