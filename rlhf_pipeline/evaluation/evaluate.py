@@ -255,7 +255,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         for ref in models:
             progress.set_postfix_str(ref.name)
             model = reference if ref.name == SFT else load(ref.path)
-            r = {k_: [] for k_ in ("responses", "scores", "lengths", "kls", "log_ratios")}
+            r = {key: [] for key in ("responses", "scores", "lengths", "kls", "log_ratios")}
             r["judge"] = [] if judge else None
             for first, texts, lengths, rollout in generate_answers(
                 model, tokenizer, prompt_ids, cfg, progress=progress
@@ -285,9 +285,10 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             for first, texts, lens, _ in generate_answers(
                 reference, tokenizer, repeated, cfg, do_sample=True, progress=progress
             ):
-                proxy += score(scorer, qs[first : first + len(texts)], texts)
+                batch_qs = qs[first : first + len(texts)]
+                proxy += score(scorer, batch_qs, texts)
                 if judge:
-                    judged += score(judge, qs[first : first + len(texts)], texts)
+                    judged += score(judge, batch_qs, texts)
                 lengths += lens
             per_q = lambda xs: [xs[i * k : (i + 1) * k] for i in range(m)]  # noqa: E731
             sft_judge = results[SFT]["judge"][:m] if judge else None

@@ -19,7 +19,9 @@ class PPOConfig(TrainingOptions, GenerationOptions):
         None, description="The reward stage's output dir (merged/, adapter/, metrics.json)."
     )
     steps: int = Field(20, gt=0, description="Number of PPO steps (each: sample, score, update).")
-    batch_size: int = Field(8, gt=0, description="Prompts (= sampled responses) per PPO step.")
+    batch_size: int = Field(
+        8, gt=0, description="Sampled responses per PPO step (batch_size / samples_per_prompt prompts)."
+    )
     mini_batch_size: int = Field(8, gt=0, description="Responses per PPO optimizer step.")
     samples_per_prompt: int = Field(
         1,
