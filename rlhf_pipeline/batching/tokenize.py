@@ -69,16 +69,31 @@ def tokenize_pairs(tokenizer, rows: list[dict], template: str, max_length: int) 
     return TokenizedPairs(kept_j, kept_k, dropped_too_long=len(rows) - len(kept_j))
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts BEFORE a text when it adds special tokens: Llama 3's <|begin_of_text|>, Gemma's
+    and Mistral's <bos>; none for SmolLM2 or Qwen. Any it appends AFTER the text (an EOS) is not part of it."""
+    probe = "Answer"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def encode_prompts(tokenizer, template: str, questions: Sequence[str], max_prompt_length: int) -> list[list[int]]:
-    """Token ids of each formatted prompt. A prompt over the limit loses the end of its QUESTION, never the
-    template's tail ("\\n\\nAnswer: "), so the policy is always asked to answer."""
+    """Token ids of each formatted prompt, starting as every training document starts (with the tokenizer's own
+    BOS, if it adds one: Gemma or Llama 3 asked without it answer worse than the model SFT trained). A prompt over
+    the limit loses the end of its QUESTION, never the BOS or the template's tail ("\\n\\nAnswer: "), so the
+    policy is always asked to answer."""
+    head_ids = leading_special_ids(tokenizer)
     tail = template[template.index("{question}") + len("{question}") : template.rindex("{answer}")]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    if len(tail_ids) >= max_prompt_length:
+    if len(head_ids) + len(tail_ids) >= max_prompt_length:
         raise UserError(f"max_prompt_length={max_prompt_length} leaves no room for the question")
     encoded = []
     for question in questions:
-        ids = tokenizer(format_prompt(template, question), add_special_tokens=False)["input_ids"]
+        ids = head_ids + tokenizer(format_prompt(template, question), add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
             ids = ids[: max_prompt_length - len(tail_ids)] + tail_ids
         encoded.append(ids)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from rlhf_pipeline.batching.packing import IGNORE_INDEX, collate_packed, pack_documents
 from rlhf_pipeline.batching.padding import collate_padded, truncate_documents
-from rlhf_pipeline.batching.tokenize import sft_texts, tokenize_documents
+from rlhf_pipeline.batching.tokenize import leading_special_ids, sft_texts, tokenize_documents
 from rlhf_pipeline.data.subsets import limit, read_subset, split_by_question
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import head_logprobs, transformer_parts
@@ -126,10 +126,12 @@ def run_sft(cfg: SFTConfig, *, on_step=None) -> StageResult:
         train_docs = tokenize_documents(tokenizer, train_texts)
         eval_docs = truncate_documents(tokenize_documents(tokenizer, eval_texts), cfg.seq_length)
         if cfg.packing:
+            # a block that opens inside a document opens with the BOS every document starts with (if any)
+            bos = leading[0] if len(leading := leading_special_ids(tokenizer)) == 1 else None
             # Shuffle documents before packing so blocks mix questions; blocks are reshuffled every epoch.
             shuffled = [train_docs[i] for i in loop.epoch_order(len(train_docs), cfg.seed, epoch=-1)]
             try:
-                train_set = pack_documents(shuffled, cfg.seq_length, tokenizer.eos_token_id)
+                train_set = pack_documents(shuffled, cfg.seq_length, tokenizer.eos_token_id, bos_token_id=bos)
             except ValueError as exc:
                 raise UserError(f"too little SFT data for --seq-length {cfg.seq_length}: {exc}") from None
             collate = collate_packed

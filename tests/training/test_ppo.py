@@ -114,6 +114,44 @@ def test_long_prompts_lose_the_question_end_not_the_template_tail(tokenizer):
     assert tokenizer.decode(ids).endswith("\n\nAnswer: ")
 
 
+def _with_special_tokens(tokenizer, template: str):
+    """A copy of `tokenizer` whose post-processor adds special tokens the way Gemma's or Llama 3's does ("<bos> $A")
+    or with an EOS after the text too ("<bos> $A <eos>"); SmolLM2's own adds none."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    specials = [(tok.bos_token, tok.bos_token_id), (tok.eos_token, tok.eos_token_id)]
+    single = template.replace("<bos>", tok.bos_token).replace("<eos>", tok.eos_token)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=specials)
+    return tok
+
+
+@pytest.mark.parametrize("template", ["<bos> $A", "<bos> $A <eos>"])
+def test_prompts_start_with_the_bos_the_training_documents_start_with(tokenizer, template):
+    """A tokenizer that adds a BOS (Gemma, Llama 3, Mistral): the prompts PPO and evaluate sample from start with
+    it, as the SFT documents do (`tokenize_documents`), even when a long question is cut; an EOS the tokenizer
+    appends after a text never ends a prompt. SmolLM2's tokenizer adds nothing, and its prompts stay as they were."""
+    from rlhf_pipeline.batching.tokenize import tokenize_documents
+    from rlhf_pipeline.data.prompts import format_example, format_prompt
+
+    template_text = "Question: {question}\n\nAnswer: {answer}"
+    bos_tok = _with_special_tokens(tokenizer, template)
+    bos = bos_tok.bos_token_id
+    document = tokenize_documents(bos_tok, [format_example(template_text, "Which hops?", "Cascade.")])[0]
+    short, long = encode_prompts(bos_tok, template_text, ["Which hops?", "hop " * 200], 32)
+    assert document[0] == bos and short[0] == bos and long[0] == bos
+    question_ids = tokenizer(format_prompt(template_text, "Which hops?"), add_special_tokens=False)["input_ids"]
+    assert short == [bos] + question_ids
+    assert short == document[: len(short) - 1] + [short[-1]]  # the document goes on as the prompt (to "Answer:")
+    assert len(long) == 32 and bos_tok.decode(long[1:]).endswith("\n\nAnswer: ") and long.count(bos) == 1
+    assert bos_tok.eos_token_id not in short + long
+
+    plain = encode_prompts(tokenizer, template_text, ["Which hops?"], 32)[0]
+    assert plain == short[1:] and plain[0] != bos
+
+
 def test_padding_changes_no_logprob_and_post_eos_garbage_changes_no_loss(tiny_model_dir, tokenizer):
     """Left prompt padding: each row's log-probs equal those of the row run alone. Post-EOS padding: whatever
     sits there (other tokens, other log-probs, values) leaves KL, advantages and losses unchanged."""

@@ -58,6 +58,24 @@ def test_packed_blocks_are_dense_and_restart_at_each_document():
     assert blocks.labels.tolist() == [[-100, 11, 12, EOS, -100], [-100, EOS, -100, 31, 32], [-100, 34, EOS, -100, EOS]]
 
 
+def test_blocks_opening_inside_a_document_open_with_its_bos():
+    """A BOS-first tokenizer (Gemma, Llama 3): every block's position 0 is a BOS -- the document's own where a
+    document starts there, an added one (never a target) where the block continues a document; nothing is lost
+    or repeated: without the added BOSes the blocks are the stream in order."""
+    bos = 1
+    docs = [[bos, 10, 11, 12, EOS], [bos, 20, EOS], [bos, 30, 31, 32, 33, EOS]]
+    blocks = pack_documents(docs, seq_length=4, eos_token_id=EOS, bos_token_id=bos)
+    assert blocks.input_ids.tolist() == [[bos, 10, 11, 12], [bos, EOS, bos, 20], [bos, EOS, bos, 30], [bos, 31, 32, 33]]
+    assert blocks.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 2, 3]]
+    no = IGNORE_INDEX
+    assert blocks.labels.tolist() == [[no, 10, 11, 12], [no, EOS, no, 20], [no, EOS, no, 30], [no, 31, 32, 33]]
+    added = [row[1:] for row in blocks.input_ids.tolist()[1:]]  # blocks 2-4 continue a document
+    stream = [t for doc in docs for t in doc]
+    assert blocks.input_ids.tolist()[0] + [t for row in added for t in row] == stream[: 4 + 3 * 3]
+    # without a BOS: the old cut, blocks of the stream as it is
+    assert pack_documents(docs, 4, EOS).input_ids.tolist() == [stream[i : i + 4] for i in range(0, 12, 4)]
+
+
 def test_packed_document_sees_only_itself(tiny_model_dir):
     """A document's hidden states inside a packed block equal those of the document alone: no cross-document
     attention, same RoPE positions."""
