@@ -264,10 +264,11 @@ class StageRun:
         tags: dict[str, str] | None = None,
         artifact_path: str = "model",
     ) -> dict[str, Any] | None:
-        """Upload `local_dir` as run artifacts and register it as a new version of the stage's registered model
-        (`stages.registered_name`: `<prefix>-sft`, `<prefix>-reward`, `<prefix>-policy`) unless `name` is given.
-        The training stages pass an MLflow model directory (modeling/mlflow_model.register_stage_model), so the
-        version loads with `mlflow.transformers.load_model`; this layer only uploads and registers."""
+        """Upload `local_dir` as a logged model of the run (named `artifact_path`) and register it as a new version
+        of the stage's registered model (`stages.registered_name`: `<prefix>-sft`, `<prefix>-reward`,
+        `<prefix>-policy`) unless `name` is given. The training stages pass an MLflow model directory
+        (modeling/mlflow_model.register_stage_model), so the version loads with `mlflow.transformers.load_model`;
+        this layer only uploads and registers."""
         if not self.register_enabled:
             return None
         import mlflow
@@ -283,15 +284,26 @@ class StageRun:
             if existing:
                 version = max(existing, key=lambda v: int(v.version))
             else:
-                mlflow.log_artifacts(str(local_dir), artifact_path)
+                all_tags = {**self.lineage, **(tags or {})}
+                # An MLflow 3 logged model of this run (its "Logged models" tab, the version's source model), as
+                # a flavor's log_model makes one: created pending, given the files, then marked ready.
+                logged = mlflow.initialize_logged_model(
+                    name=artifact_path, source_run_id=self.run_id, tags=all_tags, model_type=self.stage
+                )
+                try:
+                    client.log_model_artifacts(logged.model_id, str(local_dir))
+                except BaseException:
+                    mlflow.finalize_logged_model(logged.model_id, "FAILED")  # not a model to load: say so
+                    raise
+                mlflow.finalize_logged_model(logged.model_id, "READY")
                 try:
                     client.create_registered_model(name)
                 except MlflowException as exc:
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
-                all_tags = {**self.lineage, **(tags or {})}
-                source = f"{mlflow.get_artifact_uri(artifact_path)}"
-                version = client.create_model_version(name, source=source, run_id=self.run_id, tags=all_tags)
+                version = client.create_model_version(
+                    name, source=logged.model_uri, run_id=self.run_id, tags=all_tags, model_id=logged.model_id
+                )
         except tracking_failure_types() as exc:
             raise UserError(
                 f"registering {name} failed ({first_line(exc)}): the model and checkpoints are kept, rerun to finish"
@@ -695,6 +707,39 @@ def finish_pipeline_run(
         c.set_terminated(run.run_id, "FINISHED" if succeeded else "FAILED")
     except tracking_failure_types() as exc:
         tqdm_write(f"MLflow: closing the pipeline run {run.run_id} failed ({first_line(exc)})")
+
+
+def kubeflow_pipeline_run_id(store) -> str | None:
+    """On Kubeflow, the pipeline's MLflow run, from the injected `$MLFLOW_RUN_ID`: its parent when it is a task's
+    nested run (the 2.17 plugin's layout), else that run itself. None without one: `rlhf run` logs its report to
+    the parent run it made itself (`finish_pipeline_run`)."""
+    injected = os.environ.get(RUN_ID_ENV)
+    run = _existing_run(store, injected)
+    if run is None:
+        return None
+    return run.data.tags.get(PARENT_TAG) or injected
+
+
+def log_pipeline_report(store, files: dict[str, Path]) -> str | None:
+    """`files` (name in the run -> local file; KFP's artifact files have no extension) under `report/` of the
+    pipeline's run on Kubeflow (`kubeflow_pipeline_run_id`); the run id, or None where there is none. Best effort:
+    a tracking error is one warning line (the report is the step's own artifact anyway)."""
+    import shutil
+    import tempfile
+
+    try:
+        run_id = kubeflow_pipeline_run_id(store)
+        if run_id is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="rlhf-report-") as tmp:
+            for name, path in files.items():
+                if Path(path).is_file():
+                    shutil.copyfile(path, Path(tmp) / name)
+            store.log_artifacts(run_id, tmp, "report")
+    except tracking_failure_types() as exc:
+        tqdm_write(f"MLflow: logging the report to the pipeline run failed ({first_line(exc)})")
+        return None
+    return run_id
 
 
 def client(tracking_uri: str | None = None):

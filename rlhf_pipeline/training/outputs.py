@@ -30,9 +30,9 @@ def finish_stage(
     name: str | None = None,
 ) -> StageResult:
     """On the main process: `save()` -> (adapter_dir, merged_dir), register the `register` weights as an MLflow
-    model of `task` (the run's artifacts under `artifact_path`; as `name`, default the stage's registered name),
-    log and write the result; the other processes wait and return the same metrics (nothing written, nothing
-    registered)."""
+    model of `task` (a logged model of the run named `artifact_path`; as `name`, default the stage's registered
+    name), log and write the result; the other processes wait and return the same metrics (nothing written,
+    nothing registered)."""
 
     def on_main() -> StageResult:
         log_training_curves(run, stage)  # <stage>/curves.png, from the run's metric history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from rlhf_pipeline.errors import UserError
@@ -38,8 +39,11 @@ def _check_registry(uri, entry, run, expect_kfp=None):
     history = [m.value for m in client.get_metric_history(run.run_id, "sft/loss")]
     assert history == [1.5, 1.0]
     assert client.get_run(run.run_id).data.params["sft.experiment_name"] == "t"
-    files = {a.path for a in client.list_artifacts(run.run_id, "model")}
-    assert files == {"model/weights.txt"}
+    logged = client.get_logged_model(version.model_id)  # MLflow 3: a logged model of the run, the version's source
+    assert logged.source_run_id == run.run_id and version.source == logged.model_uri
+    assert logged.status == LoggedModelStatus.READY and logged.tags["stage"] == "sft"
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert files == {"weights.txt"}
 
 
 def test_sqlite_registry_with_lineage(tmp_path, mlflow_sqlite, monkeypatch):

@@ -47,10 +47,10 @@ def _mlflow(uri: str, tokenizer_dir) -> torch.Tensor:
     return _logits(components["model"], load_tokenizer(str(tokenizer_dir)))
 
 
-def _artifact_bytes(client, run_id: str, path: str) -> int:
+def _artifact_bytes(client, model_id: str, path: str | None = None) -> int:
     total = 0
-    for item in client.list_artifacts(run_id, path):
-        total += _artifact_bytes(client, run_id, item.path) if item.is_dir else item.file_size
+    for item in client.list_logged_model_artifacts(model_id, path):
+        total += _artifact_bytes(client, model_id, item.path) if item.is_dir else item.file_size
     return total
 
 
@@ -71,6 +71,7 @@ def server(mlflow_server, monkeypatch):
 
 def test_sft_and_policy_versions_load_with_mlflow_and_match_our_loading(tiny_model_dir, tmp_path, server):
     import mlflow
+    from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
 
     from rlhf_pipeline.modeling.mlflow_model import save_mlflow_model
@@ -95,15 +96,20 @@ def test_sft_and_policy_versions_load_with_mlflow_and_match_our_loading(tiny_mod
     version = client.get_model_version("reg-sft", "1")
     assert version.tags["weights"] == "adapter" and version.tags["base_model"] == str(tiny_model_dir)
 
+    # the version is a logged model of the SFT run (MLflow 3: the run's "Logged models"), ready to load
+    logged = client.get_logged_model(version.model_id)
+    assert logged.source_run_id == sft_version.run_id and logged.name == "adapter"
+    assert logged.status == LoggedModelStatus.READY
+    assert version.source == logged.model_uri
     # the adapter version: MLmodel + peft adapter + tokenizer, no full weights
-    files = {a.path for a in client.list_artifacts(sft_version.run_id, "adapter")}
-    assert {"adapter/MLmodel", "adapter/peft", "adapter/components"} <= files and "adapter/model" not in files
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert {"MLmodel", "peft", "components"} <= files and "model" not in files
     torch.testing.assert_close(
         _mlflow("models:/reg-sft/1", sft_out / "merged"), _ours(sft_out / "merged"), atol=1e-5, rtol=1e-4
     )
 
     # its size against the merged registration of the same output
-    adapter_bytes = _artifact_bytes(client, sft_version.run_id, "adapter")
+    adapter_bytes = _artifact_bytes(client, logged.model_id)
     merged = tmp_path / "merged-mlflow-model"
     saved = save_mlflow_model(sft_out / "adapter", sft_out / "merged", merged, task="text-generation", weights="merged")
     assert saved == "merged"
