@@ -70,8 +70,9 @@ def evaluate(
     values = steps.namespaced("evaluate", steps.flat_metrics(result))
     steps.log_kfp_metrics(metrics, values)
     Path(generations.path).mkdir(parents=True, exist_ok=True)
-    if (out / "generations.jsonl").is_file():
-        shutil.copy2(out / "generations.jsonl", Path(generations.path) / "generations.jsonl")
+    for name in ("generations.jsonl", "frontier.png"):  # the frontier: for the report, which embeds it
+        if (out / name).is_file():
+            shutil.copy2(out / name, Path(generations.path) / name)
     generations.metadata["output_dir"] = str(out)
     for key in ("challenger", "challenger_uri"):
         if result.metrics.get(key):

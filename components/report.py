@@ -27,7 +27,8 @@ def report(
 ):
     """Register the outcome: alias `alias` -> the policy version the evaluation named challenger (with two
     policies, `alignment: both`, the better one by the evaluation's rule), else the policy; a Markdown and an HTML
-    report (headline metrics, registered versions with lineage, sample generations); the headline metrics
+    report (headline metrics, registered versions with lineage, sample generations), also under `report/` of the
+    pipeline's MLflow run when the MLflow plugin injected one; the headline metrics
     (rm/accuracy, eval/reward_mean, eval/kl, eval/win_rate) as this step's Metrics.
 
     Args:

@@ -310,4 +310,14 @@ def run_report_step(
     Path(report_md.path).write_text(md, encoding="utf-8")
     Path(report_html.path).write_text(markdown_to_html(md, title), encoding="utf-8")
     report_md.metadata["challenger"] = f"{policy_version.name}/{policy_version.version}"
+    # Kubeflow: the report on the pipeline's MLflow run too, with the frontier report.md embeds (evaluate passes it
+    # next to generations.jsonl); `rlhf run` logs its own at the end
+    tracking.log_pipeline_report(
+        client,
+        {
+            "report.md": Path(report_md.path),
+            "report.html": Path(report_html.path),
+            "frontier.png": Path(generations.path) / "frontier.png",
+        },
+    )
     return {"metrics": metrics, "versions": versions, "challenger": report_md.metadata["challenger"], "gates": gates}

@@ -67,7 +67,8 @@ def model_artifact(tmp_path, step, metrics, registered=None):
     return art
 
 
-def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
+def _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier: bytes | None = None):
+    """Registered versions of run-7 (and of other runs), the steps' artifacts, and the report step on them."""
     register(store, "rlhf-policy", "older-run")
     sft_v = register(store, "rlhf-sft", "run-7")
     rm_v = register(store, "rlhf-reward", "run-7")
@@ -88,6 +89,8 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
             )
         )
     )
+    if frontier is not None:
+        (gen_dir / "frontier.png").write_bytes(frontier)
     (tmp_path / "eval.md").write_text("Evaluation text")
     summary = Art(tmp_path / "summary")
     md, html = Art(tmp_path / "report.md"), Art(tmp_path / "report.html")
@@ -107,6 +110,11 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
         alias="challenger",
         check_gates=verdict,
     )
+    return result, pol_v, summary, md, html
+
+
+def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
+    result, pol_v, summary, md, html = _report_of_run_7(tmp_path, store, mlflow_sqlite)
     assert store.get_model_version_by_alias("rlhf-policy", "challenger").version == pol_v.version
     assert result["challenger"] == f"rlhf-policy/{pol_v.version}"
     # the gates' verdict on the challenger version (it carries no gate tags here: every gate fails closed)
@@ -120,6 +128,34 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     page = Path(html.path).read_text()
     assert page.startswith("<!doctype html>") and "<table>" in page
     assert "A stout &lt;b&gt;." in page  # generated text is escaped, never markup
+
+
+def test_on_kubeflow_the_report_goes_to_the_pipeline_run_too(tmp_path, store, mlflow_sqlite, monkeypatch):
+    """The 2.17 plugin's layout: a pipeline run, the report task's nested run injected as $MLFLOW_RUN_ID. The
+    report, the HTML page and the frontier it embeds land under report/ of the PIPELINE run, with their names."""
+    import mlflow
+
+    experiment = store.get_experiment_by_name("t").experiment_id
+    pipeline = store.create_run(experiment, run_name="kfp pipeline run")
+    task = store.create_run(experiment, tags={"mlflow.parentRunId": pipeline.info.run_id}, run_name="report")
+    monkeypatch.setenv("MLFLOW_RUN_ID", task.info.run_id)
+    png = b"\x89PNG\r\n\x1a\n not really a picture"
+    _, _, _, md, _ = _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier=png)
+    logged = {a.path for a in store.list_artifacts(pipeline.info.run_id, "report")}
+    assert logged == {"report/report.md", "report/report.html", "report/frontier.png"}
+    local = Path(mlflow.artifacts.download_artifacts(run_id=pipeline.info.run_id, artifact_path="report"))
+    assert (local / "report.md").read_text() == Path(md.path).read_text()
+    assert (local / "frontier.png").read_bytes() == png
+    assert store.list_artifacts(task.info.run_id) == []  # not on the task's run
+
+
+def test_without_an_injected_run_the_report_step_logs_no_report(tmp_path, store, mlflow_sqlite):
+    """`rlhf run` (no $MLFLOW_RUN_ID): its own parent run gets the report at the end, not from this step."""
+    experiment = store.get_experiment_by_name("t").experiment_id
+    before = {r.info.run_id for r in store.search_runs([experiment])}
+    _report_of_run_7(tmp_path, store, mlflow_sqlite)
+    runs = [r for r in store.search_runs([experiment]) if r.info.run_id not in before]
+    assert runs and all(store.list_artifacts(r.info.run_id, "report") == [] for r in runs)
 
 
 def test_no_policy_version_is_an_error(tmp_path, store, mlflow_sqlite):
