@@ -274,6 +274,7 @@ class StageRun:
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
         name = name or registered_name(self.prefix, self.stage)
         self.flush(required=True)
@@ -304,6 +305,9 @@ class StageRun:
                 version = client.create_model_version(
                     name, source=logged.model_uri, run_id=self.run_id, tags=all_tags, model_id=logged.model_id
                 )
+                # what `mlflow.register_model` records: the logged model's page links to its version
+                versions = [{"name": name, "version": version.version}]
+                client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
         except tracking_failure_types() as exc:
             raise UserError(
                 f"registering {name} failed ({first_line(exc)}): the model and checkpoints are kept, rerun to finish"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -39,8 +40,9 @@ def _check_registry(uri, entry, run, expect_kfp=None):
     history = [m.value for m in client.get_metric_history(run.run_id, "sft/loss")]
     assert history == [1.5, 1.0]
     assert client.get_run(run.run_id).data.params["sft.experiment_name"] == "t"
-    logged = client.get_logged_model(version.model_id)  # MLflow 3: a logged model of the run, the version's source
-    assert logged.source_run_id == run.run_id and version.source == logged.model_uri
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))  # MLflow 3: a logged model of the run
+    assert logged.source_run_id == run.run_id
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "demo-sft", "version": version.version}]
     assert logged.status == LoggedModelStatus.READY and logged.tags["stage"] == "sft"
     files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert files == {"weights.txt"}

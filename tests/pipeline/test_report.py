@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,8 +68,9 @@ def model_artifact(tmp_path, step, metrics, registered=None):
     return art
 
 
-def _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier: bytes | None = None):
-    """Registered versions of run-7 (and of other runs), the steps' artifacts, and the report step on them."""
+def _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier: bytes | None = None, injected_run: str | None = None):
+    """Registered versions of run-7 (and of other runs), the steps' artifacts, and the report step on them (in a
+    task whose MLflow run was injected as $MLFLOW_RUN_ID, if `injected_run`)."""
     register(store, "rlhf-policy", "older-run")
     sft_v = register(store, "rlhf-sft", "run-7")
     rm_v = register(store, "rlhf-reward", "run-7")
@@ -94,6 +96,8 @@ def _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier: bytes | None = No
     (tmp_path / "eval.md").write_text("Evaluation text")
     summary = Art(tmp_path / "summary")
     md, html = Art(tmp_path / "report.md"), Art(tmp_path / "report.html")
+    if injected_run:
+        os.environ["MLFLOW_RUN_ID"] = injected_run  # (after the registrations: start_run() would resume it)
     result = rep.run_report_step(
         models={"sft": sft, "reward": rm, "policy": policy},
         eval_metrics=Art(tmp_path / "em", {"eval/reward_mean": 0.4, "eval/kl": 0.2, "eval/win_rate": 0.6}),
@@ -130,7 +134,7 @@ def test_report_points_challenger_and_renders(tmp_path, store, mlflow_sqlite):
     assert "A stout &lt;b&gt;." in page  # generated text is escaped, never markup
 
 
-def test_on_kubeflow_the_report_goes_to_the_pipeline_run_too(tmp_path, store, mlflow_sqlite, monkeypatch):
+def test_on_kubeflow_the_report_goes_to_the_pipeline_run_too(tmp_path, store, mlflow_sqlite):
     """The 2.17 plugin's layout: a pipeline run, the report task's nested run injected as $MLFLOW_RUN_ID. The
     report, the HTML page and the frontier it embeds land under report/ of the PIPELINE run, with their names."""
     import mlflow
@@ -138,9 +142,8 @@ def test_on_kubeflow_the_report_goes_to_the_pipeline_run_too(tmp_path, store, ml
     experiment = store.get_experiment_by_name("t").experiment_id
     pipeline = store.create_run(experiment, run_name="kfp pipeline run")
     task = store.create_run(experiment, tags={"mlflow.parentRunId": pipeline.info.run_id}, run_name="report")
-    monkeypatch.setenv("MLFLOW_RUN_ID", task.info.run_id)
     png = b"\x89PNG\r\n\x1a\n not really a picture"
-    _, _, _, md, _ = _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier=png)
+    _, _, _, md, _ = _report_of_run_7(tmp_path, store, mlflow_sqlite, frontier=png, injected_run=task.info.run_id)
     logged = {a.path for a in store.list_artifacts(pipeline.info.run_id, "report")}
     assert logged == {"report/report.md", "report/report.html", "report/frontier.png"}
     local = Path(mlflow.artifacts.download_artifacts(run_id=pipeline.info.run_id, artifact_path="report"))

@@ -97,10 +97,9 @@ def test_sft_and_policy_versions_load_with_mlflow_and_match_our_loading(tiny_mod
     assert version.tags["weights"] == "adapter" and version.tags["base_model"] == str(tiny_model_dir)
 
     # the version is a logged model of the SFT run (MLflow 3: the run's "Logged models"), ready to load
-    logged = client.get_logged_model(version.model_id)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == sft_version.run_id and logged.name == "adapter"
     assert logged.status == LoggedModelStatus.READY
-    assert version.source == logged.model_uri
     # the adapter version: MLmodel + peft adapter + tokenizer, no full weights
     files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert {"MLmodel", "peft", "components"} <= files and "model" not in files
