@@ -81,6 +81,15 @@ def leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
+def keep_end(ids: list[int], max_length: int, head: Sequence[int] = ()) -> list[int]:
+    """An over-long text cut to its LAST tokens (where a reward model reads its score), after the leading special
+    ids `head` (`leading_special_ids`: a BOS) when it starts with them; a text that fits is returned as it is."""
+    if len(ids) <= max_length:
+        return ids
+    keep = list(head) if head and len(head) < max_length and ids[: len(head)] == list(head) else []
+    return keep + ids[len(ids) - (max_length - len(keep)) :]
+
+
 def encode_prompts(tokenizer, template: str, questions: Sequence[str], max_prompt_length: int) -> list[list[int]]:
     """Token ids of each formatted prompt, starting as every training document starts (with the tokenizer's own
     BOS, if it adds one: Gemma or Llama 3 asked without it answer worse than the model SFT trained). A prompt over

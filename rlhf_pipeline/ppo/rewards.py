@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from rlhf_pipeline.batching.padding import pad
-from rlhf_pipeline.batching.tokenize import tokenize_documents
+from rlhf_pipeline.batching.tokenize import keep_end, leading_special_ids, tokenize_documents
 from rlhf_pipeline.data.prompts import format_example
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.modeling.forward import sequence_rewards
@@ -123,8 +123,9 @@ class RewardModelScorer:
     def raw_scores(self, questions: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         texts = [format_example(self.template, q, r) for q, r in zip(questions, responses)]
         # the reward stage's own encoding (special tokens + EOS); an over-long text keeps its END, where the
-        # score is read, rather than being cut before its last token
-        encoded = [ids[-self.max_length :] for ids in tokenize_documents(self.tokenizer, texts)]
+        # score is read, rather than being cut before its last token (and its BOS, for a model that needs one)
+        head = leading_special_ids(self.tokenizer)
+        encoded = [keep_end(ids, self.max_length, head) for ids in tokenize_documents(self.tokenizer, texts)]
         device = self.score_head().weight.device
         out = []
         for i in range(0, len(encoded), batch_size):

@@ -494,6 +494,38 @@ def test_shared_reward_adapter_scores_like_the_separate_reward_model(tiny_model_
     assert "reward" not in model.policy.peft_config
 
 
+def test_an_over_long_text_keeps_its_end_and_its_bos():
+    """The reward model reads its score at the last token: a text over max_length keeps its end, and its leading
+    BOS (the model was trained with one at position 0); one that fits, or lacks the BOS, is cut as before."""
+    from rlhf_pipeline.batching.tokenize import keep_end
+
+    bos = 1
+    text = [bos, 10, 11, 12, 13, 14, EOS]
+    assert keep_end(text, 4, head=[bos]) == [bos, 13, 14, EOS]
+    assert keep_end(text, 4) == [12, 13, 14, EOS]  # no special prefix (SmolLM2, Qwen)
+    assert keep_end(text[1:], 4, head=[bos]) == [12, 13, 14, EOS]  # a text without it gets none added
+    assert keep_end(text, 7, head=[bos]) == text
+
+
+def test_the_scorer_scores_an_over_long_text_on_its_end_after_its_bos(reward_model_dir):
+    """The separate reward model with a BOS-first tokenizer and a short max_length: the score of a long answer is
+    the model's score on BOS + the text's last max_length - 1 tokens."""
+    from rlhf_pipeline.batching.tokenize import tokenize_documents
+    from rlhf_pipeline.data.prompts import format_example
+
+    template = "Question: {question}\n\nAnswer: {answer}"
+    scorer = RewardModelScorer.load(reward_model_dir, template=template, device="cpu", max_length=12)
+    scorer.tokenizer = _with_special_tokens(scorer.tokenizer, "<bos> $A")
+    question, answer = "Best hops?", "Citra, Mosaic and Simcoe, late in the boil and as a dry hop too."
+    ids = tokenize_documents(scorer.tokenizer, [format_example(template, question, answer)])[0]
+    assert len(ids) > 12 and ids[0] == scorer.tokenizer.bos_token_id
+    by_hand = torch.tensor([[ids[0]] + ids[-11:]])
+    expected = scorer._score_batch(by_hand, torch.ones_like(by_hand))
+    torch.testing.assert_close(scorer.raw_scores([question], [answer]), expected)
+    cut_without_bos = torch.tensor([ids[-12:]])
+    assert not torch.allclose(scorer._score_batch(cut_without_bos, torch.ones_like(cut_without_bos)), expected)
+
+
 def test_reward_adapter_from_another_base_is_not_shared(tiny_model_dir, reward_model_dir, tmp_path):
     """An SFT model that differs from the reward model's base only in q/v (what LoRA SFT changes) must not get
     the reward adapter on top of its weights: the scorer falls back to the separate reward model."""
