@@ -21,6 +21,7 @@ padding through the attention mask (not the token id: SmolLM2's pad IS its EOS, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -57,8 +58,7 @@ def pack_documents(
         input_ids = stream[: n_blocks * seq_length].view(n_blocks, seq_length)
     else:
         input_ids = _blocks_opening_with_bos(documents, stream, seq_length, bos_token_id)
-        n_blocks = input_ids.shape[0]
-    if n_blocks == 0:
+    if input_ids.shape[0] == 0:
         raise ValueError(f"{stream.numel()} tokens do not fill one block of {seq_length}")
 
     # A document starts at block position 0 or right after an EOS.
@@ -82,7 +82,7 @@ def _blocks_opening_with_bos(
     first), one that opens inside a document a BOS and `seq_length - 1` tokens."""
     if seq_length < 2:
         raise ValueError(f"a block of {seq_length} token has no room after its BOS")
-    doc_starts = set(torch.tensor([0] + [len(doc) for doc in documents]).cumsum(0)[:-1].tolist())
+    doc_starts = set(accumulate((len(doc) for doc in documents[:-1]), initial=0))
     bos = torch.tensor([bos_token_id])
     blocks, at = [], 0
     while True:
